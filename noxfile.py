@@ -1,0 +1,154 @@
+"""The test matrix: one session per framework, a parity session with all of them.
+
+``nox`` runs every session but ``demo``; ``nox -s demo`` runs the main job. Each session
+installs only what it needs, at the versions of ``requirements/pins.txt`` (a constraints
+file), and tells the tests which frameworks it covers through ``ALIG_TEST_FRAMEWORKS``
+(see ``tests/conftest.py``). A session whose test folder holds no test yet is reported as
+skipped, with the reason, never as passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PINS = str(ROOT / "requirements" / "pins.txt")
+TEST_TOOLS = ("numpy", "pytest", "hypothesis")
+QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+nox.options.sessions = [
+    "lint",
+    "core",
+    "torch",
+    "jax",
+    "tf",
+    "keras_jax",
+    "keras_torch",
+    "integrations",
+    "parity",
+]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+
+def _install(session: nox.Session, *packages: str) -> None:
+    session.install("-c", PINS, "-e", ".", *TEST_TOOLS, *packages)
+
+
+def _run_tests(
+    session: nox.Session, folder: str, frameworks: str, env: dict[str, str] | None = None
+) -> None:
+    """Runs pytest on ``tests/<folder>``, or skips the session, loudly, if it has no test."""
+    if not any((ROOT / "tests" / folder).glob("**/test_*.py")):
+        session.skip(f"tests/{folder} holds no test yet: nothing was run for '{session.name}'")
+    session.run(
+        "pytest",
+        f"tests/{folder}",
+        *session.posargs,
+        env={"ALIG_TEST_FRAMEWORKS": frameworks, **QUIET_TF, **(env or {})},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("-c", PINS, "ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """alig_core and its oracle, with NumPy only (no framework installed)."""
+    _install(session)
+    session.run(
+        "pytest",
+        "--doctest-modules",
+        "src/alig_core",
+        *session.posargs,
+        env={"ALIG_TEST_FRAMEWORKS": "core"},
+    )
+    _run_tests(session, "core", "core")
+
+
+@nox.session
+def torch(session: nox.Session) -> None:
+    """The torch.optim adapter."""
+    _install(session, "torch")
+    _run_tests(session, "torch", "torch")
+
+
+@nox.session
+def jax(session: nox.Session) -> None:
+    """The optax adapter (2 host devices for the sharding tests)."""
+    _install(session, "jax", "jaxlib", "optax")
+    _run_tests(session, "jax", "jax", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+
+
+@nox.session
+def tf(session: nox.Session) -> None:
+    """The Keras 3 optimizer on the TensorFlow backend."""
+    _install(session, "tensorflow-cpu", "keras")
+    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "tensorflow"})
+
+
+@nox.session
+def keras_jax(session: nox.Session) -> None:
+    """The Keras 3 optimizer on the JAX backend."""
+    _install(session, "keras", "jax", "jaxlib")
+    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "jax"})
+
+
+@nox.session
+def keras_torch(session: nox.Session) -> None:
+    """The Keras 3 optimizer on the torch backend."""
+    _install(session, "keras", "torch")
+    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "torch"})
+
+
+@nox.session
+def integrations(session: nox.Session) -> None:
+    """Lightning's Trainer.fit and flax.nnx.Optimizer (installed here only)."""
+    _install(session, "torch", "lightning", "jax", "jaxlib", "optax", "flax")
+    _run_tests(session, "integrations", "integrations")
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Every framework on the same model from the same start, plus the benchmark smoke runs."""
+    _install(
+        session,
+        "torch",
+        "tensorflow-cpu",
+        "keras",
+        "jax",
+        "jaxlib",
+        "optax",
+        "scikit-learn",
+        "matplotlib",
+        "pytorch_optimizer",
+    )
+    _run_tests(session, "parity", "parity", {"KERAS_BACKEND": "tensorflow"})
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: the README's first command."""
+    _install(
+        session,
+        "torch",
+        "tensorflow-cpu",
+        "keras",
+        "jax",
+        "jaxlib",
+        "optax",
+        "scikit-learn",
+        "matplotlib",
+    )
+    script = ROOT / "benchmarks" / "parity.py"
+    if not script.exists():  # until the cross-framework demo exists: the oracle alone
+        script = ROOT / "benchmarks" / "oracle_demo.py"
+    session.run(
+        "python", str(script), *session.posargs, env={"KERAS_BACKEND": "tensorflow", **QUIET_TF}
+    )

@@ -1,0 +1,68 @@
+"""ALI-G's math, defined once for every framework (no framework imported here).
+
+``alig_core`` holds the validated hyperparameters (:class:`AliGConfig`), the step written
+generically over an array namespace (see :mod:`alig_core._math` for the design), and, in
+:mod:`alig_core.oracle`, a plain NumPy float64 implementation that is the ground truth of
+every test. The adapters ``alig_torch``, ``alig_tf`` and ``alig_jax`` call these functions.
+
+Update rule (SPEC.md), with ``S`` the squared global gradient norm and ``l`` the loss::
+
+    gamma = min(max((l - f_star) / (S + eps), 0), max_lr)      # skipped if l or S not finite
+    standard:  b <- mu*b - gamma*g;  p <- p - gamma*g + mu*b
+    adjusted:  b <- mu*b - g;        p <- p - gamma*g + gamma*mu*b
+    then, with max_norm: p <- p * min(1, max_norm / ||all params||)
+
+Example:
+  >>> import numpy as np
+  >>> import alig_core
+  >>> config = alig_core.AliGConfig(max_lr=0.1, momentum=0.9)
+  >>> s = alig_core.step_size(np, np.float64(2.0), np.float64(40.0),
+  ...                         max_lr=config.max_lr, eps=config.eps, f_star=config.f_star)
+  >>> round(float(s.gamma), 6), bool(s.capped)
+  (0.05, False)
+
+Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for and by
+Interpolation", ICML 2020, arXiv:1906.05661.
+"""
+
+from alig_core._config import (
+    AliGConfig,
+    validate_adjusted_momentum,
+    validate_eps,
+    validate_f_star,
+    validate_max_lr,
+    validate_max_norm,
+    validate_momentum,
+)
+from alig_core._math import (
+    MomentumCoefficients,
+    StepSize,
+    accumulation_dtype,
+    keep_if_skipped,
+    momentum_coefficients,
+    momentum_update,
+    projection_scale,
+    sgd_update,
+    step_size,
+)
+
+__all__ = [
+    "AliGConfig",
+    "MomentumCoefficients",
+    "StepSize",
+    "accumulation_dtype",
+    "keep_if_skipped",
+    "momentum_coefficients",
+    "momentum_update",
+    "projection_scale",
+    "sgd_update",
+    "step_size",
+    "validate_adjusted_momentum",
+    "validate_eps",
+    "validate_f_star",
+    "validate_max_lr",
+    "validate_max_norm",
+    "validate_momentum",
+]
+
+__version__ = "0.1.0"

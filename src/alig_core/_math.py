@@ -1,0 +1,225 @@
+"""The ALI-G step, written once and generic over a framework's array namespace.
+
+Design: every function that needs more than arithmetic takes the array namespace ``xp``
+as its first argument: ``numpy``, ``jax.numpy``, ``torch`` or ``keras.ops``. Only these
+members of ``xp`` are used, and all four provide them with the same meaning:
+``where``, ``isfinite``, ``logical_and``, ``logical_or``, ``logical_not`` and
+``sqrt``. Everything else is Python
+arithmetic (``+ - * /`` and comparisons) on the framework's own arrays, so the same
+lines run eagerly, under ``torch.compile``, ``jax.jit`` and ``tf.function``: there is
+no Python branch on an array value, no ``float()``, no host synchronisation.
+
+The adapters gather tensors and write results back; the numbers come from here:
+
+1. :func:`step_size` turns the loss and the squared global gradient norm into
+   ``gamma`` (with the clamp at 0, the cap, the zero-denominator guard and the
+   non-finite test that marks a skipped step);
+2. :func:`momentum_coefficients` turns ``gamma`` into the four coefficients of the
+   parameter/buffer update for either momentum convention, and
+   :func:`momentum_update` / :func:`sgd_update` apply them out of place (in-place
+   adapters apply the same coefficients with their own fused kernels);
+3. :func:`projection_scale` gives the factor that puts the parameters back on the
+   ``max_norm`` ball;
+4. :func:`keep_if_skipped` selects the old value of anything on a skipped step.
+
+``alig_core.oracle`` is an independent, deliberately plain float64 implementation of the
+same contract, used to check these functions and every adapter.
+
+Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for and by
+Interpolation", ICML 2020, arXiv:1906.05661.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+__all__ = [
+    "MomentumCoefficients",
+    "StepSize",
+    "accumulation_dtype",
+    "keep_if_skipped",
+    "momentum_coefficients",
+    "momentum_update",
+    "projection_scale",
+    "sgd_update",
+    "step_size",
+]
+
+Array = Any
+"""An array or scalar of the framework in use (NumPy, JAX, torch, Keras tensors)."""
+
+
+class StepSize(NamedTuple):
+    """The step size of one ALI-G step and what to record about it (all 0-d arrays)."""
+
+    gamma: Array
+    """The step size to apply: ``min(max(gamma_hat, 0), max_lr)``; 0 on a skipped step."""
+    gamma_hat: Array
+    """The Polyak step ``(loss - f_star) / (S + eps)`` before clamp and cap (0 if S+eps=0)."""
+    capped: Array
+    """bool: the cap was hit (``gamma_hat >= max_lr``, so ``gamma == max_lr``)."""
+    skipped: Array
+    """bool: the loss or the squared gradient norm is not finite: skip this step."""
+
+
+class MomentumCoefficients(NamedTuple):
+    """The four coefficients of one momentum update.
+
+    The update is ``b <- buffer_decay*b + buffer_grad*g``, then
+    ``p <- p + param_grad*g + param_buffer*b`` (``b`` being the new buffer).
+    """
+
+    buffer_decay: Array
+    buffer_grad: Array
+    param_grad: Array
+    param_buffer: Array
+
+
+def accumulation_dtype(param_dtype: str) -> str:
+    """Returns the dtype in which to accumulate norms and compute gamma for ``param_dtype``.
+
+    SPEC: at least float32, float64 for float64 parameters.
+
+    >>> accumulation_dtype("bfloat16"), accumulation_dtype("float64")
+    ('float32', 'float64')
+    """
+    name = str(param_dtype).rsplit(".", 1)[-1]
+    return "float64" if name in ("float64", "double") else "float32"
+
+
+def step_size(
+    xp: Any,
+    loss: Array,
+    sq_grad_norm: Array,
+    *,
+    max_lr: Array | float | None,
+    eps: Array | float,
+    f_star: Array | float,
+) -> StepSize:
+    r"""Computes ALI-G's step size from the loss and the squared global gradient norm.
+
+    .. math::
+
+        \hat\gamma = \frac{l - f_\star}{S + \delta}, \qquad
+        \gamma = \min(\max(\hat\gamma, 0), \eta)
+
+    with :math:`\hat\gamma = 0` where :math:`S + \delta = 0`, no upper clip where
+    ``max_lr`` is ``None``, and :math:`\gamma = 0` plus ``skipped = True`` where ``loss``
+    or ``sq_grad_norm`` is not finite.
+
+    Args:
+      xp: the array namespace (``numpy``, ``jax.numpy``, ``torch``, ``keras.ops``).
+      loss: 0-d array, the minibatch loss ``l``, in the accumulation dtype.
+      sq_grad_norm: 0-d array, ``S``, the sum of squared gradient entries over every
+        parameter that has a gradient, in the accumulation dtype.
+      max_lr: the cap ``eta`` (a number or a 0-d array), or ``None`` for no cap.
+      eps: ``delta``, added to ``S``.
+      f_star: the lower bound of the loss.
+
+    Returns:
+      A :class:`StepSize` of 0-d arrays.
+
+    Example:
+      >>> import numpy as np
+      >>> s = step_size(np, np.float64(1.0), np.float64(4.0), max_lr=0.1, eps=0.0, f_star=0.0)
+      >>> float(s.gamma), float(s.gamma_hat), bool(s.capped), bool(s.skipped)
+      (0.1, 0.25, True, False)
+    """
+    skipped = xp.logical_not(xp.logical_and(xp.isfinite(loss), xp.isfinite(sq_grad_norm)))
+    denominator = sq_grad_norm + eps
+    has_denominator = denominator > 0
+    safe_denominator = xp.where(has_denominator, denominator, 1.0)
+    gamma_hat = xp.where(has_denominator, (loss - f_star) / safe_denominator, 0.0)
+    clamped = xp.where(gamma_hat > 0, gamma_hat, 0.0)  # also maps NaN to 0
+    if max_lr is None:
+        capped = xp.logical_and(skipped, xp.logical_not(skipped))  # False, as an array
+        gamma = clamped
+    else:
+        capped = xp.logical_and(clamped >= max_lr, xp.logical_not(skipped))
+        gamma = xp.where(clamped >= max_lr, max_lr, clamped)
+    gamma = xp.where(skipped, 0.0, gamma)
+    return StepSize(gamma=gamma, gamma_hat=gamma_hat, capped=capped, skipped=skipped)
+
+
+def momentum_coefficients(
+    gamma: Array, *, momentum: Array | float, adjusted_momentum: bool
+) -> MomentumCoefficients:
+    r"""Returns the coefficients of the momentum update for either convention.
+
+    Standard (``adjusted_momentum=False``, the paper's PyTorch code):
+
+    .. math::  b \leftarrow \mu b - \gamma g, \qquad p \leftarrow p - \gamma g + \mu b
+
+    Adjusted (``adjusted_momentum=True``, ``torch.optim.SGD(nesterov=True)`` driven with
+    lr = gamma):
+
+    .. math::  b \leftarrow \mu b - g, \qquad p \leftarrow p - \gamma g + \gamma \mu b
+
+    Args:
+      gamma: the step size from :func:`step_size` (0-d array).
+      momentum: ``mu``.
+      adjusted_momentum: which convention (a Python bool: it picks the formula).
+
+    Returns:
+      :class:`MomentumCoefficients` for :func:`momentum_update`.
+
+    Example:
+      >>> momentum_coefficients(0.5, momentum=0.9, adjusted_momentum=True)
+      MomentumCoefficients(buffer_decay=0.9, buffer_grad=-1.0, param_grad=-0.5, param_buffer=0.45)
+    """
+    if adjusted_momentum:
+        return MomentumCoefficients(
+            buffer_decay=momentum,
+            buffer_grad=-1.0,
+            param_grad=-gamma,
+            param_buffer=gamma * momentum,
+        )
+    return MomentumCoefficients(
+        buffer_decay=momentum, buffer_grad=-gamma, param_grad=-gamma, param_buffer=momentum
+    )
+
+
+def momentum_update(
+    param: Array, grad: Array, buffer: Array, coefficients: MomentumCoefficients
+) -> tuple[Array, Array]:
+    """Applies :class:`MomentumCoefficients` out of place; returns ``(param, buffer)``.
+
+    Example:
+      >>> c = momentum_coefficients(0.5, momentum=0.9, adjusted_momentum=False)
+      >>> momentum_update(1.0, 2.0, 0.0, c)
+      (-0.9, -1.0)
+    """
+    new_buffer = coefficients.buffer_decay * buffer + coefficients.buffer_grad * grad
+    new_param = param + coefficients.param_grad * grad + coefficients.param_buffer * new_buffer
+    return new_param, new_buffer
+
+
+def sgd_update(param: Array, grad: Array, gamma: Array) -> Array:
+    """Applies the step without momentum: ``p <- p - gamma * g``."""
+    return param - gamma * grad
+
+
+def projection_scale(xp: Any, sq_param_norm: Array, max_norm: Array | float) -> Array:
+    r"""Returns the factor that projects the parameters onto the l2 ball of radius ``max_norm``.
+
+    .. math::  N = \sqrt{\textstyle\sum_p \|p\|^2}, \qquad
+               s = \max\_norm / N \text{ if } N > \max\_norm \text{ else } 1
+
+    Multiply every managed parameter by ``s`` (a multiplication by exactly 1 leaves a
+    parameter bit-for-bit unchanged).
+
+    Example:
+      >>> import numpy as np
+      >>> float(projection_scale(np, np.float64(25.0), 2.5))
+      0.5
+      >>> float(projection_scale(np, np.float64(1.0), 2.5))
+      1.0
+    """
+    norm = xp.sqrt(sq_param_norm)
+    outside = norm > max_norm
+    return xp.where(outside, max_norm / xp.where(outside, norm, 1.0), 1.0)
+
+
+def keep_if_skipped(xp: Any, skipped: Array, old: Array, new: Array) -> Array:
+    """Returns ``old`` where the step is skipped, else ``new`` (bit-for-bit either way)."""
+    return xp.where(skipped, old, new)
