@@ -1,0 +1,18 @@
+"""ALI-G for PyTorch: :class:`AliG`, a drop-in ``torch.optim.Optimizer``.
+
+Example:
+  >>> import torch
+  >>> from alig_torch import AliG
+  >>> model = torch.nn.Linear(4, 2)
+  >>> opt = AliG(model.parameters(), max_lr=0.1, momentum=0.9)
+  >>> loss = model(torch.randn(8, 4)).square().mean()
+  >>> loss.backward()
+  >>> _ = opt.step(loss=loss)
+
+Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for and by
+Interpolation", ICML 2020, arXiv:1906.05661.
+"""
+
+from alig_torch._optimizer import AliG, alig, project_onto_ball
+
+__all__ = ["AliG", "alig", "project_onto_ball"]

@@ -1,0 +1,554 @@
+"""ALI-G as a ``torch.optim.Optimizer``.
+
+Three layers, as in ``torch/optim/sgd.py``: the :class:`AliG` class (validates, keeps
+param groups and state), the functional form :func:`alig` (one step over lists of
+tensors), and two private implementations that must agree: a readable single-tensor loop
+(the reference) and a foreach path over tensors grouped by device and dtype. The numbers
+come from :mod:`alig_core`; this module gathers tensors and writes results back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch.optim.optimizer import Optimizer
+
+import alig_core
+import torch
+from alig_core import (
+    AliGConfig,
+    momentum_coefficients,
+    momentum_update,
+    projection_scale,
+    step_size,
+    validate_max_lr,
+    validate_momentum,
+)
+
+__all__ = ["AliG", "alig", "project_onto_ball"]
+
+_NO_CAP = math.inf
+"""How ``max_lr=None`` is stored in a group's ``lr`` (so LR schedulers keep working)."""
+
+_LOSS_HELP = (
+    "ALI-G computes its step size from the loss. Pass it in one of two ways: "
+    "opt.step(closure) with a closure that zeroes the gradients, computes the loss, calls "
+    "loss.backward() and returns the loss (as for torch.optim.LBFGS; Lightning does this), "
+    "or opt.step(loss=loss) after loss.backward() (with a GradScaler: "
+    "scaler.unscale_(opt); scaler.step(opt, loss=loss) with the unscaled loss)."
+)
+
+
+def _loss_as_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Checks the loss and returns it as a detached 0-d tensor, without a host sync."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"ALI-G needs the loss as a scalar, got a tensor of shape {tuple(loss.shape)}. "
+                "Reduce it first (e.g. loss.mean()) and pass the value that was "
+                "differentiated."
+            )
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise ValueError(
+                f"ALI-G needs a real-valued loss, got a tensor of dtype {loss.dtype}. "
+                "Pass the real scalar that was differentiated."
+            )
+        return loss.detach().reshape(()).to(device=device, dtype=dtype)
+    if isinstance(loss, bool) or not isinstance(loss, int | float):
+        raise ValueError(
+            f"ALI-G needs the loss as a float or a 0-d tensor, got {loss!r} "
+            f"(type {type(loss).__name__}). {_LOSS_HELP}"
+        )
+    return torch.tensor(float(loss), device=device, dtype=dtype)
+
+
+def _accumulation_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    """At least float32; float64 when any tensor is float64 (SPEC: the norm's accumulation)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _sum_of_squares(
+    tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device, foreach: bool
+) -> torch.Tensor:
+    """Sum of squared entries of ``tensors``, accumulated in ``dtype`` on ``device``."""
+    total = torch.zeros((), dtype=dtype, device=device)
+    if not tensors:
+        return total
+    if foreach:
+        grouped = Optimizer._group_tensors_by_device_and_dtype([tensors])  # type: ignore[arg-type]
+        for (_, _), ((group, *_), _) in grouped.items():
+            norms = torch._foreach_norm(group, 2, dtype=dtype)
+            total = total + torch.stack(norms).to(device).square().sum()
+        return total
+    for tensor in tensors:
+        total = total + tensor.to(dtype).square().sum().to(device)
+    return total
+
+
+def project_onto_ball(params: Iterable[torch.Tensor], max_norm: float) -> None:
+    """Projects ``params`` in place onto the l2 ball of radius ``max_norm`` (all of them at once).
+
+    ALI-G never changes parameters at construction: call this once on the initial
+    parameters when training with ``max_norm``, so that training starts inside the ball.
+
+    Example:
+      >>> w = torch.tensor([3.0, 4.0])
+      >>> project_onto_ball([w], max_norm=1.0)
+      >>> w
+      tensor([0.6000, 0.8000])
+    """
+    alig_core.validate_max_norm(max_norm)
+    params = [p for p in params]
+    if not params:
+        return
+    with torch.no_grad():
+        dtype = _accumulation_dtype(params)
+        sq_norm = _sum_of_squares(params, dtype, params[0].device, foreach=False)
+        scale = projection_scale(torch, sq_norm, max_norm)
+        for p in params:
+            p.mul_(scale.to(p.device))
+
+
+class AliG(Optimizer):
+    r"""ALI-G: SGD with the Polyak step size, capped at ``max_lr``.
+
+    .. math::
+
+        \gamma_t = \min\left(\max\left(\frac{l_t - f_\star}{\|g_t\|^2 + \epsilon}, 0\right),
+        \eta\right)
+
+    where :math:`l_t` is the minibatch loss and :math:`\|g_t\|^2` the squared gradient
+    norm over every parameter of every group (one global norm, before momentum). Then,
+    for each parameter with a gradient, with buffer :math:`b` (zero at the start):
+
+    * ``momentum == 0``: :math:`p \leftarrow p - \gamma g`;
+    * standard (``adjusted_momentum=False``, the paper's PyTorch code):
+      :math:`b \leftarrow \mu b - \gamma g`, :math:`p \leftarrow p - \gamma g + \mu b`;
+    * adjusted (``adjusted_momentum=True``):
+      :math:`b \leftarrow \mu b - g`, :math:`p \leftarrow p - \gamma g + \gamma\mu b`.
+
+    With ``max_norm``, all parameters are then scaled onto the l2 ball of that radius.
+    A step whose loss or gradient norm is not finite is skipped: parameters and buffers
+    stay bit-for-bit as they were and ``steps_skipped`` goes up.
+
+    .. note::
+        **Momentum conventions.** The standard convention keeps ``-gamma * g`` in the
+        buffer, so a past step keeps the step size it was taken with. The adjusted one
+        keeps ``-g`` and multiplies by the current gamma: it is what
+        ``torch.optim.SGD(nesterov=True)`` (and TF1's Nesterov ``MomentumOptimizer``) do
+        with ``lr = gamma``. The two agree while gamma is constant (e.g. pinned at
+        ``max_lr``) and differ as soon as it moves, which it always does in ALI-G. The
+        buffers also differ: standard buffers hold ``-gamma * g``, adjusted ones ``-g``.
+
+    The loss reaches the optimizer in one of two ways:
+
+    * ``opt.step(closure)``: the closure is called under ``torch.enable_grad()`` and must
+      return the loss (Lightning's automatic optimization passes one);
+    * ``opt.step(loss=loss)``: after ``loss.backward()``; with
+      ``torch.amp.GradScaler``, call ``scaler.unscale_(opt)`` then
+      ``scaler.step(opt, loss=loss)`` with the *unscaled* loss (GradScaler refuses
+      closures). Lightning's fp16 AMP plugin calls ``scaler.step(opt)`` with no loss:
+      that raises, it never steps with a stale value.
+
+    The step size stays a 0-d tensor: no ``.item()`` or host synchronisation, so
+    ``torch.compile(opt.step.__wrapped__, fullgraph=True)`` traces a step.
+
+    **Monitoring.** After each step, every param group holds 0-d tensors ``gamma``,
+    ``gamma_hat`` and ``capped`` (of the last step taken; kept as they were on a skipped
+    step), and ``steps_taken`` / ``steps_skipped`` counters; the properties of the same
+    names read them from the first group.
+
+    **Data parallel.** When ``torch.distributed`` is initialized with more than one
+    process, the loss is averaged over the default process group inside ``step`` (one
+    scalar all-reduce), so that every rank computes the same gamma from the loss of the
+    global batch, as DDP already averages the gradients. Pass ``all_reduce_loss=False``
+    only if the loss you pass is already the global mean.
+
+    Args:
+      params: the parameters to optimize, or dicts defining param groups (each may set
+        ``max_lr``/``lr``, ``momentum``, ``adjusted_momentum``, ``eps``, ``f_star``).
+      max_lr: the cap ``eta`` on the step size, stored as the group's ``lr`` so that LR
+        schedulers drive it; ``None`` for no cap (stored as ``lr = inf``).
+      momentum: ``mu``, with ``0 <= mu < 1``.
+      adjusted_momentum: the momentum convention (see the note).
+      eps: ``delta``, added to the squared gradient norm.
+      f_star: the lower bound of the loss.
+      max_norm: radius of the l2-ball constraint on all parameters; ``None`` for none.
+        See :func:`project_onto_ball` for the initial parameters.
+      foreach: use the foreach implementation (default: on when all tensors are on a
+        device that supports it, as in ``torch.optim``).
+      all_reduce_loss: average the loss over the default process group when
+        ``torch.distributed`` is initialized (see above).
+
+    Example:
+      >>> model = torch.nn.Linear(3, 1)
+      >>> opt = AliG(model.parameters(), max_lr=0.1, momentum=0.9)
+      >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+      >>> def closure():
+      ...     opt.zero_grad()
+      ...     loss = torch.nn.functional.mse_loss(model(x), y)
+      ...     loss.backward()
+      ...     return loss
+      >>> loss = opt.step(closure)
+      >>> bool(opt.param_groups[0]["gamma"] <= 0.1)
+      True
+
+    Reference:
+      L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for and by
+      Interpolation", ICML 2020, arXiv:1906.05661.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        max_lr: float | None = None,
+        momentum: float = 0.0,
+        *,
+        adjusted_momentum: bool = False,
+        eps: float = 1e-5,
+        f_star: float = 0.0,
+        max_norm: float | None = None,
+        foreach: bool | None = None,
+        all_reduce_loss: bool = True,
+    ) -> None:
+        config = AliGConfig(
+            max_lr=validate_max_lr(max_lr),
+            momentum=momentum,
+            adjusted_momentum=adjusted_momentum,
+            eps=eps,
+            f_star=f_star,
+            max_norm=max_norm,
+        )
+        self.max_norm = config.max_norm
+        self.all_reduce_loss = bool(all_reduce_loss)
+        defaults = {
+            "lr": _NO_CAP if max_lr is None else max_lr,
+            "momentum": config.momentum,
+            "adjusted_momentum": config.adjusted_momentum,
+            "eps": config.eps,
+            "f_star": config.f_star,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a param group; ``max_lr`` is accepted as the name of its ``lr``."""
+        if "max_lr" in param_group:
+            if "lr" in param_group:
+                raise ValueError(
+                    "A param group sets both 'max_lr' and 'lr'; they are the same thing "
+                    "(the cap on the step size): set only one."
+                )
+            param_group = dict(param_group)
+            max_lr = param_group.pop("max_lr")
+            param_group["lr"] = _NO_CAP if max_lr is None else max_lr
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["lr"] is None:
+            group["lr"] = _NO_CAP
+        if not (isinstance(group["lr"], float) and group["lr"] == _NO_CAP):
+            validate_max_lr(group["lr"])
+        validate_momentum(group["momentum"])
+        AliGConfig(
+            momentum=group["momentum"],
+            adjusted_momentum=group["adjusted_momentum"],
+            eps=group["eps"],
+            f_star=group["f_star"],
+        )
+        for p in group["params"]:
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(
+                    f"ALI-G optimizes real floating-point parameters; got a parameter of dtype "
+                    f"{p.dtype} and shape {tuple(p.shape)}. For a complex parameter, optimize "
+                    "torch.view_as_real(p) instead; leave integer buffers out of the optimizer."
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("max_norm", None)
+        self.__dict__.setdefault("all_reduce_loss", True)
+        for group in self.param_groups:
+            group.setdefault("adjusted_momentum", False)
+            group.setdefault("eps", 1e-5)
+            group.setdefault("f_star", 0.0)
+            group.setdefault("foreach", None)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text[:-1] + f"max_norm: {self.max_norm}\n)"
+
+    # ------------------------------------------------------------------ monitoring
+
+    def _first_group_value(self, key: str) -> torch.Tensor | None:
+        return self.param_groups[0].get(key) if self.param_groups else None
+
+    @property
+    def gamma(self) -> torch.Tensor | None:
+        """The step size of the last step taken (first group), a 0-d tensor."""
+        return self._first_group_value("gamma")
+
+    @property
+    def gamma_hat(self) -> torch.Tensor | None:
+        """The Polyak step before clamp and cap, of the last step taken (first group)."""
+        return self._first_group_value("gamma_hat")
+
+    @property
+    def capped(self) -> torch.Tensor | None:
+        """Whether the last step taken hit the cap (first group), a 0-d bool tensor."""
+        return self._first_group_value("capped")
+
+    @property
+    def steps_taken(self) -> torch.Tensor | None:
+        """How many steps were taken (not skipped), a 0-d int64 tensor."""
+        return self._first_group_value("steps_taken")
+
+    @property
+    def steps_skipped(self) -> torch.Tensor | None:
+        """How many steps were skipped (non-finite loss or gradient), a 0-d int64 tensor."""
+        return self._first_group_value("steps_skipped")
+
+    # ------------------------------------------------------------------ the step
+
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, loss: Any = None
+    ) -> Any:
+        """Performs one ALI-G step; returns the loss.
+
+        Args:
+          closure: re-evaluates the model and returns the loss (called under
+            ``torch.enable_grad()``).
+          loss: the loss of the minibatch whose gradients are in ``.grad``, a float or a
+            0-d tensor (unscaled under loss scaling). Give exactly one of the two.
+        """
+        if closure is None and loss is None:
+            raise ValueError(f"AliG.step() got no loss. {_LOSS_HELP}")
+        if closure is not None and loss is not None:
+            raise ValueError(f"AliG.step() got both a closure and loss=; give one. {_LOSS_HELP}")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if loss is None:
+                raise ValueError(f"The closure passed to AliG.step() returned None. {_LOSS_HELP}")
+        self._step(loss)
+        return loss
+
+    @torch.no_grad()
+    def _step(self, loss: Any) -> None:
+        groups = []
+        for group in self.param_groups:
+            params, grads, buffers = self._init_group(group)
+            groups.append((group, params, grads, buffers))
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        if not all_params:
+            raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
+        all_grads = [g for _, _, grads, _ in groups for g in grads]
+        accumulate = _accumulation_dtype(all_params)
+        device = all_params[0].device
+        foreach = self._use_foreach(all_params)
+        loss_t = _loss_as_tensor(loss, device, accumulate)
+        if self.all_reduce_loss:
+            loss_t = _mean_over_ranks(loss_t)
+        sq_grad_norm = _sum_of_squares(all_grads, accumulate, device, foreach)
+
+        skipped = None
+        for group, params, grads, buffers in groups:
+            size = alig(
+                params,
+                grads,
+                buffers,
+                loss=loss_t,
+                sq_grad_norm=sq_grad_norm,
+                max_lr=group["lr"],
+                momentum=group["momentum"],
+                adjusted_momentum=group["adjusted_momentum"],
+                eps=group["eps"],
+                f_star=group["f_star"],
+                foreach=foreach,
+            )
+            skipped = size.skipped
+            _record(group, size, device, accumulate)
+        assert skipped is not None
+
+        if self.max_norm is not None:
+            sq_norm = _sum_of_squares(all_params, accumulate, device, foreach)
+            scale = torch.where(skipped, 1.0, projection_scale(torch, sq_norm, self.max_norm))
+            if foreach:
+                grouped = Optimizer._group_tensors_by_device_and_dtype([all_params])  # type: ignore[arg-type]
+                for (dev, _), ((tensors, *_), _) in grouped.items():
+                    torch._foreach_mul_(tensors, scale.to(dev))
+            else:
+                for p in all_params:
+                    p.mul_(scale.to(p.device))
+
+    def _use_foreach(self, params: list[torch.Tensor]) -> bool:
+        requested = {group["foreach"] for group in self.param_groups}
+        if requested == {False}:
+            return False
+        if True in requested:
+            return True
+        return not torch.jit.is_scripting() and all(
+            p.device.type in ("cpu", "cuda", "xpu", "mps") for p in params
+        )
+
+    def _init_group(
+        self, group: dict[str, Any]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        params, grads, buffers = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"ALI-G does not support sparse gradients (a parameter of shape "
+                    f"{tuple(p.shape)} has one). Use a dense embedding (sparse=False), or "
+                    "torch.optim.SparseAdam for the sparse parameters."
+                )
+            params.append(p)
+            grads.append(p.grad)
+            if group["momentum"] != 0:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                buffers.append(state["momentum_buffer"])
+        return params, grads, buffers
+
+
+def _record(
+    group: dict[str, Any], size: alig_core.StepSize, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Stores gamma, gamma_hat, capped and the counters in ``group`` (no host sync)."""
+    if "gamma" not in group:
+        group["gamma"] = torch.zeros((), dtype=dtype, device=device)
+        group["gamma_hat"] = torch.zeros((), dtype=dtype, device=device)
+        group["capped"] = torch.zeros((), dtype=torch.bool, device=device)
+        group["steps_taken"] = torch.zeros((), dtype=torch.int64, device=device)
+        group["steps_skipped"] = torch.zeros((), dtype=torch.int64, device=device)
+    skipped = size.skipped
+    for key, value in (("gamma", size.gamma), ("gamma_hat", size.gamma_hat)):
+        group[key].copy_(torch.where(skipped, group[key], value.to(group[key].dtype)))
+    group["capped"].copy_(torch.where(skipped, group["capped"], size.capped))
+    group["steps_taken"].add_(torch.logical_not(skipped).to(torch.int64))
+    group["steps_skipped"].add_(skipped.to(torch.int64))
+
+
+def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """Averages ``loss`` over the default process group, when there is one with > 1 rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return loss
+    loss = loss.clone()
+    dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+    return loss / dist.get_world_size()
+
+
+def alig(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    *,
+    loss: torch.Tensor,
+    sq_grad_norm: torch.Tensor,
+    max_lr: float | torch.Tensor,
+    momentum: float,
+    adjusted_momentum: bool,
+    eps: float,
+    f_star: float,
+    foreach: bool = False,
+) -> alig_core.StepSize:
+    """Functional ALI-G: updates ``params`` (and buffers) in place; returns the step size.
+
+    ``sq_grad_norm`` is the squared global gradient norm (over every group), ``loss`` a
+    0-d tensor in the accumulation dtype; ``max_lr = inf`` means no cap. Projection is
+    done by the caller, over all parameters. See :class:`AliG` for the update rule.
+    """
+    cap = None if isinstance(max_lr, float) and max_lr == _NO_CAP else max_lr
+    size = step_size(torch, loss, sq_grad_norm, max_lr=cap, eps=eps, f_star=f_star)
+    if not params:
+        return size
+    if momentum != 0 and len(momentum_buffers) != len(params):
+        raise ValueError("alig(): momentum > 0 needs one momentum buffer per parameter.")
+    implementation = _multi_tensor_alig if foreach else _single_tensor_alig
+    implementation(
+        params, grads, momentum_buffers, size, momentum=momentum, adjusted=adjusted_momentum
+    )
+    return size
+
+
+def _single_tensor_alig(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    size: alig_core.StepSize,
+    *,
+    momentum: float,
+    adjusted: bool,
+) -> None:
+    """The reference: one parameter at a time, out of place, then written back."""
+    coefficients = momentum_coefficients(size.gamma, momentum=momentum, adjusted_momentum=adjusted)
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        gamma = size.gamma.to(p.device)
+        if momentum == 0:
+            new_p = alig_core.sgd_update(p, g, gamma.to(p.dtype))
+        else:
+            c = alig_core.MomentumCoefficients(*(_as(x, p) for x in coefficients))
+            new_p, new_b = momentum_update(p, g, buffers[i], c)
+            buffers[i].copy_(torch.where(size.skipped.to(p.device), buffers[i], new_b))
+        p.copy_(torch.where(size.skipped.to(p.device), p, new_p))
+
+
+def _as(value: Any, like: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return value
+
+
+def _multi_tensor_alig(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    size: alig_core.StepSize,
+    *,
+    momentum: float,
+    adjusted: bool,
+) -> None:
+    """The fast path: foreach kernels per (device, dtype), the core's coefficients.
+
+    A skipped step must leave everything bit-for-bit unchanged without a host sync: the
+    gradients are replaced by zeros where the step is skipped (a NaN gradient would
+    poison any multiplication), and the coefficients become the identity (buffer decay 1,
+    every other coefficient 0).
+    """
+    tensor_lists = [params, grads] + ([buffers] if momentum != 0 else [])
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
+    for (device, dtype), (lists, _) in grouped.items():
+        device_params, device_grads = lists[0], lists[1]
+        skipped = size.skipped.to(device)
+        zero = torch.zeros((), dtype=dtype, device=device)
+        device_grads = [torch.where(skipped, zero, g) for g in device_grads]
+        gamma = size.gamma.to(device=device, dtype=dtype)
+        if momentum == 0:
+            torch._foreach_add_(device_params, torch._foreach_mul(device_grads, -gamma))
+            continue
+        device_buffers = lists[2]
+        c = momentum_coefficients(gamma, momentum=momentum, adjusted_momentum=adjusted)
+        decay = torch.where(skipped, 1.0, torch.as_tensor(c.buffer_decay, dtype=dtype))
+        param_buffer = torch.where(skipped, 0.0, torch.as_tensor(c.param_buffer, dtype=dtype))
+        torch._foreach_mul_(device_buffers, decay.to(device))
+        torch._foreach_add_(
+            device_buffers, torch._foreach_mul(device_grads, _as_tensor(c.buffer_grad, gamma))
+        )
+        torch._foreach_add_(
+            device_params, torch._foreach_mul(device_grads, _as_tensor(c.param_grad, gamma))
+        )
+        torch._foreach_add_(
+            device_params, torch._foreach_mul(device_buffers, param_buffer.to(device))
+        )
+
+
+def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
