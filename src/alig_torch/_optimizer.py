@@ -265,6 +265,13 @@ class AliG(Optimizer):
                     "torch.view_as_real(p) instead; leave integer buffers out of the optimizer."
                 )
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            **super().__getstate__(),
+            "max_norm": self.max_norm,
+            "all_reduce_loss": self.all_reduce_loss,
+        }
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("max_norm", None)
@@ -287,27 +294,27 @@ class AliG(Optimizer):
     @property
     def gamma(self) -> torch.Tensor | None:
         """The step size of the last step taken (first group), a 0-d tensor."""
-        return self._first_group_value("gamma")
+        return _scalar(self._first_group_value("gamma"))
 
     @property
     def gamma_hat(self) -> torch.Tensor | None:
         """The Polyak step before clamp and cap, of the last step taken (first group)."""
-        return self._first_group_value("gamma_hat")
+        return _scalar(self._first_group_value("gamma_hat"))
 
     @property
     def capped(self) -> torch.Tensor | None:
         """Whether the last step taken hit the cap (first group), a 0-d bool tensor."""
-        return self._first_group_value("capped")
+        return _scalar(self._first_group_value("capped"))
 
     @property
     def steps_taken(self) -> torch.Tensor | None:
         """How many steps were taken (not skipped), a 0-d int64 tensor."""
-        return self._first_group_value("steps_taken")
+        return _scalar(self._first_group_value("steps_taken"))
 
     @property
     def steps_skipped(self) -> torch.Tensor | None:
         """How many steps were skipped (non-finite loss or gradient), a 0-d int64 tensor."""
-        return self._first_group_value("steps_skipped")
+        return _scalar(self._first_group_value("steps_skipped"))
 
     # ------------------------------------------------------------------ the step
 
@@ -338,7 +345,7 @@ class AliG(Optimizer):
     def _step(self, loss: Any) -> None:
         groups = []
         for group in self.param_groups:
-            params, grads, buffers = self._init_group(group)
+            params, grads, buffers = self._gather_group(group)
             groups.append((group, params, grads, buffers))
         all_params = [p for group in self.param_groups for p in group["params"]]
         if not all_params:
@@ -392,7 +399,7 @@ class AliG(Optimizer):
             p.device.type in ("cpu", "cuda", "xpu", "mps") for p in params
         )
 
-    def _init_group(
+    def _gather_group(
         self, group: dict[str, Any]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         params, grads, buffers = [], [], []
@@ -412,21 +419,39 @@ class AliG(Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
-                    )
-                buffers.append(state["momentum_buffer"])
+                    ).reshape(_stored_shape(p))
+                buffers.append(state["momentum_buffer"].view(p.shape))
         return params, grads, buffers
+
+
+def _scalar(value: torch.Tensor | None) -> torch.Tensor | None:
+    """A 0-d view of a 1-element record (no copy, no host sync)."""
+    return None if value is None else value.view(())
+
+
+def _stored_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape in which a tensor of ``p``'s shape is kept in the optimizer's state.
+
+    A 0-d float CPU tensor in optimizer state is not mutable inside
+    ``torch.compile`` (torch 2.13: dynamo treats it as a Python scalar and drops in-place
+    writes to it), so 0-d state is kept with shape ``(1,)`` and viewed as 0-d for the math.
+    """
+    return (1,) if p.dim() == 0 else tuple(p.shape)
 
 
 def _record(
     group: dict[str, Any], size: alig_core.StepSize, device: torch.device, dtype: torch.dtype
 ) -> None:
-    """Stores gamma, gamma_hat, capped and the counters in ``group`` (no host sync)."""
+    """Stores gamma, gamma_hat, capped and the counters in ``group`` (no host sync).
+
+    They are 1-element tensors, not 0-d ones: see :func:`_stored_shape`.
+    """
     if "gamma" not in group:
-        group["gamma"] = torch.zeros((), dtype=dtype, device=device)
-        group["gamma_hat"] = torch.zeros((), dtype=dtype, device=device)
-        group["capped"] = torch.zeros((), dtype=torch.bool, device=device)
-        group["steps_taken"] = torch.zeros((), dtype=torch.int64, device=device)
-        group["steps_skipped"] = torch.zeros((), dtype=torch.int64, device=device)
+        group["gamma"] = torch.zeros(1, dtype=dtype, device=device)
+        group["gamma_hat"] = torch.zeros(1, dtype=dtype, device=device)
+        group["capped"] = torch.zeros(1, dtype=torch.bool, device=device)
+        group["steps_taken"] = torch.zeros(1, dtype=torch.int64, device=device)
+        group["steps_skipped"] = torch.zeros(1, dtype=torch.int64, device=device)
     skipped = size.skipped
     for key, value in (("gamma", size.gamma), ("gamma_hat", size.gamma_hat)):
         group[key].copy_(torch.where(skipped, group[key], value.to(group[key].dtype)))
@@ -472,7 +497,11 @@ def alig(
         return size
     if momentum != 0 and len(momentum_buffers) != len(params):
         raise ValueError("alig(): momentum > 0 needs one momentum buffer per parameter.")
-    implementation = _multi_tensor_alig if foreach else _single_tensor_alig
+    # Under torch.compile the single-tensor body is traced: inductor fuses it into one
+    # kernel anyway, and it sidesteps a precision loss seen when compiling the foreach
+    # body (torch 2.13: float32 rounding in the buffers, ~1e-7 relative, in float64).
+    compiling = torch.compiler.is_compiling()
+    implementation = _multi_tensor_alig if foreach and not compiling else _single_tensor_alig
     implementation(
         params, grads, momentum_buffers, size, momentum=momentum, adjusted=adjusted_momentum
     )
