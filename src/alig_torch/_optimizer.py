@@ -381,6 +381,9 @@ class AliG(Optimizer):
         if self.max_norm is not None:
             sq_norm = _sum_of_squares(all_params, accumulate, device, foreach)
             scale = torch.where(skipped, 1.0, projection_scale(torch, sq_norm, self.max_norm))
+            on_host = all(p.device.type == "cpu" for p in all_params)
+            if on_host and not torch.compiler.is_compiling() and bool(scale == 1.0):
+                return  # inside the ball (no device to synchronise with on the CPU)
             if foreach:
                 grouped = Optimizer._group_tensors_by_device_and_dtype([all_params])  # type: ignore[arg-type]
                 for (dev, _), ((tensors, *_), _) in grouped.items():
@@ -545,12 +548,52 @@ def _multi_tensor_alig(
     momentum: float,
     adjusted: bool,
 ) -> None:
-    """The fast path: foreach kernels per (device, dtype), the core's coefficients.
+    """The fast path: foreach kernels per (device, dtype), with the core's coefficients.
 
-    A skipped step must leave everything bit-for-bit unchanged without a host sync: the
-    gradients are replaced by zeros where the step is skipped (a NaN gradient would
-    poison any multiplication), and the coefficients become the identity (buffer decay 1,
-    every other coefficient 0).
+    On the CPU there is no device to synchronise with, so the step size is read as a
+    Python number: a skipped step returns before touching anything, and the update runs
+    the same in-place foreach kernels with scalar coefficients as ``torch.optim.SGD``
+    (no temporaries). On an accelerator nothing is read back: see
+    :func:`_device_multi_tensor_alig`.
+    """
+    if not all(p.device.type == "cpu" for p in params):
+        _device_multi_tensor_alig(
+            params, grads, buffers, size, momentum=momentum, adjusted=adjusted
+        )
+        return
+    if bool(size.skipped):
+        return
+    gamma = float(size.gamma)
+    c = momentum_coefficients(gamma, momentum=momentum, adjusted_momentum=adjusted)
+    tensor_lists = [params, grads] + ([buffers] if momentum != 0 else [])
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
+    for lists, _ in grouped.values():
+        device_params, device_grads = lists[0], lists[1]
+        if momentum == 0:
+            torch._foreach_add_(device_params, device_grads, alpha=-gamma)
+            continue
+        device_buffers = lists[2]
+        torch._foreach_mul_(device_buffers, c.buffer_decay)
+        torch._foreach_add_(device_buffers, device_grads, alpha=c.buffer_grad)
+        torch._foreach_add_(device_params, device_grads, alpha=c.param_grad)
+        torch._foreach_add_(device_params, device_buffers, alpha=c.param_buffer)
+
+
+def _device_multi_tensor_alig(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    size: alig_core.StepSize,
+    *,
+    momentum: float,
+    adjusted: bool,
+) -> None:
+    """The foreach path on an accelerator: branch-free, no host synchronisation.
+
+    A skipped step must leave everything bit-for-bit unchanged without reading
+    ``skipped`` back: the gradients are replaced by zeros where the step is skipped (a
+    NaN gradient would poison any multiplication), and the coefficients become the
+    identity (buffer decay 1, every other coefficient 0).
     """
     tensor_lists = [params, grads] + ([buffers] if momentum != 0 else [])
     grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
