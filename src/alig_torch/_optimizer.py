@@ -10,6 +10,7 @@ come from :mod:`alig_core`; this module gathers tensors and writes results back.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -223,6 +224,7 @@ class AliG(Optimizer):
         )
         self.max_norm = config.max_norm
         self.all_reduce_loss = bool(all_reduce_loss)
+        self._warned_local_loss = False
         defaults = {
             "lr": _NO_CAP if max_lr is None else max_lr,
             "momentum": config.momentum,
@@ -276,6 +278,7 @@ class AliG(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("max_norm", None)
         self.__dict__.setdefault("all_reduce_loss", True)
+        self.__dict__.setdefault("_warned_local_loss", False)
         for group in self.param_groups:
             group.setdefault("adjusted_momentum", False)
             group.setdefault("eps", 1e-5)
@@ -357,6 +360,16 @@ class AliG(Optimizer):
         loss_t = _loss_as_tensor(loss, device, accumulate)
         if self.all_reduce_loss:
             loss_t = _mean_over_ranks(loss_t)
+        elif not self._warned_local_loss and _world_size() > 1:
+            self._warned_local_loss = True
+            warnings.warn(
+                "AliG(all_reduce_loss=False) under torch.distributed: every rank computes its "
+                "step size from the loss it is given, so the loss you pass must be the mean "
+                "over the global batch, identical on every rank, or the ranks will take "
+                "different steps and drift apart. Leave all_reduce_loss=True to have AliG "
+                "average it.",
+                stacklevel=3,
+            )
         sq_grad_norm = _sum_of_squares(all_grads, accumulate, device, foreach)
 
         skipped = None
@@ -463,11 +476,20 @@ def _record(
     group["steps_skipped"].add_(skipped.to(torch.int64))
 
 
+def _world_size() -> int:
+    """The size of the default process group; 1 when torch.distributed is not in use."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
 def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
     """Averages ``loss`` over the default process group, when there is one with > 1 rank."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if _world_size() < 2:
         return loss
     loss = loss.clone()
     dist.all_reduce(loss, op=dist.ReduceOp.SUM)
