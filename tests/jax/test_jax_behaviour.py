@@ -1,0 +1,287 @@
+"""alig_jax.alig as an optax citizen: jit, skipped steps, inject_hyperparams, MultiSteps..."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jax
+from alig_cases import initial_params, make_sequence, max_relative_deviation
+from alig_jax import AliGState, alig, project_onto_ball, scale_by_alig
+
+
+def _quadratic_problem(dtype=jnp.float64):
+    params = {"w": jnp.array([1.0, -2.0, 3.0], dtype), "b": jnp.array(0.5, dtype)}
+
+    def loss_fn(p):
+        return jnp.sum(p["w"] ** 2) + p["b"] ** 2
+
+    return params, loss_fn
+
+
+def _run(tx, params, loss_fn, steps, jit=True):
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    for _ in range(steps):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = update(grads, state, params, value=loss)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+# ---------------------------------------------------------------- the loss argument
+
+
+def test_missing_value_is_a_clear_error() -> None:
+    params, loss_fn = _quadratic_problem()
+    tx = alig(max_lr=0.1)
+    state = tx.init(params)
+    grads = jax.grad(loss_fn)(params)
+    with pytest.raises(ValueError, match="value=") as info:
+        tx.update(grads, state, params)
+    assert "tx.update(grads, state, params, value=loss)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [(jnp.ones(3), "shape"), ("1.0", "scalar"), (1.0 + 2.0j, "real")]
+)
+def test_bad_value_is_a_clear_error(value, message) -> None:
+    params, loss_fn = _quadratic_problem()
+    tx = alig(max_lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        tx.update(jax.grad(loss_fn)(params), tx.init(params), params, value=value)
+
+
+def test_unknown_extra_args_are_ignored() -> None:
+    params, loss_fn = _quadratic_problem()
+    tx = alig(max_lr=0.1, momentum=0.9)
+    state = tx.init(params)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    a, _ = tx.update(grads, state, params, value=loss)
+    b, _ = tx.update(grads, state, params, value=loss, grad=grads, value_fn=loss_fn, other=3)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+
+
+def test_max_norm_without_params_is_a_clear_error() -> None:
+    params, loss_fn = _quadratic_problem()
+    tx = alig(max_lr=0.1, max_norm=1.0)
+    with pytest.raises(ValueError, match="needs them"):
+        tx.update(jax.grad(loss_fn)(params), tx.init(params), value=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_lr": -1.0}, {"momentum": 1.0}, {"eps": math.nan}, {"max_norm": 0.0}]
+)
+def test_invalid_hyperparameters_raise_the_core_errors(kwargs) -> None:
+    with pytest.raises(ValueError, match=f"Invalid {next(iter(kwargs))}"):
+        alig(**kwargs)
+
+
+# ---------------------------------------------------------------- jit, skipped steps
+
+
+def test_second_jitted_call_does_not_recompile() -> None:
+    params, loss_fn = _quadratic_problem()
+    tx = alig(max_lr=0.1, momentum=0.9, max_norm=10.0)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for loss_value in (1.0, 2.0, math.nan, 3.0):  # a skipped step too
+        grads = jax.grad(loss_fn)(params)
+        updates, state = update(grads, state, params, value=jnp.asarray(loss_value))
+        params = optax.apply_updates(params, updates)
+    assert update._cache_size() == 1
+
+
+@pytest.mark.parametrize("bad", ["nan_value", "inf_value", "nan_grad", "inf_grad"])
+@pytest.mark.parametrize("adjusted", [False, True])
+def test_skipped_step_leaves_params_and_state_bitwise_unchanged(bad, adjusted) -> None:
+    params, loss_fn = _quadratic_problem()
+    params["b"] = jnp.array(-0.0)  # a signed zero must keep its sign too
+    tx = alig(max_lr=0.5, momentum=0.9, adjusted_momentum=adjusted, max_norm=2.0)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for _ in range(3):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = update(grads, state, params, value=loss)
+        params = optax.apply_updates(params, updates)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    if bad == "nan_value":
+        loss = jnp.nan
+    elif bad == "inf_value":
+        loss = jnp.inf
+    elif bad == "nan_grad":
+        grads["w"] = grads["w"].at[0].set(jnp.nan)
+    else:
+        grads["w"] = grads["w"].at[1].set(-jnp.inf)
+    updates, new_state = update(grads, state, params, value=loss)
+    new_params = optax.apply_updates(params, updates)
+
+    def same_bits(a, b):
+        return np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+    assert jax.tree.all(jax.tree.map(same_bits, params, new_params))
+    for field in ("momentum", "gamma", "gamma_hat", "capped", "steps_taken"):
+        assert jax.tree.all(
+            jax.tree.map(same_bits, getattr(state, field), getattr(new_state, field))
+        ), field
+    assert int(new_state.steps_skipped) == int(state.steps_skipped) + 1
+
+
+def test_missing_gradient_leaves_param_and_buffer_untouched() -> None:
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])}
+    tx = alig(max_lr=0.1, momentum=0.9)
+    state = tx.init(params)
+    updates, state = tx.update(
+        {"a": jnp.array([1.0, 1.0]), "b": jnp.array([1.0])}, state, params, value=1.0
+    )
+    params = optax.apply_updates(params, updates)
+    buffer_b = state.momentum["b"]
+    updates, state = tx.update({"a": jnp.array([1.0, 1.0]), "b": None}, state, params, value=1.0)
+    assert updates["b"] is None
+    assert jnp.array_equal(state.momentum["b"], buffer_b)
+
+
+# ---------------------------------------------------------------- optax machinery
+
+
+def test_inject_hyperparams_gives_the_same_numbers() -> None:
+    params, loss_fn = _quadratic_problem()
+    plain, _ = _run(alig(max_lr=0.3, momentum=0.9), params, loss_fn, 10)
+    injected_tx = optax.inject_hyperparams(alig)(max_lr=0.3, momentum=0.9)
+    injected, state = _run(injected_tx, params, loss_fn, 10)
+    assert max_relative_deviation(jax.tree.leaves(injected), jax.tree.leaves(plain)) <= 1e-12
+    assert float(state.hyperparams["max_lr"]) == 0.3
+
+
+def test_multi_steps_accumulates_then_steps() -> None:
+    params, loss_fn = _quadratic_problem()
+    tx = optax.MultiSteps(alig(max_lr=0.1, momentum=0.9), every_k_schedule=3)
+    state = tx.init(params)
+    start = params
+    for k in range(3):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params, value=loss)
+        params = optax.apply_updates(params, updates)
+        moved = not jnp.array_equal(params["w"], start["w"])
+        assert moved == (k == 2)
+    assert int(state.inner_opt_state.steps_taken) == 1
+
+
+def test_state_is_stable_under_lax_cond() -> None:
+    params, loss_fn = _quadratic_problem()
+    tx = alig(max_lr=0.1, momentum=0.9)
+    state = tx.init(params)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+
+    @jax.jit
+    def maybe_update(flag, state):
+        def do(state):
+            return tx.update(grads, state, params, value=loss)[1]
+
+        return jax.lax.cond(flag, do, lambda s: s, state)
+
+    new_state = maybe_update(True, state)
+    assert isinstance(new_state, AliGState)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), state
+    )
+
+
+def test_max_lr_schedule_is_evaluated_at_the_steps_taken() -> None:
+    params = jnp.array([10.0])
+    tx = alig(max_lr=optax.linear_schedule(0.1, 0.2, transition_steps=1), eps=0.0)
+    state = tx.init(params)
+    gammas = []
+    for _ in range(3):
+        _, state = tx.update(jnp.array([1.0]), state, params, value=1000.0)
+        gammas.append(float(state.gamma))
+    assert gammas == pytest.approx([0.1, 0.2, 0.2])
+
+
+# ---------------------------------------------------------------- the math, end to end
+
+
+@pytest.mark.parametrize("adjusted", [False, True])
+def test_pinned_at_the_cap_both_conventions_equal_nesterov_sgd(adjusted) -> None:
+    sequence = make_sequence(100, pinned=True)
+    ours = [jnp.asarray(p) for p in initial_params()]
+    theirs = [jnp.asarray(p) for p in initial_params()]
+    tx = alig(max_lr=1e-3, momentum=0.9, adjusted_momentum=adjusted)
+    sgd = optax.sgd(1e-3, momentum=0.9, nesterov=True)
+    state, sgd_state = tx.init(ours), sgd.init(theirs)
+    for step in sequence:
+        grads = [jnp.asarray(g) for g in step.grads]
+        updates, state = tx.update(grads, state, ours, value=step.loss)
+        ours = optax.apply_updates(ours, updates)
+        sgd_updates, sgd_state = sgd.update(grads, sgd_state, theirs)
+        theirs = optax.apply_updates(theirs, sgd_updates)
+        assert bool(state.capped)
+    assert max_relative_deviation(ours, theirs) <= 1e-12
+
+
+def test_the_two_conventions_differ_when_gamma_moves() -> None:
+    runs = []
+    for adjusted in (False, True):
+        params = [jnp.asarray(p) for p in initial_params()]
+        tx = alig(max_lr=0.05, momentum=0.9, adjusted_momentum=adjusted)
+        state = tx.init(params)
+        for step in make_sequence(30):
+            grads = [None if g is None else jnp.asarray(g) for g in step.grads]
+            updates, state = tx.update(grads, state, params, value=step.loss)
+            params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
+        runs.append(params)
+    assert max_relative_deviation(runs[0], runs[1]) > 1e-3
+
+
+def test_converges_on_a_parabola() -> None:
+    params, loss_fn = _quadratic_problem()
+    params, state = _run(alig(max_lr=1.0, eps=0.0), params, loss_fn, 50)
+    assert float(loss_fn(params)) < 1e-20  # the Polyak step halves w on |w|^2
+    assert int(state.steps_taken) == 50
+
+
+def test_converges_on_rosenbrock() -> None:
+    def rosenbrock(p):
+        return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
+
+    params, _ = _run(alig(max_lr=1e-3, momentum=0.9), jnp.array([-1.0, 1.5]), rosenbrock, 3000)
+    assert float(rosenbrock(params)) < 1e-4
+
+
+def test_bf16_params_keep_their_dtype_and_the_norm_is_float32() -> None:
+    params = {"w": jnp.full((4096,), 1.0, jnp.bfloat16)}
+    tx = alig(max_lr=10.0, eps=0.0)
+    state = tx.init(params)
+    grads = {"w": jnp.full((4096,), 0.01, jnp.bfloat16)}
+    updates, state = tx.update(grads, state, params, value=1.0)
+    assert updates["w"].dtype == jnp.bfloat16
+    assert state.gamma.dtype == jnp.float32
+    expected = 1.0 / (4096 * float(jnp.bfloat16(0.01)) ** 2)
+    assert float(state.gamma) == pytest.approx(expected, rel=1e-5)
+
+
+def test_projection_helper_and_steps_keep_params_in_the_ball() -> None:
+    params, loss_fn = _quadratic_problem()
+    params = project_onto_ball(params, 1.0)
+    norm = math.sqrt(sum(float(jnp.sum(p**2)) for p in jax.tree.leaves(params)))
+    assert norm == pytest.approx(1.0)
+    tx = alig(max_lr=1.0, momentum=0.9, max_norm=1.0)
+    state = tx.init(params)
+    for _ in range(5):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(p) - 10.0 * p["b"])(params)
+        updates, state = tx.update(grads, state, params, value=loss + 100.0)
+        params = optax.apply_updates(params, updates)
+        norm = math.sqrt(sum(float(jnp.sum(p**2)) for p in jax.tree.leaves(params)))
+        assert norm <= 1.0 + 1e-12
+
+
+def test_scale_by_alig_is_alig_without_projection() -> None:
+    params, loss_fn = _quadratic_problem()
+    a, _ = _run(scale_by_alig(max_lr=0.3, momentum=0.9), params, loss_fn, 5)
+    b, _ = _run(alig(max_lr=0.3, momentum=0.9), params, loss_fn, 5)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
