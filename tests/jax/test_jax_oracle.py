@@ -33,7 +33,10 @@ def test_matches_oracle_step_by_step(case: Case, dtype: type) -> None:
     for t, (step, (expected, oracle_state)) in enumerate(zip(sequence, history, strict=True)):
         grads = [None if g is None else jnp.asarray(g) for g in step.grads]
         updates, state = update(grads, state, params, value=jnp.asarray(step.loss, dtype))
-        params = [p if u is None else optax.apply_updates(p, u) for p, u in zip(params, updates)]
+        params = [
+            p if u is None else optax.apply_updates(p, u)
+            for p, u in zip(params, updates, strict=True)
+        ]
         assert all(p.dtype == dtype for p in params)
         assert max_relative_deviation(params, expected) <= tol, f"step {t} ({step.event})"
         assert float(state.gamma) == pytest.approx(oracle_state.gamma, rel=tol, abs=tol)

@@ -62,7 +62,10 @@ def _train(params, x, y, step_fn):
 def _max_deviation(a, b) -> float:
     scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(b))
     return (
-        max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        max(
+            float(jnp.max(jnp.abs(u - v)))
+            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
         / scale
     )
 
