@@ -1,0 +1,14 @@
+"""ALI-G for Keras 3: :class:`AliG`, a ``keras.optimizers.Optimizer`` for ``model.fit``.
+
+Works on the TensorFlow and torch backends unchanged; on the JAX backend add the
+:class:`AliGTrainStep` mixin to the model class. Custom loops pass the loss:
+``optimizer.apply(grads, variables, loss=loss)``.
+
+Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for and by
+Interpolation", ICML 2020, arXiv:1906.05661.
+"""
+
+from alig_tf._optimizer import AliG, project_onto_ball
+from alig_tf._train_step import AliGTrainStep
+
+__all__ = ["AliG", "AliGTrainStep", "project_onto_ball"]

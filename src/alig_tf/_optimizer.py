@@ -1,0 +1,344 @@
+"""ALI-G as a Keras 3 optimizer (TensorFlow, JAX and torch backends).
+
+The numbers come from :mod:`alig_core`, called with ``keras.ops``; this module receives
+the loss, gathers the gradients once per step in ``_backend_update_step`` (as Nadam does
+for its global scalar) and assigns the results.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import alig_core
+import keras
+from alig_core import AliGConfig, momentum_coefficients, momentum_update, projection_scale
+from keras import ops
+
+__all__ = ["AliG", "project_onto_ball"]
+
+_LOSS_HELP = (
+    "ALI-G computes its step size from the loss, and none reached it for this step. "
+    "model.fit hands it over by itself on the TensorFlow and torch backends; on the JAX "
+    "backend, add alig_tf.AliGTrainStep to your model's classes; in a custom loop call "
+    "optimizer.apply(grads, variables, loss=loss) (or apply_gradients(..., loss=loss), "
+    "stateless_apply(..., loss=loss)). A mixed_float16 policy wraps the optimizer in a "
+    "LossScaleOptimizer that does not pass the loss on: use mixed_bfloat16 instead, "
+    "which needs no loss scaling."
+)
+
+
+def _backend_name() -> str:
+    return keras.backend.backend()
+
+
+def _check_not_distributed() -> None:
+    if _backend_name() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        raise NotImplementedError(
+            "alig_tf.AliG does not support tf.distribute strategies with more than one "
+            "replica yet: the per-replica losses and the gradient norm would have to be "
+            "reduced across replicas before the step size is computed, and this is not "
+            "done. Train on one replica, or use alig_torch (DDP) or alig_jax (sharding)."
+        )
+
+
+def _value(variable: Any) -> Any:
+    """The current value of a Keras variable (the scoped one inside ``stateless_apply``)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _as_loss(loss: Any) -> Any:
+    """Checks the loss and returns it as a tensor with no gradient attached."""
+    if isinstance(loss, str | bytes) or isinstance(loss, bool):
+        raise ValueError(f"ALI-G needs the loss as a scalar tensor or number, got {loss!r}.")
+    tensor = ops.convert_to_tensor(loss)
+    if len(tensor.shape) != 0 and math.prod(tensor.shape) != 1:
+        raise ValueError(
+            f"ALI-G needs the loss as a scalar, got a tensor of shape {tuple(tensor.shape)}. "
+            "Reduce it first (e.g. ops.mean(loss)) and pass the value that was differentiated."
+        )
+    return ops.stop_gradient(ops.reshape(tensor, ()))
+
+
+class AliG(keras.optimizers.Optimizer):
+    r"""ALI-G: SGD with the Polyak step size, capped at ``max_lr``, for Keras 3.
+
+    .. math::
+
+        \gamma_t = \min\left(\max\left(\frac{l_t - f_\star}{\|g_t\|^2 + \epsilon},
+        0\right), \eta\right)
+
+    with :math:`l_t` the (unscaled) training loss and :math:`\|g_t\|^2` the squared norm
+    of all gradients (accumulated in at least float32). Then, with buffer :math:`b`:
+
+    * ``momentum == 0``: :math:`w \leftarrow w - \gamma g`;
+    * standard (default): :math:`b \leftarrow \mu b - \gamma g`,
+      :math:`w \leftarrow w - \gamma g + \mu b`;
+    * ``adjusted_momentum=True`` (``keras.optimizers.SGD(nesterov=True)`` with lr =
+      gamma): :math:`b \leftarrow \mu b - g`, :math:`w \leftarrow w - \gamma g + \gamma\mu b`;
+
+    and with ``max_norm`` all trainable variables are scaled back onto the l2 ball of
+    that radius. A step whose loss or gradient norm is not finite is skipped: variables,
+    buffers and the recorded step size stay as they were and ``steps_skipped`` goes up.
+
+    How the loss arrives: ``model.fit`` passes it through ``scale_loss`` on the
+    TensorFlow and torch backends, unchanged; on the JAX backend the model needs the
+    :class:`AliGTrainStep` mixin (Keras' JAX trainer drops what ``scale_loss`` does). In a
+    custom loop: ``optimizer.apply(grads, variables, loss=loss)``. A step without a loss
+    raises a ``ValueError`` (when the step runs eagerly, or when a compiled step is
+    traced): it is never taken with a stale value.
+
+    Monitoring: ``gamma``, ``gamma_hat``, ``capped``, ``steps_taken`` and
+    ``steps_skipped`` are optimizer variables (saved with the model).
+
+    Args:
+      max_lr: the cap ``eta`` on the step size, a number or a
+        ``keras.optimizers.schedules.LearningRateSchedule`` (of ``iterations``, which
+        counts every step, skipped ones included); ``None`` for no cap. It is the
+        optimizer's ``learning_rate`` (``inf`` when there is no cap).
+      momentum: ``mu``, with ``0 <= mu < 1``.
+      adjusted_momentum: the momentum convention (the two agree while gamma is constant).
+      eps: ``delta``, added to the squared gradient norm.
+      f_star: the lower bound of the loss.
+      max_norm: radius of the l2-ball constraint; ``None`` for no projection. Project
+        the initial weights with :func:`project_onto_ball`.
+      name: the optimizer's name.
+      **kwargs: the other arguments of ``keras.optimizers.Optimizer`` (``clipnorm``,
+        ``loss_scale_factor``, ...).
+
+    Example:
+      >>> import numpy as np, keras
+      >>> from alig_tf import AliG, AliGTrainStep
+      >>> class Regressor(AliGTrainStep, keras.Sequential):  # the mixin: for JAX only
+      ...     pass
+      >>> model = Regressor([keras.Input((4,)), keras.layers.Dense(1)])
+      >>> model.compile(optimizer=AliG(max_lr=0.1, momentum=0.9), loss="mse")
+      >>> history = model.fit(np.ones((8, 4)), np.zeros((8, 1)), verbose=0)
+      >>> int(model.optimizer.steps_taken.numpy())
+      1
+
+    Reference:
+      L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for and by
+      Interpolation", ICML 2020, arXiv:1906.05661.
+    """
+
+    def __init__(
+        self,
+        max_lr: float | keras.optimizers.schedules.LearningRateSchedule | None = None,
+        momentum: float = 0.0,
+        *,
+        adjusted_momentum: bool = False,
+        eps: float = 1e-5,
+        f_star: float = 0.0,
+        max_norm: float | None = None,
+        name: str = "alig",
+        **kwargs: Any,
+    ) -> None:
+        if "learning_rate" in kwargs:
+            raise ValueError(
+                "AliG takes its cap on the step size as max_lr=, not learning_rate= "
+                f"(got learning_rate={kwargs['learning_rate']!r})."
+            )
+        schedule = isinstance(max_lr, keras.optimizers.schedules.LearningRateSchedule)
+        config = AliGConfig(
+            max_lr=max_lr if schedule else alig_core.validate_max_lr(max_lr),
+            momentum=momentum,
+            adjusted_momentum=adjusted_momentum,
+            eps=eps,
+            f_star=f_star,
+            max_norm=max_norm,
+        )
+        super().__init__(learning_rate=math.inf if max_lr is None else max_lr, name=name, **kwargs)
+        self.max_lr = max_lr
+        self.momentum = config.momentum
+        self.adjusted_momentum = config.adjusted_momentum
+        self.eps = config.eps
+        self.f_star = config.f_star
+        self.max_norm = config.max_norm
+        self._pending_loss: Any = None
+
+    # ------------------------------------------------------------------ variables
+
+    def build(self, variables: list[keras.Variable]) -> None:
+        """Creates the momentum buffers and the monitoring variables."""
+        if self.built:
+            return
+        super().build(variables)
+        self._accumulation_dtype = alig_core.accumulation_dtype(
+            "float64" if any(v.dtype == "float64" for v in variables) else "float32"
+        )
+        dtype = self._accumulation_dtype
+        self.momentums = (
+            self.add_optimizer_variables(variables, "momentum") if self.momentum != 0 else []
+        )
+        self.gamma = self.add_variable((), initializer="zeros", dtype=dtype, name="gamma")
+        self.gamma_hat = self.add_variable((), initializer="zeros", dtype=dtype, name="gamma_hat")
+        self.capped = self.add_variable((), initializer="zeros", dtype="bool", name="capped")
+        self.steps_taken = self.add_variable((), initializer="zeros", dtype="int", name="taken")
+        self.steps_skipped = self.add_variable((), initializer="zeros", dtype="int", name="skipped")
+
+    # ------------------------------------------------------------------ the loss
+
+    def scale_loss(self, loss: Any) -> Any:
+        """Keeps the (unscaled) training loss for the next step, then scales it as Keras does.
+
+        The TensorFlow and torch trainers call this just before differentiating.
+        """
+        if _backend_name() != "jax":  # the JAX trainer runs this in a scope it discards
+            self._pending_loss = _as_loss(loss)
+        return super().scale_loss(loss)
+
+    def apply(
+        self, grads: list[Any], trainable_variables: list[Any] | None = None, loss: Any = None
+    ) -> None:
+        """Applies one ALI-G step; ``loss`` is the unscaled loss of these gradients."""
+        if loss is not None:
+            self._pending_loss = _as_loss(loss)
+        try:
+            super().apply(grads, trainable_variables)
+        finally:
+            self._pending_loss = None  # a loss serves one step only
+
+    def apply_gradients(self, grads_and_vars: Any, loss: Any = None) -> Any:
+        """``apply_gradients`` with the loss, for tf.keras-style loops."""
+        grads, trainable_variables = zip(*grads_and_vars, strict=True)
+        self.apply(list(grads), list(trainable_variables), loss=loss)
+        return self._iterations
+
+    def stateless_apply(
+        self,
+        optimizer_variables: list[Any],
+        grads: list[Any],
+        trainable_variables: list[Any],
+        loss: Any = None,
+    ) -> tuple[list[Any], list[Any]]:
+        """``stateless_apply`` with the loss (JAX backend custom loops and train steps)."""
+        if loss is not None:
+            self._pending_loss = _as_loss(loss)
+        try:
+            return super().stateless_apply(optimizer_variables, grads, trainable_variables)
+        finally:
+            self._pending_loss = None
+
+    # ------------------------------------------------------------------ the step
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """Not used: ALI-G's step is global (see ``_backend_update_step``)."""
+        raise NotImplementedError("AliG updates all variables at once in _backend_update_step.")
+
+    def _backend_update_step(
+        self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
+    ) -> None:
+        _check_not_distributed()
+        if self._pending_loss is None:
+            raise ValueError(_LOSS_HELP)
+        loss, self._pending_loss = self._pending_loss, None
+        dtype = self._accumulation_dtype
+        loss = ops.cast(loss, dtype)
+        sq_grad_norm = ops.zeros((), dtype)
+        for g in grads:
+            sq_grad_norm = sq_grad_norm + ops.sum(ops.square(ops.cast(g, dtype)))
+        cap = None if self.max_lr is None else ops.cast(learning_rate, dtype)
+        size = alig_core.step_size(
+            ops, loss, sq_grad_norm, max_lr=cap, eps=self.eps, f_star=self.f_star
+        )
+        skipped = size.skipped
+        coefficients = momentum_coefficients(
+            size.gamma, momentum=self.momentum, adjusted_momentum=self.adjusted_momentum
+        )
+        for g, variable in zip(grads, trainable_variables, strict=True):
+            value = ops.cast(_value(variable), dtype)
+            g = ops.cast(g, dtype)
+            if self.momentum == 0:
+                new_value = alig_core.sgd_update(value, g, size.gamma)
+            else:
+                buffer = self.momentums[self._get_variable_index(variable)]
+                old_buffer = _value(buffer)
+                new_value, new_buffer = momentum_update(
+                    value, g, ops.cast(old_buffer, dtype), coefficients
+                )
+                self.assign(
+                    buffer, ops.where(skipped, old_buffer, ops.cast(new_buffer, buffer.dtype))
+                )
+            self.assign(
+                variable,
+                ops.where(skipped, _value(variable), ops.cast(new_value, variable.dtype)),
+            )
+
+        if self.max_norm is not None:
+            managed = self._trainable_variables
+            sq_norm = ops.zeros((), dtype)
+            for variable in managed:
+                sq_norm = sq_norm + ops.sum(ops.square(ops.cast(_value(variable), dtype)))
+            scale = ops.where(skipped, 1.0, projection_scale(ops, sq_norm, self.max_norm))
+            for variable in managed:
+                self.assign(
+                    variable,
+                    ops.cast(ops.cast(_value(variable), dtype) * scale, variable.dtype),
+                )
+
+        for record, new in (
+            (self.gamma, size.gamma),
+            (self.gamma_hat, size.gamma_hat),
+            (self.capped, size.capped),
+        ):
+            self.assign(record, ops.where(skipped, _value(record), ops.cast(new, record.dtype)))
+        one, zero = ops.ones((), self.steps_taken.dtype), ops.zeros((), self.steps_taken.dtype)
+        self.assign_add(self.steps_taken, ops.where(skipped, zero, one))
+        self.assign_add(self.steps_skipped, ops.where(skipped, one, zero))
+
+    # ------------------------------------------------------------------ config
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor's arguments (``max_lr`` in place of ``learning_rate``)."""
+        config = super().get_config()
+        max_lr = config.pop("learning_rate")
+        config.update(
+            {
+                "max_lr": None if self.max_lr is None else max_lr,
+                "momentum": self.momentum,
+                "adjusted_momentum": self.adjusted_momentum,
+                "eps": self.eps,
+                "f_star": self.f_star,
+                "max_norm": self.max_norm,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> AliG:
+        """Rebuilds the optimizer from :meth:`get_config` (schedules included)."""
+        config = dict(config)
+        if isinstance(config.get("max_lr"), dict):
+            config["max_lr"] = keras.optimizers.schedules.deserialize(
+                config["max_lr"], custom_objects=custom_objects
+            )
+        return cls(**config)
+
+
+def project_onto_ball(variables: list[keras.Variable], max_norm: float) -> None:
+    """Scales ``variables`` in place onto the l2 ball of radius ``max_norm`` (all at once).
+
+    ALI-G never changes weights at construction: call this once on the initial weights
+    (``model.trainable_variables``) when training with ``max_norm``.
+
+    Example:
+      >>> v = keras.Variable([3.0, 4.0])
+      >>> project_onto_ball([v], 1.0)
+      >>> [round(float(x), 6) for x in v.numpy()]
+      [0.6, 0.8]
+    """
+    alig_core.validate_max_norm(max_norm)
+    if not variables:
+        return
+    dtype = "float64" if any(v.dtype == "float64" for v in variables) else "float32"
+    sq_norm = ops.zeros((), dtype)
+    for v in variables:
+        sq_norm = sq_norm + ops.sum(ops.square(ops.cast(v, dtype)))
+    scale = projection_scale(ops, sq_norm, max_norm)
+    for v in variables:
+        v.assign(ops.cast(ops.cast(v, dtype) * scale, v.dtype))

@@ -1,0 +1,67 @@
+"""The train-step mixin that hands the loss to ALI-G on Keras' JAX backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+__all__ = ["AliGTrainStep"]
+
+
+class AliGTrainStep:
+    """Mixin for a ``keras.Model`` trained with :class:`~alig_tf.AliG` on the JAX backend.
+
+    Keras' JAX trainer computes the loss inside ``jax.value_and_grad`` in a stateless
+    scope, so what the optimizer's ``scale_loss`` records there is discarded. This mixin
+    overrides ``train_step`` (Keras' documented way to customise ``fit``) with the JAX
+    trainer's own steps plus one change: the unscaled loss is passed to
+    ``optimizer.stateless_apply(..., loss=loss)``. On the TensorFlow and torch backends it
+    defers to the model's own ``train_step``, so one model class serves every backend.
+
+    Example:
+      >>> class MLP(AliGTrainStep, keras.Sequential):
+      ...     pass
+      >>> model = MLP([keras.Input((4,)), keras.layers.Dense(1)])
+    """
+
+    def train_step(self, *args: Any) -> Any:
+        """One training step; on JAX, ``args`` is ``(state, data)``."""
+        if keras.backend.backend() != "jax":
+            return super().train_step(*args)  # type: ignore[misc]
+        return _jax_train_step(self, *args)
+
+
+def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    import jax
+    from alig_tf._optimizer import AliG
+
+    (trainable_variables, non_trainable_variables, optimizer_variables, metrics_variables) = state
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
+    (_, aux), grads = grad_fn(
+        trainable_variables,
+        non_trainable_variables,
+        metrics_variables,
+        x,
+        y,
+        sample_weight,
+        training=True,
+        optimizer_variables=optimizer_variables,
+    )
+    unscaled_loss, y_pred, non_trainable_variables, metrics_variables = aux
+    if isinstance(model.optimizer, AliG):
+        trainable_variables, optimizer_variables = model.optimizer.stateless_apply(
+            optimizer_variables, grads, trainable_variables, loss=unscaled_loss
+        )
+    else:  # e.g. a LossScaleOptimizer around AliG: AliG raises its missing-loss error
+        trainable_variables, optimizer_variables = model.optimizer.stateless_apply(
+            optimizer_variables, grads, trainable_variables
+        )
+    logs, metrics_variables = model._update_metrics_variables(
+        metrics_variables, unscaled_loss, x, y, y_pred, sample_weight
+    )
+    state = (trainable_variables, non_trainable_variables, optimizer_variables, metrics_variables)
+    return logs, state
