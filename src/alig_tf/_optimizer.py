@@ -53,8 +53,10 @@ def _value(variable: Any) -> Any:
 
 def _as_loss(loss: Any) -> Any:
     """Checks the loss and returns it as a tensor with no gradient attached."""
-    if isinstance(loss, str | bytes) or isinstance(loss, bool):
+    if isinstance(loss, str | bytes | bool):
         raise ValueError(f"ALI-G needs the loss as a scalar tensor or number, got {loss!r}.")
+    if isinstance(loss, int | float):  # converted at the step, in the accumulation dtype
+        return float(loss)
     tensor = ops.convert_to_tensor(loss)
     if len(tensor.shape) != 0 and math.prod(tensor.shape) != 1:
         raise ValueError(
@@ -64,6 +66,7 @@ def _as_loss(loss: Any) -> Any:
     return ops.stop_gradient(ops.reshape(tensor, ()))
 
 
+@keras.saving.register_keras_serializable(package="alig")
 class AliG(keras.optimizers.Optimizer):
     r"""ALI-G: SGD with the Polyak step size, capped at ``max_lr``, for Keras 3.
 
@@ -238,6 +241,8 @@ class AliG(keras.optimizers.Optimizer):
             raise ValueError(_LOSS_HELP)
         loss, self._pending_loss = self._pending_loss, None
         dtype = self._accumulation_dtype
+        if isinstance(loss, float):  # not through float32 (TensorFlow's default)
+            loss = ops.convert_to_tensor(loss, dtype=dtype)
         loss = ops.cast(loss, dtype)
         sq_grad_norm = ops.zeros((), dtype)
         for g in grads:
