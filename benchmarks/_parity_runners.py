@@ -9,7 +9,6 @@ its factory; frameworks are imported only by the runner that needs them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,7 +43,8 @@ class Runner(Protocol):
 
 
 def _as_numpy(values: Sequence[Any]) -> list[np.ndarray]:
-    return [np.asarray(v, dtype=np.float64) for v in values]
+    """float64 copies (a torch tensor's .numpy() shares memory with the live parameter)."""
+    return [np.array(v, dtype=np.float64, copy=True) for v in values]
 
 
 class OracleRunner:
@@ -65,9 +65,144 @@ class OracleRunner:
         return StepRecord(loss, self.state.gamma, self.state.capped, self.params, buffers)
 
 
+class TorchRunner:
+    """alig_torch.AliG, eager, with the loss handed over by a closure."""
+
+    name = "torch"
+
+    def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
+        import torch
+        from alig_torch import AliG
+
+        self.torch = torch
+        self.dtype = getattr(torch, dtype)
+        self.params = [torch.nn.Parameter(torch.tensor(w, dtype=self.dtype)) for w in weights]
+        self.opt = AliG(self.params, **alig_kwargs)
+        self.momentum = alig_kwargs.get("momentum", 0.0)
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
+        torch = self.torch
+        xs, ys = torch.tensor(x, dtype=self.dtype), torch.tensor(y)
+        w1, b1, w2, b2 = self.params
+
+        def closure() -> Any:
+            self.opt.zero_grad()
+            logits = torch.tanh(xs @ w1 + b1) @ w2 + b2
+            loss = torch.nn.functional.cross_entropy(logits, ys)
+            loss.backward()
+            return loss
+
+        loss = self.opt.step(closure)
+        buffers = None
+        if self.momentum:
+            buffers = [
+                self.opt.state[p]["momentum_buffer"].reshape(p.shape).numpy() for p in self.params
+            ]
+        return StepRecord(
+            float(loss.detach()),
+            float(self.opt.gamma),
+            bool(self.opt.capped),
+            _as_numpy([p.detach().numpy() for p in self.params]),
+            None if buffers is None else _as_numpy(buffers),
+        )
+
+
+class JaxRunner:
+    """alig_jax.alig, the whole training step under jax.jit."""
+
+    name = "jax"
+
+    def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
+        import jax
+
+        if dtype == "float64":
+            jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+        import optax
+
+        from alig_jax import alig
+
+        tx = alig(**alig_kwargs)
+        self.params = [jnp.asarray(w, dtype=dtype) for w in weights]
+        self.state = tx.init(self.params)
+
+        def loss_fn(params: list[Any], x: Any, y: Any) -> Any:
+            w1, b1, w2, b2 = params
+            logits = jnp.tanh(x @ w1 + b1) @ w2 + b2
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        @jax.jit
+        def train_step(params: list[Any], state: Any, x: Any, y: Any) -> Any:
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+            updates, state = tx.update(grads, state, params, value=loss)
+            return optax.apply_updates(params, updates), state, loss
+
+        self.train_step = train_step
+        self.dtype = dtype
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
+        self.params, self.state, loss = self.train_step(
+            self.params, self.state, x.astype(self.dtype), y
+        )
+        buffers = None if self.state.momentum is None else _as_numpy(self.state.momentum)
+        return StepRecord(
+            float(loss),
+            float(self.state.gamma),
+            bool(self.state.capped),
+            _as_numpy(self.params),
+            buffers,
+        )
+
+
+class KerasRunner:
+    """alig_tf.AliG on the TensorFlow backend, the training step under tf.function."""
+
+    name = "keras"
+
+    def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError("the keras parity runner needs KERAS_BACKEND=tensorflow")
+        import tensorflow as tf
+
+        from alig_tf import AliG
+
+        self.variables = [keras.Variable(w, dtype=dtype) for w in weights]
+        self.opt = AliG(**alig_kwargs)
+        self.opt.build(self.variables)
+        variables, opt = self.variables, self.opt
+
+        @tf.function
+        def train_step(x: Any, y: Any) -> Any:
+            with tf.GradientTape() as tape:
+                w1, b1, w2, b2 = (v.value for v in variables)
+                logits = tf.tanh(x @ w1 + b1) @ w2 + b2
+                loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+                )
+            grads = tape.gradient(loss, [v.value for v in variables])
+            opt.apply(grads, variables, loss=loss)
+            return loss
+
+        self.train_step = train_step
+        self.dtype = dtype
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
+        loss = self.train_step(x.astype(self.dtype), y)
+        buffers = [m.value.numpy() for m in self.opt.momentums] or None
+        return StepRecord(
+            float(loss),
+            float(self.opt.gamma.value.numpy()),
+            bool(self.opt.capped.value.numpy()),
+            _as_numpy([v.value.numpy() for v in self.variables]),
+            None if buffers is None else _as_numpy(buffers),
+        )
+
+
 RUNNERS: dict[str, Callable[[Sequence[np.ndarray], dict[str, Any], str], Runner]] = {
     "oracle": OracleRunner,
+    "torch": TorchRunner,
+    "keras": KerasRunner,
+    "jax": JaxRunner,
 }
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

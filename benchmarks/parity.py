@@ -58,9 +58,8 @@ def train(
         seconds.append(time.perf_counter() - start)
         if len(records) % 50 == 0 or len(records) == steps:
             print(
-                f"\r  {name:<7} step {len(records):>4}/{steps}  loss {records[-1].loss:.4f}  "
+                f"  {name:<7} step {len(records):>4}/{steps}  loss {records[-1].loss:.4f}  "
                 f"gamma {records[-1].gamma:.4g}",
-                end="" if len(records) < steps else "\n",
                 flush=True,
             )
     return records, seconds

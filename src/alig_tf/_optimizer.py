@@ -247,7 +247,7 @@ class AliG(keras.optimizers.Optimizer):
         sq_grad_norm = ops.zeros((), dtype)
         for g in grads:
             sq_grad_norm = sq_grad_norm + ops.sum(ops.square(ops.cast(g, dtype)))
-        cap = None if self.max_lr is None else ops.cast(learning_rate, dtype)
+        cap = self._cap(learning_rate, dtype)
         size = alig_core.step_size(
             ops, loss, sq_grad_norm, max_lr=cap, eps=self.eps, f_star=self.f_star
         )
@@ -295,6 +295,24 @@ class AliG(keras.optimizers.Optimizer):
         one, zero = ops.ones((), self.steps_taken.dtype), ops.zeros((), self.steps_taken.dtype)
         self.assign_add(self.steps_taken, ops.where(skipped, zero, one))
         self.assign_add(self.steps_skipped, ops.where(skipped, one, zero))
+
+    def _cap(self, learning_rate: Any, dtype: str) -> Any:
+        """The cap for this step, in the accumulation dtype (``None``: no cap).
+
+        Keras keeps the learning rate in a ``floatx`` variable (float32 by default), so a
+        float64 model would see ``max_lr`` rounded to float32. While that variable still
+        holds ``max_lr`` (no callback or user changed it), the exact value is used.
+        """
+        if self.max_lr is None:
+            return None
+        current = ops.cast(learning_rate, dtype)
+        if not isinstance(self.max_lr, int | float):  # a schedule: its value is the cap
+            return current
+        exact = ops.convert_to_tensor(float(self.max_lr), dtype=dtype)
+        as_stored = ops.cast(
+            ops.convert_to_tensor(float(self.max_lr), dtype=learning_rate.dtype), dtype
+        )
+        return ops.where(current == as_stored, exact, current)
 
     # ------------------------------------------------------------------ config
 
