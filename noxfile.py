@@ -38,14 +38,20 @@ def _install(session: nox.Session, *packages: str) -> None:
 
 
 def _run_tests(
-    session: nox.Session, folder: str, frameworks: str, env: dict[str, str] | None = None
+    session: nox.Session,
+    folder: str,
+    frameworks: str,
+    env: dict[str, str] | None = None,
+    doctests: str | None = None,
 ) -> None:
-    """Runs pytest on ``tests/<folder>``, or skips the session, loudly, if it has no test."""
+    """Runs pytest on ``tests/<folder>`` (and the doctests of ``src/<doctests>``), or skips
+    the session, loudly, if the folder has no test."""
     if not any((ROOT / "tests" / folder).glob("**/test_*.py")):
         session.skip(f"tests/{folder} holds no test yet: nothing was run for '{session.name}'")
     session.run(
         "pytest",
         f"tests/{folder}",
+        *(("--doctest-modules", f"src/{doctests}") if doctests else ()),
         *session.posargs,
         env={"ALIG_TEST_FRAMEWORKS": frameworks, **QUIET_TF, **(env or {})},
     )
@@ -76,35 +82,41 @@ def core(session: nox.Session) -> None:
 def torch(session: nox.Session) -> None:
     """The torch.optim adapter."""
     _install(session, "torch")
-    _run_tests(session, "torch", "torch")
+    _run_tests(session, "torch", "torch", doctests="alig_torch")
 
 
 @nox.session
 def jax(session: nox.Session) -> None:
     """The optax adapter (2 host devices for the sharding tests)."""
     _install(session, "jax", "jaxlib", "optax")
-    _run_tests(session, "jax", "jax", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    _run_tests(
+        session,
+        "jax",
+        "jax",
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        doctests="alig_jax",
+    )
 
 
 @nox.session
 def tf(session: nox.Session) -> None:
     """The Keras 3 optimizer on the TensorFlow backend."""
     _install(session, "tensorflow-cpu", "keras")
-    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "tensorflow"})
+    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "tensorflow"}, doctests="alig_tf")
 
 
 @nox.session
 def keras_jax(session: nox.Session) -> None:
     """The Keras 3 optimizer on the JAX backend."""
     _install(session, "keras", "jax", "jaxlib")
-    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "jax"})
+    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "jax"}, doctests="alig_tf")
 
 
 @nox.session
 def keras_torch(session: nox.Session) -> None:
     """The Keras 3 optimizer on the torch backend."""
     _install(session, "keras", "torch")
-    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "torch"})
+    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "torch"}, doctests="alig_tf")
 
 
 @nox.session

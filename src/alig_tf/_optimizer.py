@@ -51,6 +51,26 @@ def _value(variable: Any) -> Any:
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
+def _sum_of_squares(tensors: list[Any], dtype: str) -> Any:
+    """Sum of all squared entries, in ``dtype``.
+
+    On TensorFlow, as dot products: they run a vectorised kernel where XLA's CPU
+    reductions are slow (ResNet-18 shapes under ``jit_compile=True``: the step took 3.5x
+    SGD's with ``ops.sum(ops.square(g))``, 2.6x with ``ops.vdot``). Not on the other
+    backends: Keras' torch ``vdot`` loses float64 precision (seen in keras 3.15).
+    """
+    total = ops.zeros((), dtype)
+    dot = _backend_name() == "tensorflow"
+    for tensor in tensors:
+        value = ops.cast(tensor, dtype)
+        if dot:
+            flat = ops.reshape(value, (-1,))
+            total = total + ops.vdot(flat, flat)
+        else:
+            total = total + ops.sum(ops.square(value))
+    return total
+
+
 def _as_loss(loss: Any) -> Any:
     """Checks the loss and returns it as a tensor with no gradient attached."""
     if isinstance(loss, str | bytes | bool):
@@ -244,9 +264,7 @@ class AliG(keras.optimizers.Optimizer):
         if isinstance(loss, float):  # not through float32 (TensorFlow's default)
             loss = ops.convert_to_tensor(loss, dtype=dtype)
         loss = ops.cast(loss, dtype)
-        sq_grad_norm = ops.zeros((), dtype)
-        for g in grads:
-            sq_grad_norm = sq_grad_norm + ops.sum(ops.square(ops.cast(g, dtype)))
+        sq_grad_norm = _sum_of_squares(grads, dtype)
         cap = self._cap(learning_rate, dtype)
         size = alig_core.step_size(
             ops, loss, sq_grad_norm, max_lr=cap, eps=self.eps, f_star=self.f_star
@@ -276,9 +294,7 @@ class AliG(keras.optimizers.Optimizer):
 
         if self.max_norm is not None:
             managed = self._trainable_variables
-            sq_norm = ops.zeros((), dtype)
-            for variable in managed:
-                sq_norm = sq_norm + ops.sum(ops.square(ops.cast(_value(variable), dtype)))
+            sq_norm = _sum_of_squares([_value(v) for v in managed], dtype)
             scale = ops.where(skipped, 1.0, projection_scale(ops, sq_norm, self.max_norm))
             for variable in managed:
                 self.assign(
@@ -359,9 +375,7 @@ def project_onto_ball(variables: list[keras.Variable], max_norm: float) -> None:
     if not variables:
         return
     dtype = "float64" if any(v.dtype == "float64" for v in variables) else "float32"
-    sq_norm = ops.zeros((), dtype)
-    for v in variables:
-        sq_norm = sq_norm + ops.sum(ops.square(ops.cast(v, dtype)))
+    sq_norm = _sum_of_squares([v.value for v in variables], dtype)
     scale = projection_scale(ops, sq_norm, max_norm)
     for v in variables:
         v.assign(ops.cast(ops.cast(v, dtype) * scale, v.dtype))
