@@ -276,8 +276,8 @@ def project_onto_ball(params: optax.Params, max_norm: float) -> optax.Params:
     parameters when training with ``max_norm``.
 
     Example:
-      >>> project_onto_ball({"w": jnp.array([3.0, 4.0])}, 1.0)["w"].tolist()
-      [0.6000000238418579, 0.800000011920929]
+      >>> [round(x, 6) for x in project_onto_ball({"w": jnp.array([3.0, 4.0])}, 1.0)["w"].tolist()]
+      [0.6, 0.8]
     """
     alig_core.validate_max_norm(max_norm)
     leaves = jax.tree.leaves(params)
