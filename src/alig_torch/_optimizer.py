@@ -356,18 +356,18 @@ class AliG(Optimizer):
 
     @torch.no_grad()
     def _step(self, loss: Any) -> None:
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        if not all_params:
+            raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
+        accumulate = _accumulation_dtype(all_params)
+        device = all_params[0].device
+        loss_t = _loss_as_tensor(loss, device, accumulate)  # before any state is created
         groups = []
         for group in self.param_groups:
             params, grads, buffers = self._gather_group(group)
             groups.append((group, params, grads, buffers))
-        all_params = [p for group in self.param_groups for p in group["params"]]
-        if not all_params:
-            raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
         all_grads = [g for _, _, grads, _ in groups for g in grads]
-        accumulate = _accumulation_dtype(all_params)
-        device = all_params[0].device
         foreach = self._use_foreach(all_params)
-        loss_t = _loss_as_tensor(loss, device, accumulate)
         if self.all_reduce_loss:
             loss_t = _mean_over_ranks(loss_t)
         elif not self._warned_local_loss and _world_size() > 1:
