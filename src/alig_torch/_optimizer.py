@@ -277,6 +277,28 @@ class AliG(Optimizer):
                     "torch.view_as_real(p) instead; leave integer buffers out of the optimizer."
                 )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state_dict; refuses one whose momentum convention differs from a group's.
+
+        The two conventions keep different quantities in the buffers (``-gamma*g`` terms
+        against ``-g`` terms), so resuming with the other one would silently change the
+        trajectory; torch's default would also overwrite the group's setting.
+        """
+        for index, (ours, saved) in enumerate(
+            zip(self.param_groups, state_dict.get("param_groups", []), strict=False)
+        ):
+            if "adjusted_momentum" not in saved:
+                continue
+            if bool(saved["adjusted_momentum"]) != bool(ours["adjusted_momentum"]):
+                raise ValueError(
+                    f"This checkpoint's param group {index} was trained with "
+                    f"adjusted_momentum={saved['adjusted_momentum']}, but this optimizer's "
+                    f"group has adjusted_momentum={ours['adjusted_momentum']}: their momentum "
+                    "buffers hold different quantities. Build the optimizer with "
+                    f"adjusted_momentum={saved['adjusted_momentum']} to resume."
+                )
+        super().load_state_dict(state_dict)
+
     def __getstate__(self) -> dict[str, Any]:
         return {
             **super().__getstate__(),

@@ -320,6 +320,17 @@ def test_state_dict_round_trip_resumes_bitwise(case, tmp_path) -> None:
     assert torch.equal(opt.steps_taken, resumed_opt.steps_taken)
 
 
+def test_checkpoint_of_the_other_momentum_convention_is_refused() -> None:
+    model = _model()
+    opt = AliG(model.parameters(), max_lr=0.1, momentum=0.9, adjusted_momentum=True)
+    x, y = _data()
+    _train(model, opt, 2, x, y)
+    other = AliG(_model().parameters(), max_lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="adjusted_momentum=True to resume"):
+        other.load_state_dict(opt.state_dict())
+    assert other.param_groups[0]["adjusted_momentum"] is False
+
+
 def test_deepcopy_and_repr() -> None:
     model = _model()
     opt = AliG(model.parameters(), max_lr=0.1, momentum=0.9, max_norm=10.0)
