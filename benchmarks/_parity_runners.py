@@ -72,6 +72,7 @@ class TorchRunner:
 
     def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
         import torch
+
         from alig_torch import AliG
 
         self.torch = torch

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
 import alig_core
-import jax
 from alig_core import AliGConfig, momentum_coefficients, momentum_update, projection_scale
 
 __all__ = ["AliGState", "alig", "project_onto_ball", "scale_by_alig"]

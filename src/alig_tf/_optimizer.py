@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import alig_core
 import keras
-from alig_core import AliGConfig, momentum_coefficients, momentum_update, projection_scale
 from keras import ops
+
+import alig_core
+from alig_core import AliGConfig, momentum_coefficients, momentum_update, projection_scale
 
 __all__ = ["AliG", "project_onto_ball"]
 
@@ -32,18 +33,45 @@ def _backend_name() -> str:
     return keras.backend.backend()
 
 
-def _check_not_distributed() -> None:
+def _multi_replica_context() -> Any:
+    """The tf.distribute replica context when training on more than one replica, else None."""
     if _backend_name() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy() or tf.distribute.get_strategy().num_replicas_in_sync < 2:
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise NotImplementedError(
+            "alig_tf.AliG steps inside a replica context (model.fit, or strategy.run in a "
+            "custom loop); calling apply() in cross-replica context is not supported."
+        )
+    return context
+
+
+def _run_updates(
+    updates: list[tuple[Any, Any, tuple[Any, ...]]], replica_context: Any, strategy: Any
+) -> None:
+    """Runs ``fn(variable, *args)`` for each update.
+
+    Directly, or under tf.distribute on every replica's copy of the variable (as Keras' own
+    TensorFlow optimizer does).
+    """
+    if replica_context is None:
+        for fn, variable, args in updates:
+            fn(variable, *args)
         return
     import tensorflow as tf
 
-    if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
-        raise NotImplementedError(
-            "alig_tf.AliG does not support tf.distribute strategies with more than one "
-            "replica yet: the per-replica losses and the gradient norm would have to be "
-            "reduced across replicas before the step size is computed, and this is not "
-            "done. Train on one replica, or use alig_torch (DDP) or alig_jax (sharding)."
-        )
+    def distributed(distribution: Any, args_list: list[tuple[Any, ...]]) -> None:
+        for (fn, variable, _), args in zip(updates, args_list, strict=True):
+            target = variable.value if isinstance(variable, keras.Variable) else variable
+            distribution.extended.update(target, fn, args=args, group=False)
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        distributed, strategy, [args for _, _, args in updates]
+    )
 
 
 def _value(variable: Any) -> Any:
@@ -114,6 +142,10 @@ class AliG(keras.optimizers.Optimizer):
     custom loop: ``optimizer.apply(grads, variables, loss=loss)``. A step without a loss
     raises a ``ValueError`` (when the step runs eagerly, or when a compiled step is
     traced): it is never taken with a stale value.
+
+    Under ``tf.distribute`` (e.g. ``MirroredStrategy``), the replicas' losses and gradients
+    are summed inside the step (Keras has divided each replica's loss by the number of
+    replicas), so every replica computes the step size of the global batch.
 
     Monitoring: ``gamma``, ``gamma_hat``, ``capped``, ``steps_taken`` and
     ``steps_skipped`` are optimizer variables (saved with the model).
@@ -256,7 +288,6 @@ class AliG(keras.optimizers.Optimizer):
     def _backend_update_step(
         self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
     ) -> None:
-        _check_not_distributed()
         if self._pending_loss is None:
             raise ValueError(_LOSS_HELP)
         loss, self._pending_loss = self._pending_loss, None
@@ -264,53 +295,94 @@ class AliG(keras.optimizers.Optimizer):
         if isinstance(loss, float):  # not through float32 (TensorFlow's default)
             loss = ops.convert_to_tensor(loss, dtype=dtype)
         loss = ops.cast(loss, dtype)
-        sq_grad_norm = _sum_of_squares(grads, dtype)
-        cap = self._cap(learning_rate, dtype)
+        replica_context = _multi_replica_context()
+        if replica_context is not None:
+            # tf.distribute: Keras divided each replica's loss by the number of replicas and
+            # sums the gradients here, so the sums are the global batch's mean loss and
+            # gradient: every replica then computes the same step size.
+            import tensorflow as tf
+
+            pairs = self._all_reduce_sum_gradients(
+                list(zip(grads, trainable_variables, strict=True))
+            )
+            grads = [g for g, _ in pairs]
+            loss = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, loss)
         size = alig_core.step_size(
-            ops, loss, sq_grad_norm, max_lr=cap, eps=self.eps, f_star=self.f_star
+            ops,
+            loss,
+            _sum_of_squares(grads, dtype),
+            max_lr=self._cap(learning_rate, dtype),
+            eps=self.eps,
+            f_star=self.f_star,
         )
-        skipped = size.skipped
         coefficients = momentum_coefficients(
             size.gamma, momentum=self.momentum, adjusted_momentum=self.adjusted_momentum
         )
-        for g, variable in zip(grads, trainable_variables, strict=True):
-            value = ops.cast(_value(variable), dtype)
-            g = ops.cast(g, dtype)
-            if self.momentum == 0:
-                new_value = alig_core.sgd_update(value, g, size.gamma)
-            else:
-                buffer = self.momentums[self._get_variable_index(variable)]
-                old_buffer = _value(buffer)
-                new_value, new_buffer = momentum_update(
-                    value, g, ops.cast(old_buffer, dtype), coefficients
-                )
-                self.assign(
-                    buffer, ops.where(skipped, old_buffer, ops.cast(new_buffer, buffer.dtype))
-                )
-            self.assign(
-                variable,
-                ops.where(skipped, _value(variable), ops.cast(new_value, variable.dtype)),
-            )
-
-        if self.max_norm is not None:
-            managed = self._trainable_variables
-            sq_norm = _sum_of_squares([_value(v) for v in managed], dtype)
-            scale = ops.where(skipped, 1.0, projection_scale(ops, sq_norm, self.max_norm))
-            for variable in managed:
-                self.assign(
-                    variable,
-                    ops.cast(ops.cast(_value(variable), dtype) * scale, variable.dtype),
-                )
-
+        updates = [
+            (self._update_variable, variable, (g, size, coefficients))
+            for g, variable in zip(grads, trainable_variables, strict=True)
+        ]
         for record, new in (
             (self.gamma, size.gamma),
             (self.gamma_hat, size.gamma_hat),
             (self.capped, size.capped),
         ):
-            self.assign(record, ops.where(skipped, _value(record), ops.cast(new, record.dtype)))
+            updates.append((self._keep_or_assign, record, (size.skipped, new)))
         one, zero = ops.ones((), self.steps_taken.dtype), ops.zeros((), self.steps_taken.dtype)
-        self.assign_add(self.steps_taken, ops.where(skipped, zero, one))
-        self.assign_add(self.steps_skipped, ops.where(skipped, one, zero))
+        updates.append((self._add, self.steps_taken, (ops.where(size.skipped, zero, one),)))
+        updates.append((self._add, self.steps_skipped, (ops.where(size.skipped, one, zero),)))
+        _run_updates(updates, replica_context, self._distribution_strategy_or_none())
+
+        if self.max_norm is not None:  # after the updates: the norm of the new values
+            managed = self._trainable_variables
+            sq_norm = _sum_of_squares([_value(v) for v in managed], dtype)
+            scale = ops.where(size.skipped, 1.0, projection_scale(ops, sq_norm, self.max_norm))
+            _run_updates(
+                [(self._scale_variable, v, (scale, dtype)) for v in managed],
+                replica_context,
+                self._distribution_strategy_or_none(),
+            )
+
+    # The per-variable updates, called directly or, under tf.distribute, on each replica's
+    # copy of the variable (``variable`` is then a tf.Variable).
+
+    def _update_variable(
+        self,
+        variable: Any,
+        g: Any,
+        size: alig_core.StepSize,
+        coefficients: alig_core.MomentumCoefficients,
+    ) -> None:
+        dtype = self._accumulation_dtype
+        value = ops.cast(_value(variable), dtype)
+        g = ops.cast(g, dtype)
+        if self.momentum == 0:
+            new_value = alig_core.sgd_update(value, g, size.gamma)
+        else:
+            buffer = self.momentums[self._get_variable_index(variable)]
+            old_buffer = _value(buffer)
+            new_value, new_buffer = momentum_update(
+                value, g, ops.cast(old_buffer, dtype), coefficients
+            )
+            self.assign(
+                buffer, ops.where(size.skipped, old_buffer, ops.cast(new_buffer, buffer.dtype))
+            )
+        self.assign(
+            variable,
+            ops.where(size.skipped, _value(variable), ops.cast(new_value, variable.dtype)),
+        )
+
+    def _keep_or_assign(self, record: Any, skipped: Any, new: Any) -> None:
+        self.assign(record, ops.where(skipped, _value(record), ops.cast(new, record.dtype)))
+
+    def _add(self, counter: Any, increment: Any) -> None:
+        self.assign_add(counter, increment)
+
+    def _scale_variable(self, variable: Any, scale: Any, dtype: str) -> None:
+        self.assign(variable, ops.cast(ops.cast(_value(variable), dtype) * scale, variable.dtype))
+
+    def _distribution_strategy_or_none(self) -> Any:
+        return getattr(self, "_distribution_strategy", None)
 
     def _cap(self, learning_rate: Any, dtype: str) -> Any:
         """The cap for this step, in the accumulation dtype (``None``: no cap).

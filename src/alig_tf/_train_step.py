@@ -33,9 +33,9 @@ class AliGTrainStep:
 
 
 def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
+    import jax
     from keras.src.trainers.data_adapters import data_adapter_utils
 
-    import jax
     from alig_tf._optimizer import AliG
 
     (trainable_variables, non_trainable_variables, optimizer_variables, metrics_variables) = state

@@ -14,10 +14,10 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch.optim.optimizer import Optimizer
 
 import alig_core
-import torch
 from alig_core import (
     AliGConfig,
     momentum_coefficients,

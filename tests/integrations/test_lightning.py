@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import lightning as L
-
 import torch
+
 from alig_torch import AliG
 
 STEPS = 15

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import jax
 from alig_cases import initial_params, make_sequence, max_relative_deviation
 from alig_jax import AliGState, alig, project_onto_ball, scale_by_alig
 

@@ -5,9 +5,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import pytest
-
 import keras
+import pytest
 
 if keras.backend.backend() == "jax":
     import jax

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pickle
 
+import keras
 import numpy as np
 import pytest
 
-import keras
 from alig_cases import initial_params, make_sequence, max_relative_deviation
 from alig_core import AliGConfig
 from alig_core.oracle import OracleState, oracle_step

@@ -9,10 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import torch
 
 STEPS = 20
 GLOBAL_BATCH = 16

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 import pytest
-
 import torch
+
 from alig_cases import CASES, initial_params, make_sequence, max_relative_deviation
 from alig_torch import AliG, project_onto_ball
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch._dynamo
 
-import torch
 from alig_cases import CASES, Case, initial_params, make_sequence, max_relative_deviation
 from alig_torch import AliG
 
