@@ -48,12 +48,14 @@ def _run_tests(
     the session, loudly, if the folder has no test."""
     if not any((ROOT / "tests" / folder).glob("**/test_*.py")):
         session.skip(f"tests/{folder} holds no test yet: nothing was run for '{session.name}'")
+    run_env = {"ALIG_TEST_FRAMEWORKS": frameworks, **QUIET_TF, **(env or {})}
+    if doctests:  # a run of its own: --doctest-modules would import every file it is given
+        session.run("pytest", "--doctest-modules", f"src/{doctests}", env=run_env)
     session.run(
         "pytest",
         f"tests/{folder}",
-        *(("--doctest-modules", f"src/{doctests}") if doctests else ()),
         *session.posargs,
-        env={"ALIG_TEST_FRAMEWORKS": frameworks, **QUIET_TF, **(env or {})},
+        env=run_env,
     )
 
 
