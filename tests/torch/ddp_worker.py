@@ -6,6 +6,7 @@ and rank 0 writes the final parameters and gammas to OUT_DIR/ddp.pt.
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -76,6 +77,13 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, all_reduce_loss:
             },
             Path(out_dir) / "ddp.pt",
         )
+    # Tear down in step: no rank leaves while another still talks to it, and the DDP
+    # reducer (which holds the process group and gloo's work objects) is freed before the
+    # group is destroyed. Leaving either to interpreter shutdown once aborted a rank in
+    # CI (SIGABRT, "terminate called without an active exception").
+    dist.barrier()
+    del model
+    gc.collect()
     dist.destroy_process_group()
 
 
