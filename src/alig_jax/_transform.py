@@ -58,11 +58,37 @@ def _sum_of_squares(leaves: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
     return total
 
 
+def _check_params(params: optax.Params) -> None:
+    """Refuses a tree ALI-G cannot step: no leaf at all, or a leaf that is not real floating."""
+    with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not with_paths:
+        raise ValueError(
+            "alig got a parameter tree with no arrays in it (an empty parameter list). "
+            "Pass the model's trainable parameters to tx.init, e.g. tx.init(params) with the "
+            "params of model.init(...), or nnx.state(model, nnx.Param) with flax.nnx."
+        )
+    for path, leaf in with_paths:
+        # .dtype first: abstract leaves (jax.eval_shape, ShapeDtypeStruct) have no value.
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"alig optimizes real floating-point parameters; the leaf "
+                f"{jax.tree_util.keystr(path) or '(root)'} has dtype {dtype} and shape "
+                f"{tuple(getattr(leaf, 'shape', ()))}. Leave integer leaves out of the "
+                "optimized tree (e.g. with optax.masked or a flax filter), and optimize a "
+                "complex parameter as its real and imaginary parts (a float array with a "
+                "trailing axis of 2)."
+            )
+
+
 def _loss_value(value: Any, dtype: jnp.dtype) -> jax.Array:
     if value is None:
         raise ValueError(f"ALI-G's update needs the loss as value=, and got none. {_VALUE_HELP}")
-    if isinstance(value, str | bytes):
-        raise ValueError(f"ALI-G's value= must be the loss (a scalar), got {value!r}.")
+    if isinstance(value, str | bytes | bool):
+        raise ValueError(
+            f"ALI-G's value= must be the loss as a real scalar, got {value!r} "
+            f"(type {type(value).__name__}). {_VALUE_HELP}"
+        )
     array = jnp.asarray(value)
     if array.shape != ():
         raise ValueError(
@@ -72,7 +98,11 @@ def _loss_value(value: Any, dtype: jnp.dtype) -> jax.Array:
     if not jnp.issubdtype(array.dtype, jnp.floating) and not jnp.issubdtype(
         array.dtype, jnp.integer
     ):
-        raise ValueError(f"ALI-G's value= must be a real scalar, got dtype {array.dtype}.")
+        raise ValueError(
+            f"ALI-G's value= must be the loss as a real scalar, got dtype {array.dtype}. "
+            "Pass the real-valued scalar that was differentiated (e.g. jnp.real(loss) if "
+            "it was computed in complex arithmetic)."
+        )
     return array.astype(dtype)
 
 
@@ -96,6 +126,7 @@ def _alig_transform(
     keeps_buffers = not (isinstance(momentum, int | float) and momentum == 0)
 
     def init_fn(params: optax.Params) -> AliGState:
+        _check_params(params)
         leaves = jax.tree.leaves(params)
         dtype = _accumulation_dtype(leaves) if leaves else jnp.float32
         buffers = jax.tree.map(jnp.zeros_like, params) if keeps_buffers else None
@@ -227,7 +258,9 @@ def alig(
     ``jnp.where``, so it runs under ``jax.jit`` without recompiling.
 
     A leaf of the gradient tree that is ``None`` is a parameter without a gradient: its
-    update is ``None`` and its buffer stays as it was.
+    buffer stays as it was and its update is ``None`` (as in ``optax.sgd``; apply such
+    updates leaf by leaf, since ``optax.apply_updates`` does not take ``None``), except
+    with ``max_norm``, where the projection may move it: its update is then an array.
 
     Args:
       max_lr: the cap ``eta`` on the step size, a number or an optax schedule of the

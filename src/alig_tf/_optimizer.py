@@ -102,7 +102,11 @@ def _sum_of_squares(tensors: list[Any], dtype: str) -> Any:
 def _as_loss(loss: Any) -> Any:
     """Checks the loss and returns it as a tensor with no gradient attached."""
     if isinstance(loss, str | bytes | bool):
-        raise ValueError(f"ALI-G needs the loss as a scalar tensor or number, got {loss!r}.")
+        raise ValueError(
+            f"ALI-G needs the loss as a real scalar tensor or number, got {loss!r} "
+            f"(type {type(loss).__name__}). Pass the value that was differentiated: "
+            "optimizer.apply(grads, variables, loss=loss)."
+        )
     if isinstance(loss, int | float):  # converted at the step, in the accumulation dtype
         return float(loss)
     tensor = ops.convert_to_tensor(loss)
@@ -110,6 +114,12 @@ def _as_loss(loss: Any) -> Any:
         raise ValueError(
             f"ALI-G needs the loss as a scalar, got a tensor of shape {tuple(tensor.shape)}. "
             "Reduce it first (e.g. ops.mean(loss)) and pass the value that was differentiated."
+        )
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    if "float" not in dtype and "int" not in dtype:
+        raise ValueError(
+            f"ALI-G needs the loss as a real scalar, got {loss!r} of dtype {dtype}. "
+            "Pass the real-valued loss that was differentiated."
         )
     return ops.stop_gradient(ops.reshape(tensor, ()))
 
@@ -152,8 +162,8 @@ class AliG(keras.optimizers.Optimizer):
 
     Args:
       max_lr: the cap ``eta`` on the step size, a number or a
-        ``keras.optimizers.schedules.LearningRateSchedule`` (of ``iterations``, which
-        counts every step, skipped ones included); ``None`` for no cap. It is the
+        ``keras.optimizers.schedules.LearningRateSchedule`` (of ``steps_taken``, which
+        skipped steps do not advance); ``None`` for no cap. It is the
         optimizer's ``learning_rate`` (``inf`` when there is no cap).
       momentum: ``mu``, with ``0 <= mu < 1``.
       adjusted_momentum: the momentum convention (the two agree while gamma is constant).
@@ -222,6 +232,22 @@ class AliG(keras.optimizers.Optimizer):
         """Creates the momentum buffers and the monitoring variables."""
         if self.built:
             return
+        variables = list(variables)
+        if not variables:
+            raise ValueError(
+                "AliG got no variables to optimize (an empty list). Pass the model's "
+                "trainable variables: optimizer.build(model.trainable_variables), or "
+                "optimizer.apply(grads, model.trainable_variables, loss=loss)."
+            )
+        for variable in variables:
+            dtype = keras.backend.standardize_dtype(variable.dtype)
+            if "float" not in dtype:
+                raise ValueError(
+                    f"AliG optimizes real floating-point variables; {variable.path!r} has "
+                    f"dtype {dtype} and shape {tuple(variable.shape)}. Leave integer "
+                    "variables out of the optimized list (trainable=False), and optimize a "
+                    "complex quantity as two float variables (its real and imaginary parts)."
+                )
         super().build(variables)
         self._accumulation_dtype = alig_core.accumulation_dtype(
             "float64" if any(v.dtype == "float64" for v in variables) else "float32"
@@ -251,6 +277,8 @@ class AliG(keras.optimizers.Optimizer):
         self, grads: list[Any], trainable_variables: list[Any] | None = None, loss: Any = None
     ) -> None:
         """Applies one ALI-G step; ``loss`` is the unscaled loss of these gradients."""
+        if trainable_variables is not None and not self.built:
+            self.build(list(trainable_variables))  # its checks, before Keras' no-op on []
         if loss is not None:
             self._pending_loss = _as_loss(loss)
         try:
@@ -380,6 +408,17 @@ class AliG(keras.optimizers.Optimizer):
 
     def _scale_variable(self, variable: Any, scale: Any, dtype: str) -> None:
         self.assign(variable, ops.cast(ops.cast(_value(variable), dtype) * scale, variable.dtype))
+
+    def _get_current_learning_rate(self) -> Any:
+        """A ``max_lr`` schedule is evaluated at ``steps_taken`` (skipped steps don't count).
+
+        So a skipped step changes nothing, not even the next cap, as in ``alig_jax``.
+        """
+        if self.built and isinstance(
+            self._learning_rate, keras.optimizers.schedules.LearningRateSchedule
+        ):
+            return self._learning_rate(self.steps_taken)
+        return super()._get_current_learning_rate()
 
     def _distribution_strategy_or_none(self) -> Any:
         return getattr(self, "_distribution_strategy", None)

@@ -59,7 +59,7 @@ def _loss_as_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> torc
         return loss.detach().reshape(()).to(device=device, dtype=dtype)
     if isinstance(loss, bool) or not isinstance(loss, int | float):
         raise ValueError(
-            f"ALI-G needs the loss as a float or a 0-d tensor, got {loss!r} "
+            f"ALI-G needs the loss as a real scalar, a float or a 0-d tensor; got {loss!r} "
             f"(type {type(loss).__name__}). {_LOSS_HELP}"
         )
     return torch.tensor(float(loss), device=device, dtype=dtype)
