@@ -40,6 +40,16 @@ class AliGState(NamedTuple):
     """() int32: steps taken; the count a ``max_lr`` schedule is evaluated at."""
     steps_skipped: jax.Array
     """() int32: steps skipped because the loss or the gradient norm was not finite."""
+    momentum_convention: jax.Array
+    """An empty marker whose *shape* records what the buffers hold: ``(0, 0)`` without
+    momentum, ``(0, 1)`` standard, ``(0, 2)`` adjusted. Shapes are static under ``jit``, so
+    ``update`` refuses a state restored from a checkpoint of the other convention even
+    when traced (the buffers of the two conventions hold different quantities)."""
+
+
+_CONVENTIONS = {None: 0, False: 1, True: 2}
+"""``adjusted_momentum`` (``None``: no buffers) -> the marker's second dimension."""
+_CONVENTION_NAMES = {0: "no momentum", 1: "adjusted_momentum=False", 2: "adjusted_momentum=True"}
 
 
 def _is_missing(leaf: Any) -> bool:
@@ -124,6 +134,7 @@ def _alig_transform(
     )
     # A traced momentum (inside inject_hyperparams) keeps buffers: only a literal 0 drops them.
     keeps_buffers = not (isinstance(momentum, int | float) and momentum == 0)
+    convention = _CONVENTIONS[config.adjusted_momentum if keeps_buffers else None]
 
     def init_fn(params: optax.Params) -> AliGState:
         _check_params(params)
@@ -137,6 +148,7 @@ def _alig_transform(
             capped=jnp.zeros((), bool),
             steps_taken=jnp.zeros((), jnp.int32),
             steps_skipped=jnp.zeros((), jnp.int32),
+            momentum_convention=jnp.zeros((0, convention), jnp.int8),
         )
 
     def update_fn(
@@ -152,6 +164,16 @@ def _alig_transform(
             raise ValueError(
                 f"alig(max_norm={config.max_norm}) projects the parameters after the step and "
                 "needs them: call tx.update(grads, state, params, value=loss)."
+            )
+        saved = jnp.shape(state.momentum_convention)
+        if saved != (0, convention):
+            raise ValueError(
+                "This AliGState was written by alig with "
+                f"{_CONVENTION_NAMES.get(saved[-1] if saved else -1, f'a marker {saved}')}, "
+                f"and this alig has {_CONVENTION_NAMES[convention]}: the momentum buffers of "
+                "the two conventions hold different quantities, so resuming would silently "
+                "change the trajectory. Build the transformation with the checkpoint's "
+                "settings (momentum and adjusted_momentum) to resume from it."
             )
         grads, treedef = jax.tree.flatten(updates, is_leaf=_is_missing)
         present = [g for g in grads if g is not None]
@@ -205,6 +227,7 @@ def _alig_transform(
             capped=jnp.where(skipped, state.capped, size.capped),
             steps_taken=state.steps_taken + jnp.where(skipped, 0, 1).astype(jnp.int32),
             steps_skipped=state.steps_skipped + jnp.where(skipped, 1, 0).astype(jnp.int32),
+            momentum_convention=state.momentum_convention,
         )
         return treedef.unflatten(deltas), new_state
 

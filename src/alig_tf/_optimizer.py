@@ -261,6 +261,42 @@ class AliG(keras.optimizers.Optimizer):
         self.capped = self.add_variable((), initializer="zeros", dtype="bool", name="capped")
         self.steps_taken = self.add_variable((), initializer="zeros", dtype="int", name="taken")
         self.steps_skipped = self.add_variable((), initializer="zeros", dtype="int", name="skipped")
+        # Last, so that load_own_variables finds it: what the momentum buffers hold.
+        self.momentum_convention = self.add_variable(
+            (),
+            initializer=keras.initializers.Constant(self._convention_code()),
+            dtype="int",
+            name="momentum_convention",
+        )
+
+    def _convention_code(self) -> int:
+        """0: no momentum buffers; 1: standard convention; 2: adjusted convention."""
+        return 0 if self.momentum == 0 else 2 if self.adjusted_momentum else 1
+
+    def load_own_variables(self, store: Any) -> None:
+        """Loads the optimizer's variables; refuses those of the other momentum convention.
+
+        The buffers of the two conventions hold different quantities (``-gamma*g`` terms
+        against ``-g`` terms): resuming with the other one would silently change the
+        trajectory (a ``.keras`` file rebuilds the saved optimizer, so this guards
+        ``load_weights`` into a model compiled with another AliG).
+        """
+        if self.built and len(store.keys()) == len(self.variables):
+            saved = int(ops.convert_to_numpy(store[str(len(self.variables) - 1)]))
+            ours = self._convention_code()
+            if saved != ours:
+                names = {
+                    0: "no momentum",
+                    1: "adjusted_momentum=False",
+                    2: "adjusted_momentum=True",
+                }
+                raise ValueError(
+                    f"These optimizer variables were saved by an AliG with "
+                    f"{names.get(saved, f'momentum_convention={saved}')}, and this AliG has "
+                    f"{names[ours]}: their momentum buffers hold different quantities. "
+                    "Compile the model with an AliG of the checkpoint's settings to resume."
+                )
+        super().load_own_variables(store)
 
     # ------------------------------------------------------------------ the loss
 

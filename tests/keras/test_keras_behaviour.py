@@ -298,3 +298,15 @@ def test_projection_helper() -> None:
     project_onto_ball(v, 2.5)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(v[0].value), [1.5, 0.0], rtol=1e-6)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(v[1].value), [[2.0]], rtol=1e-6)
+
+
+def test_a_skipped_step_does_not_advance_the_max_lr_schedule() -> None:
+    """The schedule runs on steps_taken (as in alig_jax), not on Keras' iterations."""
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([0, 1], [1.0, 0.5, 0.25])
+    opt = AliG(max_lr=schedule, momentum=0.9)
+    v = keras.Variable(np.ones(3))
+    grad = [keras.ops.ones((3,), dtype=v.dtype)]
+    opt.apply(grad, [v], loss=1.0)
+    opt.apply(grad, [v], loss=float("nan"))  # skipped
+    assert int(opt.iterations.numpy()) == 2 and int(opt.steps_taken.numpy()) == 1
+    assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == 0.5  # schedule(1), not (2)
