@@ -285,3 +285,16 @@ def test_scale_by_alig_is_alig_without_projection() -> None:
     a, _ = _run(scale_by_alig(max_lr=0.3, momentum=0.9), params, loss_fn, 5)
     b, _ = _run(alig(max_lr=0.3, momentum=0.9), params, loss_fn, 5)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+
+
+def test_the_norm_of_a_large_float32_gradient_is_accurate() -> None:
+    """float32 gradients of ResNet-18 size: the squared norm within SPEC's float32 1e-5."""
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in ((512, 512, 3, 3), (1000, 512))]
+    exact = sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads)
+    params = [jnp.zeros(g.shape, jnp.float32) for g in grads]
+    tx = alig(max_lr=None, eps=0.0)
+    _, state = jax.jit(tx.update)(
+        [jnp.asarray(g) for g in grads], tx.init(params), params, value=1.0
+    )
+    assert abs(float(state.gamma) * exact - 1.0) <= 1e-5  # gamma = loss / S with eps = 0
