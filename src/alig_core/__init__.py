@@ -45,6 +45,7 @@ from alig_core._math import (
     sgd_update,
     step_size,
 )
+from alig_core._scalars import python_scalars
 
 __all__ = [
     "AliGConfig",
@@ -55,6 +56,7 @@ __all__ = [
     "momentum_coefficients",
     "momentum_update",
     "projection_scale",
+    "python_scalars",
     "sgd_update",
     "step_size",
     "validate_adjusted_momentum",

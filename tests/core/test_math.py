@@ -14,6 +14,7 @@ from alig_core import (
     momentum_coefficients,
     momentum_update,
     projection_scale,
+    python_scalars,
     sgd_update,
     step_size,
 )
@@ -219,3 +220,27 @@ def test_oracle_skips_non_finite_steps_with_nothing_changed(loss: float, grad: f
         state.capped,
     )
     assert (new_state.steps_taken, new_state.steps_skipped) == (1, 1)
+
+
+_EDGE_VALUES = (0.0, -0.5, 1e-30, 0.3, 2.0, 1e30, math.inf, -math.inf, math.nan)
+
+
+@pytest.mark.parametrize("max_lr", [None, 0.1])
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_python_scalars_give_numpy_float64_step_sizes(max_lr, eps) -> None:
+    """The host namespace (torch's CPU path) is the same math as NumPy, value for value."""
+    for loss in _EDGE_VALUES:
+        for sq_norm in (v for v in _EDGE_VALUES if not v < 0):
+            with np.errstate(all="ignore"):
+                expected = step_size(
+                    np, np.float64(loss), np.float64(sq_norm), max_lr=max_lr, eps=eps, f_star=0.2
+                )
+            got = step_size(python_scalars, loss, sq_norm, max_lr=max_lr, eps=eps, f_star=0.2)
+            for name, value in got._asdict().items():
+                assert np.array_equal(value, getattr(expected, name), equal_nan=True), (
+                    name, loss, sq_norm, value, getattr(expected, name)
+                )  # fmt: skip
+    for sq in (0.0, 1.0, 6.25, 1e300):
+        assert projection_scale(python_scalars, sq, 2.5) == float(
+            projection_scale(np, np.float64(sq), 2.5)
+        )
