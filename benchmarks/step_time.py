@@ -10,7 +10,9 @@ baseline measured in the same process. A plain memory copy of the same bytes, in
 too, gives the machine's bandwidth; each row's "GB/s" counts the bytes a momentum step
 must move at the least (read p, g, b; write p, b: 5 x the parameter bytes).
 
-Run: ``python benchmarks/step_time.py [--frameworks torch,jax,keras] [--rounds 30]``.
+Run: ``python benchmarks/step_time.py [--frameworks torch,jax,keras] [--rounds 30]
+[--model resnet18|digits-mlp]`` (the digits MLP: 6 small tensors, where the fixed cost of
+a step dominates; give it many rounds, e.g. 3000).
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ def resnet18_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
     return shapes
 
 
+def digits_mlp_shapes() -> list[tuple[int, ...]]:
+    """The 6 parameter shapes of the convergence benchmark's digits MLP 64-128-128-10
+    (25k parameters): a model where the fixed cost of a step dominates."""
+    return [(128, 64), (128,), (128, 128), (128,), (10, 128), (10,)]
+
+
+MODELS = {
+    "resnet18": ("ResNet-18", resnet18_shapes),
+    "digits-mlp": ("digits MLP", digits_mlp_shapes),
+}
+
+
 def _memory_copy(num_bytes: int) -> Callable[[], None]:
     import numpy as np
 
@@ -71,16 +85,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet18")
     args = parser.parse_args()
     names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
     unknown = set(names) - set(FRAMEWORKS)
     if unknown:
         parser.error(f"unknown frameworks {sorted(unknown)}; choose from {FRAMEWORKS}")
 
-    shapes = resnet18_shapes()
+    model_name, make_shapes = MODELS[args.model]
+    shapes = make_shapes()
     num_params = sum(math.prod(s) for s in shapes)
     param_bytes = 4 * num_params
-    print(f"ResNet-18 shapes: {len(shapes)} tensors, {num_params / 1e6:.2f}M float32 parameters")
+    print(f"{model_name} shapes: {len(shapes)} tensors, {num_params / 1e6:.2f}M float32 parameters")
 
     results: list[tuple[str, str, str, float]] = []
     for framework in names:

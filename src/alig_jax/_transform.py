@@ -41,14 +41,14 @@ class AliGState(NamedTuple):
     steps_skipped: jax.Array
     """() int32: steps skipped because the loss or the gradient norm was not finite."""
     momentum_convention: jax.Array
-    """An empty marker whose *shape* records what the buffers hold: ``(0, 0)`` without
-    momentum, ``(0, 1)`` standard, ``(0, 2)`` adjusted. Shapes are static under ``jit``, so
+    """A marker (int8 zeros) whose *shape* records what the buffers hold: ``(1,)`` without
+    momentum, ``(2,)`` standard, ``(3,)`` adjusted. Shapes are static under ``jit``, so
     ``update`` refuses a state restored from a checkpoint of the other convention even
     when traced (the buffers of the two conventions hold different quantities)."""
 
 
 _CONVENTIONS = {None: 0, False: 1, True: 2}
-"""``adjusted_momentum`` (``None``: no buffers) -> the marker's second dimension."""
+"""``adjusted_momentum`` (``None``: no buffers) -> the marker's length, minus one."""
 _CONVENTION_NAMES = {0: "no momentum", 1: "adjusted_momentum=False", 2: "adjusted_momentum=True"}
 
 
@@ -148,7 +148,7 @@ def _alig_transform(
             capped=jnp.zeros((), bool),
             steps_taken=jnp.zeros((), jnp.int32),
             steps_skipped=jnp.zeros((), jnp.int32),
-            momentum_convention=jnp.zeros((0, convention), jnp.int8),
+            momentum_convention=jnp.zeros((convention + 1,), jnp.int8),
         )
 
     def update_fn(
@@ -166,10 +166,11 @@ def _alig_transform(
                 "needs them: call tx.update(grads, state, params, value=loss)."
             )
         saved = jnp.shape(state.momentum_convention)
-        if saved != (0, convention):
+        if saved != (convention + 1,):
+            saved_convention = saved[0] - 1 if len(saved) == 1 else -1
             raise ValueError(
                 "This AliGState was written by alig with "
-                f"{_CONVENTION_NAMES.get(saved[-1] if saved else -1, f'a marker {saved}')}, "
+                f"{_CONVENTION_NAMES.get(saved_convention, f'a marker of shape {saved}')}, "
                 f"and this alig has {_CONVENTION_NAMES[convention]}: the momentum buffers of "
                 "the two conventions hold different quantities, so resuming would silently "
                 "change the trajectory. Build the transformation with the checkpoint's "
