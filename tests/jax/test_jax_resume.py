@@ -2,52 +2,40 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from worker_scripts import import_script, run_script
+
 WORKER = Path(__file__).with_name("resume_worker.py")
-SUPPORT = Path(__file__).parents[1] / "support"
-
-
-def _worker():
-    spec = importlib.util.spec_from_file_location("jax_resume_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("case_name", ["standard_projected", "adjusted_projected", "sgd_capped"])
 def test_resume_in_a_new_process_is_the_uninterrupted_run(case_name: str, tmp_path: Path) -> None:
-    worker = _worker()
+    worker = import_script(WORKER)
     tx, params, state = worker.build(case_name)
     uninterrupted, _ = worker.run(tx, params, state, 0, worker.TOTAL)
 
     tx, params, state = worker.build(case_name)
     params, state = worker.run(tx, params, state, 0, worker.SPLIT)
     worker.save(params, state, str(tmp_path / "checkpoint.npz"))
-    result = subprocess.run(
-        [sys.executable, str(WORKER), case_name, str(tmp_path / "checkpoint.npz"),
-         str(tmp_path / "resumed.npz")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(SUPPORT), "XLA_FLAGS": ""},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(
+        WORKER,
+        case_name,
+        tmp_path / "checkpoint.npz",
+        tmp_path / "resumed.npz",
+        env={"XLA_FLAGS": ""},  # one device is enough here
+    )
     resumed = np.load(tmp_path / "resumed.npz")
     for i, expected in enumerate(uninterrupted):
         assert resumed[f"arr_{i}"].tobytes() == np.asarray(expected).tobytes(), f"parameter {i}"
 
 
 def test_a_checkpoint_of_the_other_convention_is_refused_even_under_jit(tmp_path: Path) -> None:
-    worker = _worker()
+    worker = import_script(WORKER)
     tx, params, state = worker.build("standard_projected")
     params, state = worker.run(tx, params, state, 0, 5)
     worker.save(params, state, str(tmp_path / "checkpoint.npz"))

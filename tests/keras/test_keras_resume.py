@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
+from worker_scripts import import_script, run_script
+
 WORKER = Path(__file__).with_name("resume_worker.py")
-
-
-def _worker():
-    spec = importlib.util.spec_from_file_location("keras_resume_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
 def worker(floatx):
     floatx(keras.config.floatx())  # restored after the test: the worker sets float64
-    return _worker()
+    return import_script(WORKER)
 
 
 def test_resume_in_a_new_process_is_the_uninterrupted_run(worker, tmp_path: Path) -> None:
@@ -36,14 +27,12 @@ def test_resume_in_a_new_process_is_the_uninterrupted_run(worker, tmp_path: Path
     first = worker.build()
     worker.fit(first, worker.SPLIT)
     first.save(tmp_path / "model.keras")
-    result = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path / "model.keras"), str(tmp_path / "out.npz")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+    run_script(
+        WORKER,
+        tmp_path / "model.keras",
+        tmp_path / "out.npz",
+        env={"KERAS_BACKEND": keras.backend.backend()},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     resumed = np.load(tmp_path / "out.npz")
     assert len(resumed.files) == len(expected)
     for i, value in enumerate(expected):
