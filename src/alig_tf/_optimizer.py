@@ -324,6 +324,12 @@ class AliG(keras.optimizers.Optimizer):
         """Applies one ALI-G step; ``loss`` is the unscaled loss of these gradients."""
         if trainable_variables is not None and not self.built:
             self.build(list(trainable_variables))  # its checks, before Keras' no-op on []
+        if grads and all(g is None for g in grads):
+            raise ValueError(
+                "No gradient reached AliG for any variable (every gradient is None). Check "
+                "that the loss depends on the variables passed with the gradients and that "
+                "they are trainable (a frozen model has nothing to step)."
+            )
         if loss is not None:
             self._pending_loss = _as_loss(loss)
         try:

@@ -249,6 +249,12 @@ class AliG(Optimizer):
             "f_star": config.f_star,
             "foreach": foreach,
         }
+        params = list(params)
+        if not params:
+            raise ValueError(
+                "AliG got an empty parameter list. Pass the tensors to optimize, e.g. "
+                "AliG(model.parameters(), max_lr=0.1), or a list of param-group dicts."
+            )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -280,7 +286,8 @@ class AliG(Optimizer):
                 raise ValueError(
                     f"ALI-G optimizes real floating-point parameters; got a parameter of dtype "
                     f"{p.dtype} and shape {tuple(p.shape)}. For a complex parameter, optimize "
-                    "torch.view_as_real(p) instead; leave integer buffers out of the optimizer."
+                    "torch.view_as_real(p) (its real and imaginary parts) instead; leave integer "
+                    "buffers out of the optimizer."
                 )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -18,8 +18,9 @@ The outcomes, per SPEC.md:
 - ``"error"``: a ``ValueError`` whose message names the input or argument, the value
   given, and what to do instead; parameters are left untouched.
 
-A framework whose own machinery answers first (Keras refuses a step where no variable has
-a gradient before any optimizer code runs) says so in ``Row.outcome_by_framework``.
+Where a framework's own rules differ (Keras' base optimizer refuses a step where no
+variable has a gradient, so AliG raises a clear error there), ``Row.outcome_by_framework``
+says so.
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ STEP_ROWS: tuple[Row, ...] = (
         "taken",
         grads=_none,
         outcome_by_framework={
-            # keras.optimizers.Optimizer.apply refuses before AliG sees the step.
-            "keras": ("error", ("No gradients provided for any variable",)),
+            # Keras' base optimizer refuses such a step; AliG says why first.
+            "keras": ("error", ("no gradient", "trainable")),
         },
     ),
     Row(
@@ -174,7 +175,7 @@ STEP_ROWS: tuple[Row, ...] = (
         words=("scalar", "(3,)", "mean"),
     ),
     Row("loss_is_a_string", "error", loss="0.5", loss_is_given=True, words=("'0.5'", "{help}")),
-    Row("loss_is_complex", "error", loss=1.0 + 2.0j, loss_is_given=True, words=("real",)),
+    Row("loss_is_complex", "error", loss=1.0 + 2.0j, loss_is_given=True, words=("real", "pass")),
     Row("loss_is_none", "error", loss=None, loss_is_given=True, words=("{help}",)),
     Row("loss_is_missing", "error", loss=MISSING, loss_is_given=True, words=("{help}",)),
     Row(
@@ -200,10 +201,15 @@ class ParamRow:
 
 
 PARAM_ROWS: tuple[ParamRow, ...] = (
-    ParamRow("empty_parameter_list", "error", (), words=("empty",)),
-    ParamRow("integer_parameter", "error", ("float64", "int32"), words=("int32", "floating")),
+    ParamRow("empty_parameter_list", "error", (), words=("empty", "pass")),
     ParamRow(
-        "complex_parameter", "error", ("float64", "complex128"), words=("complex128", "floating")
+        "integer_parameter", "error", ("float64", "int32"), words=("int32", "floating", "leave")
+    ),
+    ParamRow(
+        "complex_parameter",
+        "error",
+        ("float64", "complex128"),
+        words=("complex128", "floating", "real and imaginary"),
     ),
     ParamRow("mixed_float32_and_float64", "taken", ("float32", "float64", "float64")),
 )
