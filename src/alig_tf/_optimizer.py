@@ -323,7 +323,9 @@ class AliG(keras.optimizers.Optimizer):
     ) -> None:
         """Applies one ALI-G step; ``loss`` is the unscaled loss of these gradients."""
         if trainable_variables is not None and not self.built:
-            self.build(list(trainable_variables))  # its checks, before Keras' no-op on []
+            # Its checks run before Keras' no-op on []; in the scope Keras' apply uses.
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
         if grads and all(g is None for g in grads):
             raise ValueError(
                 "No gradient reached AliG for any variable (every gradient is None). Check "
