@@ -9,6 +9,7 @@ come from :mod:`alig_core`; this module gathers tensors and writes results back.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -71,6 +72,54 @@ def _accumulation_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+@functools.cache
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallel), if this torch has it."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _split_sharded(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
+    """Separates plain tensors from DTensors (whose entries are spread over ranks)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return tensors, []
+    plain = [t for t in tensors if not isinstance(t, dtensor)]
+    if len(plain) == len(tensors):
+        return tensors, []
+    return plain, [t for t in tensors if isinstance(t, dtensor)]
+
+
+def _sharded_sum_of_squares(tensors: list[Any], dtype: torch.dtype) -> torch.Tensor:
+    """Sum of squared entries of DTensors over *all* their shards: a 0-d plain tensor.
+
+    Each rank sums the squares of its local shards; the sums are then added over the mesh
+    dimensions along which the tensors are sharded (a ``Partial`` DTensor made whole), once
+    per (mesh, placements) group, and not over the replicated ones.
+    """
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    local_sums: dict[tuple[Any, tuple[Any, ...]], torch.Tensor] = {}
+    for tensor in tensors:
+        if any(p.is_partial() for p in tensor.placements):  # not yet reduced: reduce first
+            tensor = tensor.redistribute(
+                placements=[Replicate() if p.is_partial() else p for p in tensor.placements]
+            )
+        placements = tuple(Partial() if p.is_shard() else Replicate() for p in tensor.placements)
+        key = (tensor.device_mesh, placements)
+        local = tensor.to_local().reshape(-1).to(dtype)
+        local_sums[key] = local_sums.get(key, 0) + local.dot(local)
+    total = None
+    for (mesh, placements), local_sum in local_sums.items():
+        whole = DTensor.from_local(local_sum, mesh, placements, run_check=False).full_tensor()
+        total = whole if total is None else total + whole.to(total.device)
+    assert total is not None
+    return total
+
+
 def _sum_of_squares(
     tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device, foreach: bool
 ) -> torch.Tensor:
@@ -78,6 +127,11 @@ def _sum_of_squares(
     total = torch.zeros((), dtype=dtype, device=device)
     if not tensors:
         return total
+    tensors, sharded = _split_sharded(tensors)
+    if sharded:
+        total = total + _sharded_sum_of_squares(sharded, dtype).to(device)
+        if not tensors:
+            return total
     on_host = all(t.device.type == "cpu" for t in tensors)
     if foreach and on_host and not torch.compiler.is_compiling():
         # One BLAS dot product per tensor: vectorised and multi-threaded, about 5x faster
@@ -579,8 +633,12 @@ def _on_host(tensors: list[torch.Tensor]) -> bool:
 
 
 def _host_sum_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> float:
-    """Sum of squared entries: a BLAS dot product per tensor in ``dtype``, summed in float64."""
-    total = 0.0
+    """Sum of squared entries: a dot product per tensor in ``dtype``, summed in float64.
+
+    DTensors count with all their shards (see :func:`_sharded_sum_of_squares`).
+    """
+    tensors, sharded = _split_sharded(tensors)
+    total = float(_sharded_sum_of_squares(sharded, dtype)) if sharded else 0.0
     for tensor in tensors:
         flat = tensor.reshape(-1)
         if flat.dtype != dtype:

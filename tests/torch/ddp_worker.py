@@ -1,7 +1,10 @@
-"""Run by test_torch_distributed.py: ALI-G under DDP on 2 gloo processes (CPU).
+"""Run by test_torch_distributed.py: ALI-G data parallel on 2 gloo processes (CPU).
 
-Usage: python ddp_worker.py OUT_DIR [local-loss]. Each rank trains on its half of every global batch
-and rank 0 writes the final parameters and gammas to OUT_DIR/ddp.pt.
+Usage: python ddp_worker.py OUT_DIR [MODE], MODE one of ``ddp`` (the default: DDP),
+``local-loss`` (DDP with ``all_reduce_loss=False``), ``fsdp`` (FSDP2's ``fully_shard``:
+parameters and gradients are DTensors sharded over the ranks) and ``fsdp-single-tensor``
+(the same with ``foreach=False``). Each rank trains on its half of every global batch and
+rank 0 writes the final (whole) parameters and the gammas to OUT_DIR/ddp.pt.
 """
 
 from __future__ import annotations
@@ -34,11 +37,15 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(
-    model: torch.nn.Module, rank: int, world: int, all_reduce_loss: bool = True
+    model: torch.nn.Module,
+    rank: int,
+    world: int,
+    all_reduce_loss: bool = True,
+    foreach: bool | None = None,
 ) -> list[float]:
     from alig_torch import AliG
 
-    opt = AliG(model.parameters(), **ALIG_KWARGS, all_reduce_loss=all_reduce_loss)
+    opt = AliG(model.parameters(), **ALIG_KWARGS, all_reduce_loss=all_reduce_loss, foreach=foreach)
     x, y = make_data()
     per_rank = GLOBAL_BATCH // world
     gammas = []
@@ -57,21 +64,45 @@ def train(
     return gammas
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, all_reduce_loss: bool) -> None:
+def wrap(model: torch.nn.Module, mode: str, world: int) -> torch.nn.Module:
+    if mode.startswith("fsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def whole_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    module = getattr(model, "module", model)  # DDP wraps, FSDP2 shards in place
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for p in module.parameters()
+    ]
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -> None:
     import warnings
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    model = wrap(make_model(), mode, world)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gammas = train(model, rank, world, all_reduce_loss)
+        gammas = train(
+            model,
+            rank,
+            world,
+            all_reduce_loss=mode != "local-loss",
+            foreach=False if mode == "fsdp-single-tensor" else None,
+        )
     warned = any("all_reduce_loss=False" in str(w.message) for w in caught)
     gathered = [None] * world
     dist.all_gather_object(gathered, gammas)
+    params = whole_parameters(model)  # a collective under FSDP2: every rank takes part
     if rank == 0:
         torch.save(
             {
-                "params": [p.detach() for p in model.module.parameters()],
+                "params": params,
                 "gammas": gathered,
                 "warned": warned,
             },
@@ -89,5 +120,5 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, all_reduce_loss:
 
 if __name__ == "__main__":
     out = sys.argv[1]
-    reduce_loss = sys.argv[2:] != ["local-loss"]
-    mp.spawn(worker, args=(2, str(Path(out) / "init"), out, reduce_loss), nprocs=2, join=True)
+    mode = sys.argv[2] if len(sys.argv) > 2 else "ddp"
+    mp.spawn(worker, args=(2, str(Path(out) / "init"), out, mode), nprocs=2, join=True)

@@ -1,9 +1,10 @@
-"""Data parallel: DDP on 2 gloo processes equals one process on the whole batch."""
+"""Data parallel: DDP or FSDP2 on 2 gloo processes equals one process on the whole batch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from worker_scripts import import_script, run_script
@@ -11,8 +12,11 @@ from worker_scripts import import_script, run_script
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_ddp_on_two_ranks_equals_the_single_process_run(tmp_path: Path) -> None:
-    run_script(WORKER, tmp_path)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-single-tensor"])
+def test_two_ranks_equal_the_single_process_run(mode: str, tmp_path: Path) -> None:
+    """DDP, and FSDP2 (parameters and gradients sharded as DTensors: the norms must add
+    every rank's shards), both step paths."""
+    run_script(WORKER, tmp_path, mode)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert not ddp["warned"]
 
