@@ -1,16 +1,18 @@
-"""tf.distribute: model.fit under MirroredStrategy on 2 CPUs equals the single-device run."""
+"""Data parallel Keras equals the single-device run: tf.distribute's MirroredStrategy on 2
+CPUs (TensorFlow backend), keras.distribution.DataParallel on 2 devices (JAX backend)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
+from worker_scripts import run_script
+
 WORKER = Path(__file__).with_name("mirrored_worker.py")
+DATA_PARALLEL_WORKER = Path(__file__).with_name("data_parallel_worker.py")
 
 
 @pytest.mark.skipif(
@@ -20,13 +22,7 @@ def test_mirrored_strategy_on_two_replicas_equals_one_device(tmp_path: Path) -> 
     runs = {}
     for mode in ("single", "mirrored"):
         out = tmp_path / f"{mode}.npz"
-        result = subprocess.run(
-            [sys.executable, str(WORKER), str(out), mode],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_script(WORKER, out, mode)
         runs[mode] = np.load(out)
     single, mirrored = runs["single"], runs["mirrored"]
     assert int(single["replicas"]) == 1
@@ -37,4 +33,21 @@ def test_mirrored_strategy_on_two_replicas_equals_one_device(tmp_path: Path) -> 
     weights = [k for k in single.files if k.startswith("w")]
     scale = max(float(np.max(np.abs(single[k]))) for k in weights)
     worst = max(float(np.max(np.abs(mirrored[k] - single[k]))) for k in weights)
+    assert worst / scale <= 1e-10
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="keras.distribution runs on the JAX backend"
+)
+def test_data_parallel_on_two_jax_devices_equals_one_device(tmp_path: Path) -> None:
+    run_script(DATA_PARALLEL_WORKER, tmp_path / "runs.npz")
+    runs = np.load(tmp_path / "runs.npz")
+    assert int(runs["single_devices"]) == 1
+    assert int(runs["parallel_devices"]) == 2  # the batches really were sharded
+    single_gammas = runs["single_gammas"]
+    assert len(set(single_gammas.tolist())) > 2  # gamma moves: the loss matters
+    np.testing.assert_allclose(runs["parallel_gammas"], single_gammas, rtol=1e-10)
+    weights = [k[len("single_") :] for k in runs.files if k.startswith("single_w")]
+    scale = max(float(np.max(np.abs(runs[f"single_{k}"]))) for k in weights)
+    worst = max(float(np.max(np.abs(runs[f"parallel_{k}"] - runs[f"single_{k}"]))) for k in weights)
     assert worst / scale <= 1e-10
