@@ -43,8 +43,9 @@ def train(
     all_reduce_loss: bool = True,
     foreach: bool | None = None,
 ) -> list[float]:
-    from alig_torch import AliG
+    from alig_torch import AliG, project_onto_ball
 
+    project_onto_ball(model.parameters(), 2.0)  # inside ALIG_KWARGS' ball (sharded: all shards)
     opt = AliG(model.parameters(), **ALIG_KWARGS, all_reduce_loss=all_reduce_loss, foreach=foreach)
     x, y = make_data()
     per_rank = GLOBAL_BATCH // world
