@@ -84,6 +84,8 @@ def _dtensor_type() -> type | None:
 
 def _split_sharded(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
     """Separates plain tensors from DTensors (whose entries are spread over ranks)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensors, []  # no process group, no DTensor (and no import of their module)
     dtensor = _dtensor_type()
     if dtensor is None:
         return tensors, []
