@@ -470,15 +470,19 @@ def test_construction_never_changes_parameters() -> None:
     assert np.isfinite(before[0].numpy()).all()
 
 
-@pytest.mark.parametrize("foreach", [False, True])
-def test_the_norm_of_a_large_float32_gradient_is_accurate(foreach: bool) -> None:
-    """float32 gradients of ResNet-18 size: the squared norm within SPEC's float32 1e-5."""
+@pytest.mark.parametrize("path", ["single_tensor", "foreach", "compiled"])
+def test_the_norm_of_a_large_float32_gradient_is_accurate(path: str) -> None:
+    """float32 gradients of ResNet-18 size: the squared norm within SPEC's float32 1e-5
+    (compiled, ``_foreach_norm`` was 7e-5 off: the compiled step sums tensor by tensor)."""
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(s).astype(np.float32) for s in ((512, 512, 3, 3), (1000, 512))]
     exact = sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads)
     params = [torch.zeros(g.shape, requires_grad=True) for g in grads]
     for p, g in zip(params, grads, strict=True):
         p.grad = torch.from_numpy(g)
-    opt = AliG(params, max_lr=None, eps=0.0, foreach=foreach)
-    opt.step(loss=1.0)
+    opt = AliG(params, max_lr=None, eps=0.0, foreach=path != "single_tensor")
+    if path == "compiled":
+        torch.compile(opt.step.__wrapped__, fullgraph=True)(opt, loss=torch.tensor(1.0))
+    else:
+        opt.step(loss=1.0)
     assert abs(float(opt.gamma) * exact - 1.0) <= 1e-5  # gamma = loss / S with eps = 0
