@@ -486,3 +486,39 @@ def test_the_norm_of_a_large_float32_gradient_is_accurate(path: str) -> None:
     else:
         opt.step(loss=1.0)
     assert abs(float(opt.gamma) * exact - 1.0) <= 1e-5  # gamma = loss / S with eps = 0
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("adjusted", [False, True])
+def test_the_branch_free_accelerator_path_equals_the_reference(momentum, adjusted) -> None:
+    """The foreach path used on accelerators (no host sync: a skipped step is undone by
+    zeroed gradients and identity coefficients) runs on CPU tensors too: it must equal the
+    single-tensor reference on a taken step and change nothing on a skipped one."""
+    from alig_core import step_size
+    from alig_torch._optimizer import _device_multi_tensor_alig, _single_tensor_alig
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (5,), ()]
+    params = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    buffers = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    for loss, bad_grad in ((0.7, False), (0.7, True), (math.nan, False)):
+        grads = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+        if bad_grad:
+            grads[0][1, 2] = math.inf
+        sq_norm = sum(g.square().sum() for g in grads)
+        size = step_size(
+            torch, torch.tensor(loss, dtype=torch.float64), sq_norm, max_lr=0.1, eps=1e-5,
+            f_star=0.0,
+        )  # fmt: skip
+        ours = ([p.clone() for p in params], [b.clone() for b in buffers])
+        reference = ([p.clone() for p in params], [b.clone() for b in buffers])
+        kwargs = {"momentum": momentum, "adjusted": adjusted}
+        _device_multi_tensor_alig(ours[0], grads, ours[1] if momentum else [], size, **kwargs)
+        _single_tensor_alig(reference[0], grads, reference[1] if momentum else [], size, **kwargs)
+        for a, b in zip(ours[0] + ours[1], reference[0] + reference[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+        if bool(size.skipped):
+            for a, b in zip(ours[0] + ours[1], params + buffers, strict=True):
+                assert a.numpy().tobytes() == b.numpy().tobytes()
+        else:
+            assert any(not torch.equal(a, b) for a, b in zip(ours[0], params, strict=True))
