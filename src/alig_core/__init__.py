@@ -27,6 +27,8 @@ Interpolation", ICML 2020, arXiv:1906.05661.
 
 from alig_core._config import (
     AliGConfig,
+    describe_momentum_convention,
+    momentum_convention,
     validate_adjusted_momentum,
     validate_eps,
     validate_f_star,
@@ -52,8 +54,10 @@ __all__ = [
     "MomentumCoefficients",
     "StepSize",
     "accumulation_dtype",
+    "describe_momentum_convention",
     "keep_if_skipped",
     "momentum_coefficients",
+    "momentum_convention",
     "momentum_update",
     "projection_scale",
     "python_scalars",

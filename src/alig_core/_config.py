@@ -10,6 +10,8 @@ from typing import Any
 
 __all__ = [
     "AliGConfig",
+    "describe_momentum_convention",
+    "momentum_convention",
     "validate_adjusted_momentum",
     "validate_eps",
     "validate_f_star",
@@ -177,3 +179,26 @@ class AliGConfig:
         validate_eps(self.eps)
         validate_f_star(self.f_star)
         validate_max_norm(self.max_norm)
+
+
+_CONVENTION_NAMES = ("no momentum", "adjusted_momentum=False", "adjusted_momentum=True")
+
+
+def momentum_convention(has_buffers: bool, adjusted_momentum: bool) -> int:
+    """What an optimizer's momentum buffers hold, as the code adapters save with its state.
+
+    0: no buffers (``momentum == 0``); 1: the standard convention (``-gamma * g`` terms);
+    2: the adjusted one (``-g`` terms). A checkpoint whose code differs from the optimizer
+    loading it must be refused: resuming would silently change the trajectory.
+
+    >>> momentum_convention(True, adjusted_momentum=True), describe_momentum_convention(2)
+    (2, 'adjusted_momentum=True')
+    """
+    return 0 if not has_buffers else 2 if adjusted_momentum else 1
+
+
+def describe_momentum_convention(code: int) -> str:
+    """The setting a :func:`momentum_convention` code stands for, for error messages."""
+    if 0 <= code < len(_CONVENTION_NAMES):
+        return _CONVENTION_NAMES[code]
+    return f"an unknown momentum convention (code {code})"

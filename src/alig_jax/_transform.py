@@ -41,15 +41,11 @@ class AliGState(NamedTuple):
     steps_skipped: jax.Array
     """() int32: steps skipped because the loss or the gradient norm was not finite."""
     momentum_convention: jax.Array
-    """A marker (int8 zeros) whose *shape* records what the buffers hold: ``(1,)`` without
-    momentum, ``(2,)`` standard, ``(3,)`` adjusted. Shapes are static under ``jit``, so
-    ``update`` refuses a state restored from a checkpoint of the other convention even
-    when traced (the buffers of the two conventions hold different quantities)."""
-
-
-_CONVENTIONS = {None: 0, False: 1, True: 2}
-"""``adjusted_momentum`` (``None``: no buffers) -> the marker's length, minus one."""
-_CONVENTION_NAMES = {0: "no momentum", 1: "adjusted_momentum=False", 2: "adjusted_momentum=True"}
+    """A marker (int8 zeros) whose *shape* records what the buffers hold: its length is
+    1 + :func:`alig_core.momentum_convention` (1 without momentum, 2 standard, 3
+    adjusted). Shapes are static under ``jit``, so ``update`` refuses a state restored
+    from a checkpoint of the other convention even when traced (the buffers of the two
+    conventions hold different quantities)."""
 
 
 def _is_missing(leaf: Any) -> bool:
@@ -134,7 +130,7 @@ def _alig_transform(
     )
     # A traced momentum (inside inject_hyperparams) keeps buffers: only a literal 0 drops them.
     keeps_buffers = not (isinstance(momentum, int | float) and momentum == 0)
-    convention = _CONVENTIONS[config.adjusted_momentum if keeps_buffers else None]
+    convention = alig_core.momentum_convention(keeps_buffers, config.adjusted_momentum)
 
     def init_fn(params: optax.Params) -> AliGState:
         _check_params(params)
@@ -170,8 +166,8 @@ def _alig_transform(
             saved_convention = saved[0] - 1 if len(saved) == 1 else -1
             raise ValueError(
                 "This AliGState was written by alig with "
-                f"{_CONVENTION_NAMES.get(saved_convention, f'a marker of shape {saved}')}, "
-                f"and this alig has {_CONVENTION_NAMES[convention]}: the momentum buffers of "
+                f"{alig_core.describe_momentum_convention(saved_convention)}, and this alig "
+                f"has {alig_core.describe_momentum_convention(convention)}: the buffers of "
                 "the two conventions hold different quantities, so resuming would silently "
                 "change the trajectory. Build the transformation with the checkpoint's "
                 "settings (momentum and adjusted_momentum) to resume from it."

@@ -279,8 +279,8 @@ class AliG(keras.optimizers.Optimizer):
         )
 
     def _convention_code(self) -> int:
-        """0: no momentum buffers; 1: standard convention; 2: adjusted convention."""
-        return 0 if self.momentum == 0 else 2 if self.adjusted_momentum else 1
+        """What the momentum buffers hold (:func:`alig_core.momentum_convention`)."""
+        return alig_core.momentum_convention(self.momentum != 0, self.adjusted_momentum)
 
     def load_own_variables(self, store: Any) -> None:
         """Loads the optimizer's variables; refuses those of the other momentum convention.
@@ -294,15 +294,11 @@ class AliG(keras.optimizers.Optimizer):
             saved = int(ops.convert_to_numpy(store[str(len(self.variables) - 1)]))
             ours = self._convention_code()
             if saved != ours:
-                names = {
-                    0: "no momentum",
-                    1: "adjusted_momentum=False",
-                    2: "adjusted_momentum=True",
-                }
                 raise ValueError(
                     f"These optimizer variables were saved by an AliG with "
-                    f"{names.get(saved, f'momentum_convention={saved}')}, and this AliG has "
-                    f"{names[ours]}: their momentum buffers hold different quantities. "
+                    f"{alig_core.describe_momentum_convention(saved)}, and this AliG has "
+                    f"{alig_core.describe_momentum_convention(ours)}: their momentum buffers "
+                    "hold different quantities. "
                     "Compile the model with an AliG of the checkpoint's settings to resume."
                 )
         super().load_own_variables(store)
