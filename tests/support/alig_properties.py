@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
+from alig_cases import max_relative_deviation
 from alig_core import AliGConfig
 from alig_core.oracle import OracleState, oracle_step
+from bad_inputs import SHAPES
 
-__all__ = ["SHAPES", "check_random_run", "configs", "runs"]
-
-SHAPES: tuple[tuple[int, ...], ...] = ((3, 2), (4,), ())
+__all__ = ["check_random_run", "configs", "runs"]
 
 MAGNITUDES = (0.0, 1e-30, 1e-8, 1e-3, 1.0, 1e3, 1e8)
 """Gradient scales: exact zeros, tiny, ordinary and huge (float64)."""
@@ -60,17 +60,6 @@ runs = st.tuples(st.integers(0, 2**16), st.lists(_step(), min_size=1, max_size=5
 """(seed of the initial parameters, the sequence of (loss, gradients))."""
 
 
-def _relative_deviation(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
-    scale = max(float(np.max(np.abs(e), initial=0.0)) for e in expected) or 1.0
-    return (
-        max(
-            float(np.max(np.abs(np.asarray(a, np.float64) - e), initial=0.0))
-            for a, e in zip(actual, expected, strict=True)
-        )
-        / scale
-    )
-
-
 def check_random_run(
     make_driver: Callable[[], Any],
     config: dict[str, Any],
@@ -98,5 +87,5 @@ def check_random_run(
         if config["max_norm"] is not None:
             norm = math.sqrt(sum(float(np.sum(np.square(p))) for p in ours))
             assert norm <= config["max_norm"] * (1 + 1e-12), f"norm {norm} at {where}"
-        deviation = _relative_deviation(ours, oracle_params)
+        deviation = max_relative_deviation(ours, oracle_params)
         assert deviation <= 1e-10, f"{deviation:.3g} from the oracle at {where}"
