@@ -184,14 +184,42 @@ def momentum_update(
 ) -> tuple[Array, Array]:
     """Applies :class:`MomentumCoefficients` out of place; returns ``(param, buffer)``.
 
+    The two halves, :func:`momentum_buffer_update` then :func:`momentum_param_update`.
+
     Example:
       >>> c = momentum_coefficients(0.5, momentum=0.9, adjusted_momentum=False)
       >>> momentum_update(1.0, 2.0, 0.0, c)
       (-0.9, -1.0)
     """
-    new_buffer = coefficients.buffer_decay * buffer + coefficients.buffer_grad * grad
-    new_param = param + coefficients.param_grad * grad + coefficients.param_buffer * new_buffer
-    return new_param, new_buffer
+    new_buffer = momentum_buffer_update(grad, buffer, coefficients)
+    return momentum_param_update(param, grad, new_buffer, coefficients), new_buffer
+
+
+def momentum_buffer_update(grad: Array, buffer: Array, coefficients: MomentumCoefficients) -> Array:
+    """The new momentum buffer: ``buffer_decay*b + buffer_grad*g``.
+
+    Example:
+      >>> c = momentum_coefficients(0.5, momentum=0.9, adjusted_momentum=False)
+      >>> momentum_buffer_update(2.0, 0.0, c)
+      -1.0
+    """
+    return coefficients.buffer_decay * buffer + coefficients.buffer_grad * grad
+
+
+def momentum_param_update(
+    param: Array, grad: Array, new_buffer: Array, coefficients: MomentumCoefficients
+) -> Array:
+    """The new parameter from the *new* buffer: ``p + param_grad*g + param_buffer*b``.
+
+    An adapter that has already written the buffer can read it back for this (on XLA,
+    recomputing the buffer from its old value would need a copy of it).
+
+    Example:
+      >>> c = momentum_coefficients(0.5, momentum=0.9, adjusted_momentum=False)
+      >>> momentum_param_update(1.0, 2.0, -1.0, c)
+      -0.9
+    """
+    return param + coefficients.param_grad * grad + coefficients.param_buffer * new_buffer
 
 
 def sgd_update(param: Array, grad: Array, gamma: Array) -> Array:
