@@ -20,7 +20,10 @@ from alig_tf import AliG
 
 
 def _stepper(
-    optimizer: keras.optimizers.Optimizer, shapes: list[tuple[int, ...]], with_loss: bool
+    optimizer: keras.optimizers.Optimizer,
+    shapes: list[tuple[int, ...]],
+    with_loss: bool,
+    jit_compile: bool = True,
 ) -> Callable[[], None]:
     rng = np.random.default_rng(0)
     variables = [keras.Variable(rng.standard_normal(s).astype("float32")) for s in shapes]
@@ -28,7 +31,7 @@ def _stepper(
     optimizer.build(variables)
     loss = tf.constant(1.0)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=jit_compile)
     def step() -> None:
         if with_loss:
             optimizer.apply(grads, variables, loss=loss)

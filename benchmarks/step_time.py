@@ -10,7 +10,7 @@ baseline measured in the same process. A plain memory copy of the same bytes, in
 too, gives the machine's bandwidth; each row's "GB/s" counts the bytes a momentum step
 must move at the least (read p, g, b; write p, b: 5 x the parameter bytes).
 
-Run: ``python benchmarks/step_time.py [--frameworks torch,jax,keras] [--rounds 30]
+Run: ``python benchmarks/step_time.py [--frameworks torch,jax,keras,keras_graph] [--rounds 30]
 [--model resnet18|digits-mlp]`` (the digits MLP: 6 small tensors, where the fixed cost of
 a step dominates; give it many rounds, e.g. 3000).
 """
@@ -32,7 +32,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 sys.path.insert(0, str(Path(__file__).parent))
 
-FRAMEWORKS = ("torch", "jax", "keras")
+FRAMEWORKS = ("torch", "jax", "keras", "keras_graph")
 
 
 def resnet18_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
@@ -111,14 +111,14 @@ def main() -> None:
         print(f"  {framework}: memory copy of the same bytes {copy_gbps:.1f} GB/s")
 
     print()
-    print(f"{'framework':<9} {'row':<44} {'ms/step':>8} {'GB/s':>6} {'vs baseline':>11}")
+    print(f"{'framework':<11} {'row':<44} {'ms/step':>8} {'GB/s':>6} {'vs baseline':>11}")
     by_key = {(f, n): s for f, n, _, s in results}
     for framework, name, baseline, seconds in results:
         if name == "memory copy":
             continue
         ratio = seconds / by_key[(framework, baseline)]
         gbps = 5 * param_bytes / seconds / 1e9
-        print(f"{framework:<9} {name:<44} {seconds * 1e3:>8.2f} {gbps:>6.1f} {ratio:>10.2f}x")
+        print(f"{framework:<11} {name:<44} {seconds * 1e3:>8.2f} {gbps:>6.1f} {ratio:>10.2f}x")
 
 
 if __name__ == "__main__":

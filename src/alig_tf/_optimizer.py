@@ -81,6 +81,21 @@ def _run_updates(
     )
 
 
+def _keep_if(skipped: Any, old: Any, new: Any) -> Any:
+    """``old`` if the step is skipped (a 0-d bool), else ``new``: a whole tensor either way.
+
+    On TensorFlow this is the v1 ``Select``, which forwards one of its inputs when the
+    condition is a scalar; ``SelectV2`` (``ops.where``) broadcasts the condition and picks
+    entry by entry on one thread (without XLA 4x slower than a multiplication: it made the
+    momentum step 4.4x SGD's). Under XLA both compile to the same fused select.
+    """
+    if _backend_name() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.compat.v1.where(skipped, old, new)
+    return ops.where(skipped, old, new)
+
+
 def _value(variable: Any) -> Any:
     """The current value of a Keras variable (the scoped one inside ``stateless_apply``)."""
     return variable.value if isinstance(variable, keras.Variable) else variable
@@ -489,7 +504,7 @@ class AliG(keras.optimizers.Optimizer):
             old_buffer = _value(buffer)
             new_buffer = momentum_buffer_update(g, ops.cast(old_buffer, dtype), coefficients)
             self.assign(
-                buffer, ops.where(size.skipped, old_buffer, ops.cast(new_buffer, buffer.dtype))
+                buffer, _keep_if(size.skipped, old_buffer, ops.cast(new_buffer, buffer.dtype))
             )
             if keras.backend.standardize_dtype(buffer.dtype) == dtype:
                 # The buffer as written (equal unless the step is skipped, and then the
@@ -499,7 +514,7 @@ class AliG(keras.optimizers.Optimizer):
             new_value = momentum_param_update(value, g, new_buffer, coefficients)
         self.assign(
             variable,
-            ops.where(size.skipped, _value(variable), ops.cast(new_value, variable.dtype)),
+            _keep_if(size.skipped, _value(variable), ops.cast(new_value, variable.dtype)),
         )
 
     def _keep_or_assign(self, record: Any, skipped: Any, new: Any) -> None:
