@@ -4,11 +4,12 @@ Each framework contributes its rows from ``benchmarks/_step_time_<framework>.py`
 module with ``candidates(shapes) -> (baseline_name, {row_name: step_callable})``, each
 callable doing one complete, blocking optimizer step (built and warmed up beforehand).
 
-Rows of a framework are timed interleaved (round-robin, so that the machine's noise hits
-all of them alike), the median is reported, and ratios are taken against that framework's
-baseline measured in the same process. A plain memory copy of the same bytes, interleaved
-too, gives the machine's bandwidth; each row's "GB/s" counts the bytes a momentum step
-must move at the least (read p, g, b; write p, b: 5 x the parameter bytes).
+Rows of a framework are timed interleaved (each round runs every row once, in a shuffled
+order, so that the machine's noise and the row before hit all of them alike), the median
+is reported, and ratios are taken against that framework's baseline measured in the same
+process. A plain memory copy of the same bytes, interleaved too, gives the machine's
+bandwidth; each row's "GB/s" counts the bytes a momentum step must move at the least
+(read p, g, b; write p, b: 5 x the parameter bytes).
 
 Run: ``python benchmarks/step_time.py [--frameworks torch,jax,keras,keras_graph] [--rounds 30]
 [--model resnet18|digits-mlp]`` (the digits MLP: 6 small tensors, where the fixed cost of
@@ -21,6 +22,7 @@ import argparse
 import importlib
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -72,11 +74,19 @@ def _memory_copy(num_bytes: int) -> Callable[[], None]:
 
 
 def _time_interleaved(rows: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds per row; every round runs each row once, in a new random order.
+
+    The order is shuffled because a fixed one biases the rows: the same step measured
+    twice in one fixed round came out 3% apart (what runs just before a row matters).
+    """
     samples: dict[str, list[float]] = {name: [] for name in rows}
+    order = list(rows)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, step in rows.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            step()
+            rows[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
