@@ -150,15 +150,19 @@ def _sum_of_squares(tensors: list[Any], dtype: str) -> Any:
             loose.append(flat)
         else:
             sums.append(_fold(flat, loose))
-    if len(loose) > 1:
-        joined = ops.concatenate(loose)
-        sums.append(_fold(joined, []) if joined.shape[0] >= _FIRST_FOLD_FROM else _sq(joined))
-    elif loose:
-        sums.append(_sq(loose[0]))
+    if loose:
+        joined = ops.concatenate(loose) if len(loose) > 1 else loose[0]
+        if joined.shape[0] >= _FIRST_FOLD_FROM:
+            left_over: list[Any] = []
+            sums.append(_fold(joined, left_over))
+            sums.extend(_sq(entries) for entries in left_over)
+        else:
+            sums.append(_sq(joined))
     return functools.reduce(ops.add, sums) if sums else ops.zeros((), dtype)
 
 
 def _sq(flat: Any) -> Any:
+    """The plain sum of squares of ``flat``."""
     return ops.sum(ops.square(flat))
 
 
@@ -168,7 +172,7 @@ def _fold(flat: Any, loose: list[Any]) -> Any:
     The entries that do not fill the first fold's slices are appended to ``loose``.
     """
     squared = False  # whether the entries of flat are sums of squares already
-    remainders = []
+    remainders: list[Any] = []
     while flat.shape[0] >= (_NEXT_FOLD_FROM if squared else _FIRST_FOLD_FROM):
         size = flat.shape[0]
         whole = size - size % _FOLD

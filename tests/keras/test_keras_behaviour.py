@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import keras
@@ -340,6 +341,37 @@ def test_the_norm_of_a_large_float32_gradient_is_accurate(compiled: bool) -> Non
     assert abs(gamma * exact - 1.0) <= 1e-5  # gamma = loss / S with eps = 0
 
 
+@pytest.mark.parametrize("compiled", [False, True] if BACKEND == "tensorflow" else [False])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(9,)],
+        [(8192,)],
+        [(3001, 7), (64,), (1000,)],  # a fold's left-over entries joined with small tensors
+        [(4099,), (4097,), (5,)],  # small tensors joined, then folded with 1 entry left over
+        [(8_388_669,)],  # folded twice, entries left over both times
+    ],
+    ids=str,
+)
+def test_the_norm_counts_every_entry_once(shapes, compiled: bool) -> None:
+    """All-ones gradients: float32 sums them exactly, so gamma_hat = N / S is exactly 1 only
+    if the norm counted each of the N entries once (a dropped or doubled one shows)."""
+    count = sum(math.prod(s) for s in shapes)
+    variables = [keras.Variable(np.zeros(s, np.float32)) for s in shapes]
+    opt = AliG(max_lr=None, eps=0.0)
+    opt.build(variables)
+
+    def step(*tensors):
+        opt.apply(list(tensors), variables, loss=float(count))
+
+    if compiled:
+        import tensorflow as tf
+
+        step = tf.function(step, jit_compile=True)
+    step(*[keras.ops.ones(s, dtype="float32") for s in shapes])
+    assert float(keras.ops.convert_to_numpy(opt.gamma_hat.value)) == 1.0
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="inspects TensorFlow's XLA program")
 def test_the_compiled_momentum_step_copies_no_buffer() -> None:
     """Under XLA the parameter update reads the buffer as written: recomputing it from the
@@ -389,6 +421,8 @@ def test_the_graph_step_keeps_or_replaces_whole_tensors() -> None:
     ]
     assert not broadcast_selects
     step(tf.constant(float("nan")), *grads)  # skipped: nothing moves
-    assert np.all(variables[0].numpy() == 1.0) and np.all(opt.momentums[0].numpy() == 0.0)
+    assert np.all(variables[0].numpy() == 1.0)
+    assert np.all(opt.momentums[0].numpy() == 0.0)
     step(tf.constant(1.0), *grads)  # taken
-    assert np.all(variables[0].numpy() < 1.0) and int(opt.steps_taken.numpy()) == 1
+    assert np.all(variables[0].numpy() < 1.0)
+    assert int(opt.steps_taken.numpy()) == 1
