@@ -137,7 +137,7 @@ def _sum_of_squares(tensors: list[Any], dtype: str) -> Any:
         return total
     import tensorflow as tf
 
-    if tf.__internal__.get_enclosing_xla_context() is None:
+    if not _in_xla():
         halves = [tf.nn.l2_loss(ops.cast(tensor, dtype)) for tensor in tensors]
         return 2 * functools.reduce(ops.add, halves, ops.zeros((), dtype))
     sums: list[Any] = []
@@ -159,6 +159,18 @@ def _sum_of_squares(tensors: list[Any], dtype: str) -> Any:
         else:
             sums.append(_sq(joined))
     return functools.reduce(ops.add, sums) if sums else ops.zeros((), dtype)
+
+
+def _in_xla() -> bool:
+    """Whether TensorFlow is tracing for XLA (``jit_compile=True``, also of an outer function).
+
+    Through ``tf.__internal__.get_enclosing_xla_context`` (exported, but internal: should a
+    release drop it, every step takes the XLA formulation, correct everywhere).
+    """
+    import tensorflow as tf
+
+    find = getattr(tf.__internal__, "get_enclosing_xla_context", None)
+    return find is None or find() is not None
 
 
 def _sq(flat: Any) -> Any:
