@@ -353,7 +353,7 @@ def test_the_norm_of_a_large_float32_gradient_is_accurate(compiled: bool) -> Non
     ],
     ids=str,
 )
-def test_the_norm_counts_every_entry_once(shapes, compiled: bool) -> None:
+def test_the_norm_counts_every_entry_once(shapes: list[tuple[int, ...]], compiled: bool) -> None:
     """All-ones gradients: float32 sums them exactly, so gamma_hat = N / S is exactly 1 only
     if the norm counted each of the N entries once (a dropped or doubled one shows)."""
     count = sum(math.prod(s) for s in shapes)
@@ -361,7 +361,7 @@ def test_the_norm_counts_every_entry_once(shapes, compiled: bool) -> None:
     opt = AliG(max_lr=None, eps=0.0)
     opt.build(variables)
 
-    def step(*tensors):
+    def step(*tensors: object) -> None:
         opt.apply(list(tensors), variables, loss=float(count))
 
     if compiled:
