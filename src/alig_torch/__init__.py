@@ -1,4 +1,5 @@
-"""ALI-G for PyTorch: :class:`AliG`, a drop-in ``torch.optim.Optimizer``.
+"""ALI-G for PyTorch: :class:`AliG`, a drop-in ``torch.optim.Optimizer``, and
+:class:`Extrapolation`, extrapolated steps around any optimizer (AliG included).
 
 Example:
   >>> import torch
@@ -13,6 +14,7 @@ Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for 
 Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
+from alig_torch._extrapolation import Extrapolation
 from alig_torch._optimizer import AliG, alig, project_onto_ball
 
-__all__ = ["AliG", "alig", "project_onto_ball"]
+__all__ = ["AliG", "Extrapolation", "alig", "project_onto_ball"]
