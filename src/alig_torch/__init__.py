@@ -1,5 +1,7 @@
-"""ALI-G for PyTorch: :class:`AliG`, a drop-in ``torch.optim.Optimizer``, and
-:class:`Extrapolation`, extrapolated steps around any optimizer (AliG included).
+"""ALI-G for PyTorch: :class:`AliG`, and :class:`Extrapolation` around any optimizer.
+
+:class:`AliG` is a drop-in ``torch.optim.Optimizer``; :class:`Extrapolation` takes extrapolated
+steps around any optimizer, AliG included (Lin, Kong, Stich, Jaggi, ICML 2020).
 
 Example:
   >>> import torch

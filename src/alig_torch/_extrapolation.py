@@ -434,9 +434,11 @@ class Extrapolation(Optimizer):
 
     @property
     def anchor_pass(self) -> bool:
-        """Whether the evaluation being made (or, between calls, the next) is at the anchor
-        in ``"gradient"`` mode: the gradient that places ``w~_t`` (the one to compute under
-        ``ddp_model.no_sync()`` with ``anchor_gradient="local"``)."""
+        """Whether the evaluation being made (between calls: the next) places ``w~_t``.
+
+        True at the anchor in ``"gradient"`` mode: the gradient to compute under
+        ``ddp_model.no_sync()`` with ``anchor_gradient="local"``.
+        """
         return self._config.mode == "gradient" and not self._phase
 
     @property

@@ -29,7 +29,7 @@ SEED = 11
 """The seed of the noise of every run."""
 
 TOTAL, SPLIT = 60, 27
-"""Calls in all, and where the resumed run is cut (an odd call: mid-iteration where it alternates)."""
+"""Calls in all, and where the resumed run is cut (odd: mid-iteration where calls alternate)."""
 
 
 def find_case(name: str) -> ExtrapolationCase:
