@@ -718,7 +718,8 @@ class Extrapolation(Optimizer):
             return None
         if not self._is_alig:
             return self._group_value("lr")
-        gamma = self.base_optimizer.gamma  # type: ignore[attr-defined]
+        assert isinstance(self.base_optimizer, AliG)
+        gamma = self.base_optimizer.gamma
         return gamma if stepped and gamma is not None else 0.0  # skipped: not used
 
     def _any_rank(self, flag: torch.Tensor, loss: torch.Tensor | None) -> tuple[bool, Any]:
@@ -777,7 +778,7 @@ class Extrapolation(Optimizer):
                 p.copy_(a)  # the base steps from w_t
             self._guard.stepping = True
             try:
-                if self._is_alig:
+                if isinstance(self.base_optimizer, AliG):
                     self.base_optimizer.step(loss=inputs.loss)
                 else:
                     self.base_optimizer.step()
