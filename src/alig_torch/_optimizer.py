@@ -318,6 +318,9 @@ class AliG(Optimizer):
                 "AliG got an empty parameter list. Pass the tensors to optimize, e.g. "
                 "AliG(model.parameters(), max_lr=0.1), or a list of param-group dicts."
             )
+        # An instance attribute, not a property: wrappers that subclass AliG's class and
+        # forward attribute reads (Lightning's LightningOptimizer) reach the optimizer's own.
+        self._accumulation = Accumulation(self)  # the losses added, the backward passes seen
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -393,6 +396,8 @@ class AliG(Optimizer):
             group.setdefault("eps", 1e-5)
             group.setdefault("f_star", 0.0)
             group.setdefault("foreach", None)
+        if "_accumulation" not in self.__dict__:  # a copy or unpickled: not the original's
+            self._accumulation = Accumulation(self)
         self._accumulation.watch([p for group in self.param_groups for p in group["params"]])
 
     def __repr__(self) -> str:
@@ -552,14 +557,6 @@ class AliG(Optimizer):
         if not params:
             raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
         return params[0].device, _accumulation_dtype(params)
-
-    @property
-    def _accumulation(self) -> Accumulation:
-        """The pending losses and the backward-pass counter (created on first use)."""
-        state = self.__dict__.get("_accumulation_state")
-        if state is None:
-            state = self.__dict__["_accumulation_state"] = Accumulation(self)
-        return state
 
     @torch.no_grad()
     def _step(self, loss: Any) -> None:
