@@ -101,10 +101,14 @@ def test_last_micro_batch_loss_with_gradient_accumulation_steps_is_an_error() ->
     model, opt, loader = accelerator.prepare(
         model, AliG(model.parameters(), **KWARGS), _loader(BATCH // 2)
     )
-    with pytest.raises(ValueError, match="got one loss .* but 2 backward passes"):
+
+    def train() -> None:
         for x, y in loader:
             with accelerator.accumulate(model):
                 loss = F.cross_entropy(model(x), y)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     opt.optimizer.step(loss=loss / 2)
+
+    with pytest.raises(ValueError, match=r"got one loss .* but 2 backward passes"):
+        train()
