@@ -26,10 +26,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = ["INTEGRATIONS_HELP", "Accumulation", "count_mismatch_message"]
 
 INTEGRATIONS_HELP = (
-    "Lightning with accumulate_grad_batches or fp16 AMP: Trainer(callbacks=[alig_torch.integrations."
-    "lightning.AliGCallback()]); accelerate: alig_torch.integrations.accelerate.backward("
-    "accelerator, loss, optimizer) in place of accelerator.backward(loss); Hugging Face "
-    "transformers: alig_torch.integrations.transformers.AliGTrainer in place of Trainer."
+    "Lightning with accumulate_grad_batches or fp16 AMP: Trainer(callbacks=[alig_torch."
+    "integrations.lightning.AliGCallback()]); accelerate: "
+    "alig_torch.integrations.accelerate.backward(accelerator, loss, optimizer) in place of "
+    "accelerator.backward(loss); Hugging Face transformers: "
+    "alig_torch.integrations.transformers.AliGTrainer in place of Trainer."
 )
 """The integrations that hand every backpropagated loss over, named in the errors."""
 

@@ -33,7 +33,7 @@ def alig_optimizers(optimizers: Any) -> list[AliG]:
     if optimizers is None:
         return []
     items: Iterable[Any] = optimizers if isinstance(optimizers, list | tuple) else [optimizers]
-    found = []
+    found: list[AliG] = []
     for item in items:
         alig = _unwrap(item)
         if alig is not None and all(alig is not f for f in found):

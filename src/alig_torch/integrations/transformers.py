@@ -144,6 +144,8 @@ class AliGTrainer(transformers.Trainer):
         """Creates ``AliG(trainable parameters, max_lr=args.learning_rate, **alig_kwargs)``."""
         if self.optimizer is None:
             model = self.model if model is None else model
+            if model is None:
+                raise ValueError("AliGTrainer.create_optimizer() needs a model.")
             params = [p for p in model.parameters() if p.requires_grad]
             self.optimizer = AliG(params, max_lr=self.args.learning_rate, **self.alig_kwargs)
         return self.optimizer
