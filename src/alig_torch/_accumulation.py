@@ -42,16 +42,19 @@ class _BackwardCounter:
     """How many backward passes reached each parameter since the last reset.
 
     A parameter whose ``.grad`` is another tensor than after the previous pass (set to
-    ``None`` by ``model.zero_grad()`` in between) starts again at one. ``passes`` holds the
-    ids of the distinct backward passes seen, when torch gives them.
+    ``None`` by ``model.zero_grad()`` in between) starts again at one. ``distinct`` counts
+    the backward passes seen (by their id, when torch gives it): the hooks of one pass
+    run one after the other, so a change of id is a new pass. It is an int, not a set of
+    ids, so that a compiled step does not guard on ids that change every step.
     """
 
-    __slots__ = ("counts", "grads", "passes")
+    __slots__ = ("counts", "distinct", "grads", "last_pass")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
         self.grads: dict[int, weakref.ref[torch.Tensor]] = {}
-        self.passes: set[int] = set()
+        self.distinct = 0
+        self.last_pass: int | None = None
 
     def record(self, key: int, param: torch.Tensor) -> None:
         grad = param.grad
@@ -61,13 +64,17 @@ class _BackwardCounter:
         if grad is not None:
             self.grads[key] = weakref.ref(grad)
         if _graph_task_id is not None:
-            self.passes.add(_graph_task_id())
+            current = _graph_task_id()
+            if current != self.last_pass:
+                self.last_pass = current
+                self.distinct += 1
 
     def reset(self) -> None:
         if self.counts:
             self.counts.clear()
             self.grads.clear()
-            self.passes.clear()
+            self.distinct = 0
+            self.last_pass = None
 
 
 class _CountBackward:
@@ -156,8 +163,8 @@ class Accumulation:
         counts = self._counter.counts
         if not counts:
             return 0, None
-        passes = self._counter.passes
-        return max(counts.values()), (len(passes) if passes else None)
+        distinct = self._counter.distinct
+        return max(counts.values()), (distinct if distinct else None)
 
 
 def count_mismatch_message(given: int, how: str, most: int, distinct: int | None) -> str | None:
