@@ -49,6 +49,179 @@ _LOSS_HELP = (
     f"{INTEGRATIONS_HELP}"
 )
 
+_CONVENTION_KEY = "momentum_convention"
+"""The key :meth:`AliG.state_dict` adds to each saved param group: what its momentum
+buffers hold, as :func:`alig_core.momentum_convention` codes it (0: no buffers, 1: the
+standard convention's ``-gamma*g`` terms, 2: the adjusted one's ``-g`` terms)."""
+
+_ALIG_GROUP_KEYS = ("lr", "momentum", "adjusted_momentum", "eps", "f_star")
+"""The keys every param group of an AliG state_dict holds (every version of this code)."""
+
+_WEIGHT_DECAY_HELP = (
+    "ALI-G regularises with a constraint, not with weight decay (whose step would be taken "
+    "at the cap, not at gamma): pass max_norm=r to AliG (the radius of the l2 ball on all "
+    "parameters, as in the paper), or add the l2 penalty to the loss you pass, so that the "
+    "loss and its gradient both include it."
+)
+_UNSUPPORTED_MODE_HELP = "AliG has no such mode: remove the key from the param group."
+
+_FOREIGN_GROUP_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    # key: (values that change nothing, what to do instead)
+    "weight_decay": ((0,), _WEIGHT_DECAY_HELP),
+    "decoupled_weight_decay": ((False,), _WEIGHT_DECAY_HELP),
+    "nesterov": (
+        (),
+        "ALI-G's momentum always has the Nesterov form (p moves by -gamma*g + mu*b); what "
+        "differs is the convention of its buffers: adjusted_momentum=True is the convention of "
+        "torch.optim.SGD(nesterov=True) driven with lr = gamma, adjusted_momentum=False (the "
+        "default) the paper's. Set adjusted_momentum instead.",
+    ),
+    "dampening": ((0,), "ALI-G's momentum has no dampening: remove the key."),
+    "maximize": (
+        (False,),
+        "ALI-G minimises a loss bounded below by f_star: to maximise an objective, pass its "
+        "negation as the loss (and differentiate that).",
+    ),
+    "betas": (
+        (),
+        "betas belong to Adam-type optimizers; ALI-G has one momentum coefficient: set "
+        "momentum=mu (0 <= mu < 1).",
+    ),
+    "amsgrad": ((False,), "amsgrad belongs to Adam; ALI-G has no second moment: remove it."),
+    "momentum_decay": ((), "momentum_decay belongs to NAdam; ALI-G has no such schedule."),
+    "centered": ((False,), "centered belongs to RMSprop; ALI-G has no second moment."),
+    "rho": ((), "rho belongs to Adadelta; ALI-G has no running averages."),
+    "lr_decay": ((0,), "lr_decay belongs to Adagrad; ALI-G sets its step size from the loss."),
+    "initial_accumulator_value": ((0,), "initial_accumulator_value belongs to Adagrad."),
+    "lambd": ((), "lambd belongs to ASGD; ALI-G has no averaging."),
+    "t0": ((), "t0 belongs to ASGD; ALI-G has no averaging."),
+    "etas": ((), "etas belong to Rprop; ALI-G sets its step size from the loss."),
+    "step_sizes": ((), "step_sizes belong to Rprop; ALI-G sets its step size from the loss."),
+    "beta2_decay": ((), "beta2_decay belongs to Adafactor; ALI-G has no second moment."),
+    "fused": (
+        (None, False),
+        "AliG has no fused implementation: its fast path is foreach=True (the default on "
+        "CPU and GPU).",
+    ),
+    "capturable": ((False,), _UNSUPPORTED_MODE_HELP),
+    "differentiable": (
+        (False,),
+        "AliG's step runs under torch.no_grad() and is not differentiable: remove the key.",
+    ),
+}
+"""Param-group keys of other torch optimizers that AliG would ignore or that would change
+what a step means: refused unless they hold a value that changes nothing (e.g.
+``weight_decay=0``). Keys not listed here (a user's own, such as ``"name"``, and those LR
+schedulers write: ``initial_lr``, ``max_lr``, ``min_lr``, ``max_momentum``,
+``base_momentum``, ``swa_lr``) are kept as torch keeps them."""
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of the values that change nothing (plain numbers only)."""
+    if isinstance(value, bool) or value is None:
+        return any(value is n for n in neutral)
+    if isinstance(value, int | float):
+        return any(not isinstance(n, bool | None) and value == n for n in neutral)
+    return False
+
+
+def _check_group_keys(group: dict[str, Any], where: str) -> None:
+    """Refuses the keys of :data:`_FOREIGN_GROUP_KEYS` that would change or be lost."""
+    for key, (neutral, help_text) in _FOREIGN_GROUP_KEYS.items():
+        if key in group and not _is_neutral(group[key], neutral):
+            raise ValueError(
+                f"{where} sets {key!r} = {group[key]!r}, a setting of another optimizer that "
+                f"ALI-G does not have: AliG would ignore it or take a different step than "
+                f"the one asked for. {help_text}"
+            )
+
+
+def _check_group_hyperparameters(group: dict[str, Any]) -> None:
+    """The core's validation of a group's ALI-G hyperparameters (``lr = inf``: no cap)."""
+    if not (isinstance(group["lr"], float) and group["lr"] == _NO_CAP):
+        validate_max_lr(group["lr"])
+    validate_momentum(group["momentum"])
+    AliGConfig(
+        momentum=group["momentum"],
+        adjusted_momentum=group["adjusted_momentum"],
+        eps=group["eps"],
+        f_star=group["f_star"],
+    )
+
+
+_FRESH_STATE_HELP = (
+    "To start ALI-G from such a checkpoint, load only the model's weights "
+    "(model.load_state_dict(...)) and leave the optimizer's state fresh (its momentum "
+    "buffers start at zero); to resume ALI-G, load a state_dict saved by alig_torch.AliG."
+)
+
+
+def _check_saved_group(index: int, saved: Any, saved_state: Any) -> None:
+    """Refuses a saved param group that does not prove it was written by AliG.
+
+    An AliG group holds :data:`_ALIG_GROUP_KEYS` (state_dicts of every version) and, when
+    saved by this version, :data:`_CONVENTION_KEY`, which must agree with the group's
+    ``adjusted_momentum`` and with whether the state holds buffers for its parameters.
+    """
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"This state_dict's param group {index} is a {type(saved).__name__}, not a dict: "
+            f"it is not an optimizer state_dict. {_FRESH_STATE_HELP}"
+        )
+    where = f"This state_dict's param group {index}"
+    missing = [key for key in _ALIG_GROUP_KEYS if key not in saved]
+    if missing:
+        keys = sorted(k for k in saved if k != "params")
+        if set(missing) == {"adjusted_momentum"}:
+            raise ValueError(
+                f"{where} has no 'adjusted_momentum': its momentum convention cannot be read. "
+                "The buffers of the two conventions hold different quantities (-gamma*g "
+                "terms with adjusted_momentum=False, -g terms with True), so loading them "
+                "under a guessed one would silently change the trajectory. If you know how "
+                f"it was trained, set state_dict['param_groups'][{index}]['adjusted_momentum'] "
+                "to that value before loading."
+            )
+        sign_note = (
+            " torch.optim.SGD's momentum_buffer holds +(mu*b + g): the opposite sign of both "
+            "ALI-G conventions (-gamma*g or -g terms), so it cannot be reused."
+            if "nesterov" in saved or "dampening" in saved
+            else ""
+        )
+        raise ValueError(
+            f"{where} is not an AliG one: it lacks {missing} and has keys {keys}, so it was "
+            "saved by another optimizer (or by code that does not record ALI-G's momentum "
+            f"convention, such as the paper's own AliG).{sign_note} {_FRESH_STATE_HELP}"
+        )
+    _check_group_keys(saved, where)
+    try:
+        _check_group_hyperparameters(saved)
+    except ValueError as error:
+        raise ValueError(f"{where} holds an invalid setting: {error}") from None
+    if _CONVENTION_KEY not in saved:
+        return  # saved before the marker existed: its adjusted_momentum says it all
+    code = saved[_CONVENTION_KEY]
+    states = saved_state if isinstance(saved_state, dict) else {}
+    has_buffers = any(
+        isinstance(states.get(i), dict) and "momentum_buffer" in states[i]
+        for i in saved.get("params", [])
+    )
+    expected = alig_core.momentum_convention(has_buffers, bool(saved["adjusted_momentum"]))
+    if isinstance(code, bool) or not isinstance(code, int) or code != expected:
+        described = (
+            alig_core.describe_momentum_convention(code)
+            if isinstance(code, int) and not isinstance(code, bool)
+            else repr(code)
+        )
+        raise ValueError(
+            f"{where} says its momentum buffers are in the convention {described} "
+            f"({_CONVENTION_KEY}={code!r}), but it has "
+            f"adjusted_momentum={saved['adjusted_momentum']} and "
+            f"{'buffers' if has_buffers else 'no buffers'} for its parameters "
+            f"({alig_core.describe_momentum_convention(expected)}): the state_dict was edited "
+            "or written by other code, and its buffers cannot be trusted. Load a state_dict "
+            "as AliG.state_dict() returned it."
+        )
+
 
 def _loss_as_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Checks the loss and returns it as a detached 0-d tensor, without a host sync."""
@@ -177,6 +350,18 @@ def project_onto_ball(params: Iterable[torch.Tensor], max_norm: float) -> None:
             p.mul_(scale.to(p.device))
 
 
+def _check_group_params(group: dict[str, Any]) -> None:
+    """Refuses parameters ALI-G cannot step (complex or not floating point)."""
+    for p in group["params"]:
+        if p.is_complex() or not p.is_floating_point():
+            raise ValueError(
+                f"ALI-G optimizes real floating-point parameters; got a parameter of dtype "
+                f"{p.dtype} and shape {tuple(p.shape)}. For a complex parameter, optimize "
+                "torch.view_as_real(p) (its real and imaginary parts) instead; leave integer "
+                "buffers out of the optimizer."
+            )
+
+
 class AliG(Optimizer):
     r"""ALI-G: SGD with the Polyak step size, capped at ``max_lr``.
 
@@ -245,6 +430,17 @@ class AliG(Optimizer):
     scalar all-reduce), so that every rank computes the same gamma from the loss of the
     global batch, as DDP already averages the gradients. Pass ``all_reduce_loss=False``
     only if the loss you pass is already the global mean.
+
+    **Checkpoints and other optimizers' options.** :meth:`state_dict` records each
+    group's momentum convention; :meth:`load_state_dict` refuses another optimizer's state
+    (``torch.optim.SGD``'s buffers hold ``+(mu*b + g)``, the opposite sign of both
+    conventions), a state whose convention cannot be read, and one of the other convention.
+    Param-group keys of other optimizers that would be ignored or change the step
+    (``weight_decay``: use ``max_norm``; ``nesterov``: use ``adjusted_momentum``;
+    ``dampening``, ``maximize``, ``betas``, ``fused``, ...) raise a ``ValueError``; LR
+    schedulers' keys and a user's own are kept. OneCycleLR and CyclicLR cycle the group's
+    ``momentum`` by default (``cycle_momentum=True``), as for ``torch.optim.SGD``: each step
+    uses the momentum of that step; pass ``cycle_momentum=False`` to keep it fixed.
 
     Args:
       params: the parameters to optimize, or dicts defining param groups (each may set
@@ -324,8 +520,17 @@ class AliG(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a param group; ``max_lr`` is accepted as the name of its ``lr``."""
-        if "max_lr" in param_group:
+        """Adds a param group; ``max_lr`` is accepted as the name of its ``lr``.
+
+        Keys of other optimizers that ALI-G would ignore or that would change the step
+        (``weight_decay``, ``nesterov``, ``dampening``, ``maximize``, ``betas``, ``fused``,
+        ...) raise a ``ValueError`` that says what to use instead, unless they hold the value
+        that changes nothing (``weight_decay=0``, ``maximize=False``, ...). Other keys (a
+        user's own, those LR schedulers write) are kept, as in any torch optimizer.
+        """
+        if isinstance(param_group, dict):
+            _check_group_keys(param_group, f"Param group {len(self.param_groups)}")
+        if isinstance(param_group, dict) and "max_lr" in param_group:
             if "lr" in param_group:
                 raise ValueError(
                     "A param group sets both 'max_lr' and 'lr'; they are the same thing "
@@ -338,37 +543,65 @@ class AliG(Optimizer):
         group = self.param_groups[-1]
         if group["lr"] is None:
             group["lr"] = _NO_CAP
-        if not (isinstance(group["lr"], float) and group["lr"] == _NO_CAP):
-            validate_max_lr(group["lr"])
-        validate_momentum(group["momentum"])
-        AliGConfig(
-            momentum=group["momentum"],
-            adjusted_momentum=group["adjusted_momentum"],
-            eps=group["eps"],
-            f_star=group["f_star"],
-        )
-        for p in group["params"]:
-            if p.is_complex() or not p.is_floating_point():
-                raise ValueError(
-                    f"ALI-G optimizes real floating-point parameters; got a parameter of dtype "
-                    f"{p.dtype} and shape {tuple(p.shape)}. For a complex parameter, optimize "
-                    "torch.view_as_real(p) (its real and imaginary parts) instead; leave integer "
-                    "buffers out of the optimizer."
-                )
+        try:
+            _check_group_hyperparameters(group)
+            _check_group_params(group)
+        except ValueError:
+            self.param_groups.pop()  # a refused group is not added
+            raise
         self._accumulation.watch(group["params"])
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state_dict; refuses one whose momentum convention differs from a group's.
+    def state_dict(self) -> dict[str, Any]:
+        """Returns the state as ``torch.optim.Optimizer.state_dict`` does, with a marker.
 
-        The two conventions keep different quantities in the buffers (``-gamma*g`` terms
-        against ``-g`` terms), so resuming with the other one would silently change the
-        trajectory; torch's default would also overwrite the group's setting.
+        Each saved param group also holds ``momentum_convention``: what its momentum
+        buffers hold, as :func:`alig_core.momentum_convention` codes it (0: no buffers,
+        1: the standard convention's ``-gamma*g`` terms, 2: the adjusted one's ``-g``
+        terms). :meth:`load_state_dict` checks it; the live param groups do not hold it.
         """
-        for index, (ours, saved) in enumerate(
-            zip(self.param_groups, state_dict.get("param_groups", []), strict=False)
-        ):
-            if "adjusted_momentum" not in saved:
-                continue
+        state = super().state_dict()
+        for group, saved in zip(self.param_groups, state["param_groups"], strict=True):
+            has_buffers = any("momentum_buffer" in self.state.get(p, {}) for p in group["params"])
+            saved[_CONVENTION_KEY] = alig_core.momentum_convention(
+                has_buffers, bool(group["adjusted_momentum"])
+            )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads an AliG state_dict; refuses any state it cannot resume exactly.
+
+        Refused, with a ``ValueError`` that says what was given and what to do:
+
+        * another optimizer's state (its param groups lack ALI-G's keys ``adjusted_momentum``,
+          ``eps``, ``f_star``): e.g. ``torch.optim.SGD``'s ``momentum_buffer`` holds
+          ``+(mu*b + g)``, the opposite sign of both ALI-G conventions;
+        * a state whose momentum convention cannot be read (no ``adjusted_momentum``), or
+          whose ``momentum_convention`` marker contradicts its ``adjusted_momentum`` and
+          buffers;
+        * a state of the other convention than this optimizer's group: the two conventions
+          keep different quantities in the buffers (``-gamma*g`` terms against ``-g``
+          terms), so resuming with the other one would silently change the trajectory;
+          torch's default would also overwrite the group's setting;
+        * keys of other optimizers (as :meth:`add_param_group`) or invalid hyperparameters.
+
+        State dicts saved before the marker existed (their groups hold ``adjusted_momentum``,
+        ``eps`` and ``f_star``) load as before.
+        """
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError(
+                f"AliG.load_state_dict needs an optimizer state_dict (a dict with 'state' and "
+                f"'param_groups'), got {type(state_dict).__name__}"
+                + (
+                    f" with keys {sorted(map(str, state_dict))}"
+                    if isinstance(state_dict, dict)
+                    else ""
+                )
+                + f". {_FRESH_STATE_HELP}"
+            )
+        saved_groups = state_dict["param_groups"]
+        for index, saved in enumerate(saved_groups):
+            _check_saved_group(index, saved, state_dict.get("state"))
+        for index, (ours, saved) in enumerate(zip(self.param_groups, saved_groups, strict=False)):
             if bool(saved["adjusted_momentum"]) != bool(ours["adjusted_momentum"]):
                 raise ValueError(
                     f"This checkpoint's param group {index} was trained with "
@@ -377,7 +610,8 @@ class AliG(Optimizer):
                     "buffers hold different quantities. Build the optimizer with "
                     f"adjusted_momentum={saved['adjusted_momentum']} to resume."
                 )
-        super().load_state_dict(state_dict)
+        groups = [{k: v for k, v in g.items() if k != _CONVENTION_KEY} for g in saved_groups]
+        super().load_state_dict({**state_dict, "param_groups": groups})
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -387,12 +621,19 @@ class AliG(Optimizer):
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        for index, group in enumerate(state.get("param_groups", [])):
+            if "adjusted_momentum" not in group:
+                raise ValueError(
+                    f"AliG param group {index} has no 'adjusted_momentum': the momentum "
+                    "convention of its buffers cannot be read, and guessing it would silently "
+                    "change the trajectory. Set the group's 'adjusted_momentum' to the value "
+                    "it was trained with."
+                )
         super().__setstate__(state)
         self.__dict__.setdefault("max_norm", None)
         self.__dict__.setdefault("all_reduce_loss", True)
         self.__dict__.setdefault("_warned_local_loss", False)
         for group in self.param_groups:
-            group.setdefault("adjusted_momentum", False)
             group.setdefault("eps", 1e-5)
             group.setdefault("f_star", 0.0)
             group.setdefault("foreach", None)
