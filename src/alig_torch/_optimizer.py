@@ -731,9 +731,10 @@ class AliG(Optimizer):
         """The loss the step uses, how many backward passes' losses it sums, and whence."""
         if pending.added:
             if loss is not None:
+                added = "1 loss" if pending.added == 1 else f"{pending.added} losses"
                 raise ValueError(
-                    f"AliG.step() got loss= and also {pending.added} losses added with "
-                    "add_loss() since the last step; hand the loss over one way: either add "
+                    f"AliG.step() got loss= and also {added} added with add_loss() since the "
+                    "last step; hand the loss over one way: either add "
                     "the loss of every backward pass with add_loss() and call step(), or pass "
                     "them all as step(loss=...)."
                 )

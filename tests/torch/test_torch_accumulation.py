@@ -207,7 +207,7 @@ def test_added_losses_and_loss_keyword_together_is_an_error() -> None:
     opt = AliG(model.parameters(), **KWARGS)
     (loss,) = _backward_micro_batches(model, 1)
     opt.add_loss(loss)
-    with pytest.raises(ValueError, match="got loss= and also 1 losses added with add_loss"):
+    with pytest.raises(ValueError, match="got loss= and also 1 loss added with add_loss"):
         opt.step(loss=loss)
 
 
