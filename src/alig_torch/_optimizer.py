@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from alig_core import (
     validate_max_lr,
     validate_momentum,
 )
+from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation, count_mismatch_message
 
 __all__ = ["AliG", "alig", "project_onto_ball"]
 
@@ -36,11 +37,16 @@ _NO_CAP = math.inf
 """How ``max_lr=None`` is stored in a group's ``lr`` (so LR schedulers keep working)."""
 
 _LOSS_HELP = (
-    "ALI-G computes its step size from the loss. Pass it in one of two ways: "
-    "opt.step(closure) with a closure that zeroes the gradients, computes the loss, calls "
-    "loss.backward() and returns the loss (as for torch.optim.LBFGS; Lightning does this), "
-    "or opt.step(loss=loss) after loss.backward() (with a GradScaler: "
-    "scaler.unscale_(opt); scaler.step(opt, loss=loss) with the unscaled loss)."
+    "ALI-G computes its step size from the loss of the gradient it applies. Hand it over in "
+    "one of these ways: opt.step(closure) with a closure that zeroes the gradients, computes "
+    "the loss, calls loss.backward() and returns the loss (as for torch.optim.LBFGS; "
+    "Lightning's automatic optimization passes one); opt.step(loss=loss) after "
+    "loss.backward(); with gradient accumulation, opt.add_loss(loss) after each backward() "
+    "(the loss as it was backpropagated, e.g. divided by the number of micro-batches) then "
+    "opt.step(), or opt.step(loss=[loss_1, ..., loss_k]); with a GradScaler, "
+    "scaler.unscale_(opt); scaler.step(opt, loss=loss) with the unscaled loss (or "
+    "opt.add_loss(loss) of the unscaled loss, then scaler.step(opt)). In a trainer: "
+    f"{INTEGRATIONS_HELP}"
 )
 
 _CONVENTION_KEY = "momentum_convention"
@@ -387,15 +393,24 @@ class AliG(Optimizer):
         ``max_lr``) and differ as soon as it moves, which it always does in ALI-G. The
         buffers also differ: standard buffers hold ``-gamma * g``, adjusted ones ``-g``.
 
-    The loss reaches the optimizer in one of two ways:
+    The loss reaches the optimizer in one of these ways:
 
     * ``opt.step(closure)``: the closure is called under ``torch.enable_grad()`` and must
       return the loss (Lightning's automatic optimization passes one);
     * ``opt.step(loss=loss)``: after ``loss.backward()``; with
       ``torch.amp.GradScaler``, call ``scaler.unscale_(opt)`` then
       ``scaler.step(opt, loss=loss)`` with the *unscaled* loss (GradScaler refuses
-      closures). Lightning's fp16 AMP plugin calls ``scaler.step(opt)`` with no loss:
-      that raises, it never steps with a stale value.
+      closures);
+    * gradient accumulation: :meth:`add_loss` after each ``backward()`` then
+      ``opt.step()``, or ``opt.step(loss=[loss_1, ..., loss_k])``: the loss of a summed
+      gradient is the sum of the losses that were backpropagated. The optimizer counts
+      the backward passes that reached its parameters and refuses a step given one
+      micro-batch's loss for a gradient of several;
+    * trainers: :mod:`alig_torch.integrations` (Lightning's ``AliGCallback`` for
+      ``accumulate_grad_batches`` and fp16 AMP, a ``backward`` helper for accelerate, an
+      ``AliGTrainer`` for Hugging Face transformers). Without the callback, Lightning's
+      fp16 AMP plugin calls ``scaler.step(opt)`` with no loss: that raises, it never steps
+      with a stale value.
 
     On an accelerator and under ``torch.compile`` the step size stays a 0-d tensor: no
     ``.item()`` or host synchronisation, so ``torch.compile(opt.step.__wrapped__,
@@ -499,6 +514,9 @@ class AliG(Optimizer):
                 "AliG got an empty parameter list. Pass the tensors to optimize, e.g. "
                 "AliG(model.parameters(), max_lr=0.1), or a list of param-group dicts."
             )
+        # An instance attribute, not a property: wrappers that subclass AliG's class and
+        # forward attribute reads (Lightning's LightningOptimizer) reach the optimizer's own.
+        self._accumulation = Accumulation(self)  # the losses added, the backward passes seen
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -531,6 +549,7 @@ class AliG(Optimizer):
         except ValueError:
             self.param_groups.pop()  # a refused group is not added
             raise
+        self._accumulation.watch(group["params"])
 
     def state_dict(self) -> dict[str, Any]:
         """Returns the state as ``torch.optim.Optimizer.state_dict`` does, with a marker.
@@ -618,6 +637,9 @@ class AliG(Optimizer):
             group.setdefault("eps", 1e-5)
             group.setdefault("f_star", 0.0)
             group.setdefault("foreach", None)
+        if "_accumulation" not in self.__dict__:  # a copy or unpickled: not the original's
+            self._accumulation = Accumulation(self)
+        self._accumulation.watch([p for group in self.param_groups for p in group["params"]])
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -656,27 +678,127 @@ class AliG(Optimizer):
     # ------------------------------------------------------------------ the step
 
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Any] | None = None, *, loss: Any = None
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        loss: Any | Sequence[Any] = None,
     ) -> Any:
         """Performs one ALI-G step; returns the loss.
+
+        The loss is, in this order: the sum of the losses added with :meth:`add_loss`
+        since the last step (a closure's return value is then ignored: under Lightning
+        with :class:`~alig_torch.integrations.lightning.AliGCallback` it is one
+        micro-batch's); else ``loss=``; else the closure's return value. A closure that
+        returns ``None`` (Lightning's manual optimization passes one) leaves the loss to
+        ``loss=`` or :meth:`add_loss`.
+
+        When more than one backward pass reached the parameters since the last step or
+        :meth:`zero_grad`, ``.grad`` is their sum and the loss must be the sum of their
+        losses, handed over one per backward pass (:meth:`add_loss`, or ``loss=`` as a
+        list): a single loss, or a different number of losses, raises a ``ValueError``
+        rather than taking a wrong step. The count comes from a hook on each parameter;
+        where no hook fires (e.g. FSDP1 flat parameters) nothing is checked.
 
         Args:
           closure: re-evaluates the model and returns the loss (called under
             ``torch.enable_grad()``).
-          loss: the loss of the minibatch whose gradients are in ``.grad``, a float or a
-            0-d tensor (unscaled under loss scaling). Give exactly one of the two.
+          loss: the loss of the gradient in ``.grad``, a float or a 0-d tensor (unscaled
+            under loss scaling), or a list of the losses of the backward passes that
+            accumulated it (summed).
+
+        Returns:
+          The closure's return value when it gave one, else the loss the step used
+          (``loss=`` as given, or the sum of a list or of the added losses).
         """
-        if closure is None and loss is None:
-            raise ValueError(f"AliG.step() got no loss. {_LOSS_HELP}")
-        if closure is not None and loss is not None:
-            raise ValueError(f"AliG.step() got both a closure and loss=; give one. {_LOSS_HELP}")
+        closure_loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
-            if loss is None:
-                raise ValueError(f"The closure passed to AliG.step() returned None. {_LOSS_HELP}")
-        self._step(loss)
-        return loss
+                closure_loss = closure()
+        pending = self._accumulation
+        try:
+            used, given, how = self._loss_of_step(closure, closure_loss, loss, pending)
+            message = count_mismatch_message(given, how, *pending.backward_passes())
+            if message is not None:
+                raise ValueError(message)
+        finally:
+            pending.forget()
+        self._step(used)
+        return closure_loss if closure_loss is not None else used
+
+    def _loss_of_step(
+        self, closure: Any, closure_loss: Any, loss: Any, pending: Accumulation
+    ) -> tuple[Any, int, str]:
+        """The loss the step uses, how many backward passes' losses it sums, and whence."""
+        if pending.added:
+            if loss is not None:
+                added = "1 loss" if pending.added == 1 else f"{pending.added} losses"
+                raise ValueError(
+                    f"AliG.step() got loss= and also {added} added with add_loss() since the "
+                    "last step; hand the loss over one way: either add "
+                    "the loss of every backward pass with add_loss() and call step(), or pass "
+                    "them all as step(loss=...)."
+                )
+            return pending.total, pending.added, "added with add_loss()"
+        if loss is not None:
+            if closure_loss is not None:
+                raise ValueError(
+                    "AliG.step() got both a closure and loss=, and the closure returned a loss; "
+                    f"give one. {_LOSS_HELP}"
+                )
+            if isinstance(loss, list | tuple):
+                if not loss:
+                    raise ValueError(
+                        "AliG.step(loss=[]) got an empty list of losses; pass the loss of every "
+                        f"backward pass that accumulated the gradient. {_LOSS_HELP}"
+                    )
+                device, dtype = self._loss_device_and_dtype()
+                total = _loss_as_tensor(loss[0], device, dtype)
+                for item in loss[1:]:
+                    total = total + _loss_as_tensor(item, device, dtype)
+                return total, len(loss), "as a list, loss=[...]"
+            return loss, 1, "loss="
+        if closure_loss is not None:
+            return closure_loss, 1, "the closure's"
+        if closure is not None:
+            raise ValueError(f"The closure passed to AliG.step() returned None. {_LOSS_HELP}")
+        raise ValueError(f"AliG.step() got no loss. {_LOSS_HELP}")
+
+    def add_loss(self, loss: Any) -> None:
+        """Adds the loss of one backward pass to the loss of the next step.
+
+        With gradient accumulation, call it once per ``backward()`` with the loss exactly
+        as it was backpropagated (e.g. already divided by the number of micro-batches);
+        :meth:`step` without a loss then uses their sum, the loss of the summed gradient.
+        :meth:`zero_grad` and :meth:`step` forget the added losses. The loss is detached
+        and summed as a 0-d tensor in the accumulation dtype, with no host
+        synchronisation. Under loss scaling, add the unscaled loss.
+
+        Args:
+          loss: a float or a 0-d tensor.
+
+        Example:
+          >>> model = torch.nn.Linear(3, 1)
+          >>> opt = AliG(model.parameters(), max_lr=0.1)
+          >>> opt.zero_grad()
+          >>> for x, y in [(torch.randn(4, 3), torch.randn(4, 1))] * 2:  # 2 micro-batches
+          ...     loss = torch.nn.functional.mse_loss(model(x), y) / 2
+          ...     loss.backward()
+          ...     opt.add_loss(loss)
+          >>> _ = opt.step()
+        """
+        device, dtype = self._loss_device_and_dtype()
+        self._accumulation.add(_loss_as_tensor(loss, device, dtype))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients (as ``torch.optim``) and forgets the added losses with them."""
+        super().zero_grad(set_to_none)
+        self._accumulation.forget()
+
+    def _loss_device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not params:
+            raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
+        return params[0].device, _accumulation_dtype(params)
 
     @torch.no_grad()
     def _step(self, loss: Any) -> None:
