@@ -21,6 +21,7 @@ from alig_cases import initial_params, max_relative_deviation
 from alig_core import AliGConfig
 from alig_core.oracle import OracleState, oracle_step
 from alig_tf import AliG, AliGTrainStep
+from keras_float64 import Linear, mean_squared_error, soft_sign
 
 BACKEND = keras.backend.backend()
 UPDATES = 3
@@ -30,42 +31,8 @@ BATCH = 16
 
 
 @keras.saving.register_keras_serializable(package="alig_accumulation_tests")
-class Linear(keras.layers.Layer):
-    """A dense layer through elementwise products and a sum.
-
-    Keras' torch backend computes ``ops.matmul`` (so ``Dense``) and ``ops.mean`` of float64
-    tensors in float32 (keras 3.15: ``result_type`` of two torch float64 dtypes is
-    float32), which alone puts micro-batches and their union 1e-8 apart; products and sums
-    stay in float64 on every backend.
-    """
-
-    def __init__(self, units: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.units = units
-
-    def build(self, input_shape: tuple[int, ...]) -> None:
-        self.kernel = self.add_weight((input_shape[-1], self.units), initializer="glorot_uniform")
-        self.bias = self.add_weight((self.units,), initializer="zeros")
-
-    def call(self, x: Any) -> Any:
-        return ops.sum(ops.expand_dims(x, -1) * self.kernel, axis=-2) + self.bias
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "units": self.units}
-
-
-@keras.saving.register_keras_serializable(package="alig_accumulation_tests")
 class Net(AliGTrainStep, keras.Sequential):
     """A Sequential model that hands the loss to AliG on every backend."""
-
-
-@keras.saving.register_keras_serializable(package="alig_accumulation_tests")
-def mean_squared_error(y_true: Any, y_pred: Any) -> Any:
-    """The batch's mean squared error, already a scalar: Keras' own reduction divides with
-    ``divide_no_nan``, which on the torch backend rounds a float64 loss to float32 (keras
-    3.15, the same ``result_type``), while a scalar loss is passed through as it is."""
-    count = ops.cast(ops.size(y_true), y_pred.dtype)
-    return ops.sum(ops.square(y_pred - y_true)) / count
 
 
 def _data() -> tuple[np.ndarray, np.ndarray]:
@@ -78,10 +45,10 @@ def _data() -> tuple[np.ndarray, np.ndarray]:
 
 def _model(accumulation: int | None) -> Net:
     keras.utils.set_random_seed(0)
-    model = Net([keras.Input((5,)), Linear(8), keras.layers.Activation("tanh"), Linear(2)])
+    model = Net([keras.Input((5,)), Linear(8), keras.layers.Activation(soft_sign), Linear(2)])
     model.compile(
         optimizer=AliG(
-            max_lr=0.8, momentum=0.9, max_norm=4.0, gradient_accumulation_steps=accumulation
+            max_lr=1.5, momentum=0.9, max_norm=4.0, gradient_accumulation_steps=accumulation
         ),
         loss=mean_squared_error,
     )
