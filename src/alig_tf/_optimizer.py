@@ -349,10 +349,12 @@ class AliG(keras.optimizers.Optimizer):
     of all gradients (accumulated in at least float32). Then, with buffer :math:`b`:
 
     * ``momentum == 0``: :math:`w \leftarrow w - \gamma g`;
-    * standard (default): :math:`b \leftarrow \mu b - \gamma g`,
+    * standard (default; ``keras.optimizers.SGD(nesterov=True)`` with lr = gamma, which
+      keeps the learning rate inside its buffer): :math:`b \leftarrow \mu b - \gamma g`,
       :math:`w \leftarrow w - \gamma g + \mu b`;
-    * ``adjusted_momentum=True`` (``keras.optimizers.SGD(nesterov=True)`` with lr =
-      gamma): :math:`b \leftarrow \mu b - g`, :math:`w \leftarrow w - \gamma g + \gamma\mu b`;
+    * ``adjusted_momentum=True`` (``torch.optim.SGD(nesterov=True)`` and
+      ``optax.sgd(nesterov=True)`` with lr = gamma): :math:`b \leftarrow \mu b - g`,
+      :math:`w \leftarrow w - \gamma g + \gamma\mu b`;
 
     and with ``max_norm`` all trainable variables are scaled back onto the l2 ball of
     that radius. A step whose loss or gradient norm is not finite is skipped: variables,
@@ -365,15 +367,20 @@ class AliG(keras.optimizers.Optimizer):
     raises a ``ValueError`` (when the step runs eagerly, or when a compiled step is
     traced): it is never taken with a stale value.
 
+    With ``gradient_accumulation_steps=k`` each call hands over its micro-batch's loss, as
+    above; Keras adds the gradients up and AliG the losses (``accumulated_loss``), and the
+    k-th call steps once with both means: the step on the union of the k micro-batches.
+
     Under ``tf.distribute`` (e.g. ``MirroredStrategy``), the replicas' losses and gradients
     are summed inside the step (Keras has divided each replica's loss by the number of
-    replicas), so every replica computes the step size of the global batch.
+    replicas), so every replica computes the step size of the global batch. Each replica's
+    loss waits for the step in a slot of its own.
 
     Monitoring: ``gamma``, ``gamma_hat``, ``capped``, ``steps_taken`` and
     ``steps_skipped`` are optimizer variables (saved with the model).
 
     Args:
-      max_lr: the cap ``eta`` on the step size, a number or a
+      max_lr: the cap ``eta`` on the step size, a number (an int too) or a
         ``keras.optimizers.schedules.LearningRateSchedule`` (of ``steps_taken``, which
         skipped steps do not advance); ``None`` for no cap. It is the
         optimizer's ``learning_rate`` (``inf`` when there is no cap).
@@ -384,8 +391,14 @@ class AliG(keras.optimizers.Optimizer):
       max_norm: radius of the l2-ball constraint; ``None`` for no projection. Project
         the initial weights with :func:`project_onto_ball`.
       name: the optimizer's name.
-      **kwargs: the other arguments of ``keras.optimizers.Optimizer`` (``clipnorm``,
-        ``loss_scale_factor``, ...).
+      **kwargs: of ``keras.optimizers.Optimizer``'s arguments, those that leave ALI-G's
+        step exact: ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency`` (an
+        average of the weights, which does not enter the step), ``loss_scale_factor``
+        (the loss is kept unscaled) and ``gradient_accumulation_steps``. Any other
+        argument raises a ``ValueError``: ``weight_decay`` (Keras decays by the learning
+        rate, which is the cap here, not gamma: use ``max_norm``), ``clipnorm``,
+        ``global_clipnorm`` and ``clipvalue`` (the norm must be the raw gradient's),
+        and any argument not decided on yet.
 
     Example:
       >>> import numpy as np, keras
