@@ -126,7 +126,8 @@ def oracle_step(
         if mu == 0.0:
             params[i] = p - gamma * g
             continue
-        b = buffers[i] if buffers[i] is not None else np.zeros_like(p)
+        previous = buffers[i]
+        b = np.zeros_like(p) if previous is None else previous
         if config.adjusted_momentum:
             b = mu * b - g
             params[i] = p - gamma * g + gamma * mu * b

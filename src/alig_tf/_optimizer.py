@@ -637,7 +637,7 @@ class AliG(keras.optimizers.Optimizer):
         coefficients = momentum_coefficients(
             size.gamma, momentum=self.momentum, adjusted_momentum=self.adjusted_momentum
         )
-        updates = [
+        updates: list[tuple[Any, Any, tuple[Any, ...]]] = [
             (self._update_variable, variable, (g, size, coefficients))
             for g, variable in zip(grads, trainable_variables, strict=True)
         ]
