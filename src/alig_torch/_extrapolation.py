@@ -210,8 +210,12 @@ class Extrapolation(Optimizer):
     * *The base* must step only through the wrapper: its ``step()`` called directly raises.
       A base that already stepped (has state) may be wrapped: its state carries on, and
       the wrapper starts at the anchor (the parameters as they are) at iteration 0.
-    * *Gradient accumulation*: pass the loss of the accumulated gradient (the sum of the
-      backpropagated losses).
+    * *Gradient accumulation*: hand over the loss of every backward pass, as
+      ``opt.step(loss=[loss_1, ..., loss_k])`` or with :meth:`add_loss` after each
+      ``backward()`` (the loss of the summed gradient is the sum of the backpropagated
+      losses). AliG counts the backward passes and refuses a single micro-batch's loss
+      at the update. The trainer integrations (``alig_torch.integrations``) do not
+      look inside this wrapper.
     * On an accelerator each call reads the skip flag back (one host synchronisation):
       the base must not step on a skipped iteration, and only ALI-G could do without.
 
@@ -329,6 +333,7 @@ class Extrapolation(Optimizer):
         self._iteration = 0
         self._skipped = 0
         self._in_anchor_context = False
+        self._added: list[Any] = []  # the losses of add_loss() since the last call
         for p in self._params():
             self._check_param(p)
             self.state[p]["anchor"] = p.detach().clone()
@@ -504,8 +509,33 @@ class Extrapolation(Optimizer):
         return xi
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zeroes the gradients: the base optimizer's ``zero_grad``."""
+        """Zeroes the gradients (the base optimizer's ``zero_grad``); forgets added losses."""
         self.base_optimizer.zero_grad(set_to_none)
+        self._added = []
+
+    def add_loss(self, loss: Any) -> None:
+        """Adds the loss of one backward pass to the loss of the next call.
+
+        With gradient accumulation, call it after each ``backward()`` with the loss as it
+        was backpropagated (e.g. already divided by the number of micro-batches), then
+        ``opt.step()``: the call uses their sum, the loss of the summed gradient, as
+        ``opt.step(loss=[loss_1, ..., loss_k])`` does. :meth:`zero_grad` and
+        :meth:`step` forget the added losses.
+
+        Example:
+          >>> import torch
+          >>> from alig_torch import AliG, Extrapolation
+          >>> model = torch.nn.Linear(3, 1)
+          >>> opt = Extrapolation(AliG(model.parameters(), max_lr=0.1), mode="past")
+          >>> opt.zero_grad()
+          >>> for x, y in [(torch.randn(4, 3), torch.randn(4, 1))] * 2:  # 2 micro-batches
+          ...     loss = torch.nn.functional.mse_loss(model(x), y) / 2
+          ...     loss.backward()
+          ...     opt.add_loss(loss)
+          >>> _ = opt.step()
+        """
+        self._loss_tensor(loss, torch.device("cpu"), torch.float64)  # checked now
+        self._added.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
     # ------------------------------------------------------------------ state_dict
 
@@ -583,9 +613,7 @@ class Extrapolation(Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    def step(  # type: ignore[override]
-        self, closure: Callable[[], Any] | None = None, *, loss: Any = None
-    ) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
         """One call: extrapolates, updates, or both (see the class docstring).
 
         Args:
@@ -593,7 +621,9 @@ class Extrapolation(Optimizer):
             returns the loss (called under ``torch.enable_grad()``; twice in
             ``"gradient"`` mode unless ``alternate``).
           loss: the loss of the gradient in ``.grad`` (a float or a 0-d tensor, unscaled
-            under loss scaling), when no closure is given. ALI-G as the base needs one.
+            under loss scaling), when no closure is given; with gradient accumulation,
+            the list of the losses of the backward passes (summed; or :meth:`add_loss`).
+            ALI-G as the base needs one.
 
         Returns:
           The loss of the first evaluation of the call (the closure's, or ``loss``).
@@ -603,10 +633,18 @@ class Extrapolation(Optimizer):
                 "Extrapolation.step() inside opt.at_anchor(): the parameters hold the anchor "
                 "only for evaluation and saving. Step after the with-block."
             )
+        added, self._added = self._added, []
         if closure is not None and loss is not None:
             raise ValueError(
                 f"Extrapolation.step() got both a closure and loss=; give one. {_LOSS_HELP}"
             )
+        if added:
+            if closure is not None or loss is not None:
+                raise ValueError(
+                    f"Extrapolation.step() got {len(added)} losses added with add_loss() and "
+                    "also a closure or loss=; hand the loss over one way."
+                )
+            loss = added
         first = self._evaluate(closure, loss)
         if self.anchor_pass:
             skipped = self._extrapolate(first)
@@ -644,7 +682,7 @@ class Extrapolation(Optimizer):
     def _gather(
         self, loss: Any
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor | None, torch.Tensor]:
-        """The parameters, their gradients, the loss (0-d) and ``S`` (0-d)."""
+        """The parameters, their gradients, the loss (0-d; a list's sum) and ``S`` (0-d)."""
         params = self._params()
         if not params:
             raise ValueError("Extrapolation has no parameters: its param groups are empty.")
@@ -663,10 +701,20 @@ class Extrapolation(Optimizer):
             if g is not None:
                 flat = g.reshape(-1).to(dtype)
                 sq = sq + torch.dot(flat, flat).to(device)
+        if isinstance(loss, list | tuple):
+            if not loss:
+                raise ValueError(
+                    "Extrapolation.step(loss=[]) got an empty list; pass the loss of every "
+                    f"backward pass that accumulated the gradient. {_LOSS_HELP}"
+                )
+            total = self._loss_tensor(loss[0], device, dtype)
+            for item in loss[1:]:
+                total = total + self._loss_tensor(item, device, dtype)
+            return params, grads, total, sq
         return params, grads, self._loss_tensor(loss, device, dtype), sq
 
     @staticmethod
-    def _loss_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    def _loss_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> Any:
         if loss is None:
             return None
         if isinstance(loss, torch.Tensor):
@@ -779,7 +827,7 @@ class Extrapolation(Optimizer):
             self._guard.stepping = True
             try:
                 if isinstance(self.base_optimizer, AliG):
-                    self.base_optimizer.step(loss=inputs.loss)
+                    self.base_optimizer.step(loss=self._for_alig(inputs.loss, loss))
                 else:
                     self.base_optimizer.step()
             finally:
@@ -797,6 +845,18 @@ class Extrapolation(Optimizer):
             noise=noise,
         )
         self._apply(params, call)
+
+    @staticmethod
+    def _for_alig(corrected: Any, given: Any) -> Any:
+        """The corrected loss for AliG.step(loss=...), as many entries as losses given.
+
+        AliG counts the backward passes that reached its parameters and wants one loss per
+        pass: after k passes it gets the corrected total and k - 1 zeros (their sum is
+        exactly the core's number).
+        """
+        if isinstance(given, list | tuple) and len(given) > 1:
+            return [corrected] + [0.0] * (len(given) - 1)
+        return corrected
 
     def _apply(self, params: list[torch.Tensor], call: ExtrapolationCall) -> bool:
         """Stores the call's state and writes its parameters; returns whether it skipped."""

@@ -460,3 +460,59 @@ def test_the_default_lr_x_needs_one_lr_and_a_sparse_gradient_is_refused() -> Non
     embedding(torch.tensor([1])).sum().backward()
     with pytest.raises(ValueError, match="sparse gradients"):
         sparse.step()
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.parametrize("how", ["list", "add_loss"])
+@pytest.mark.parametrize("mode", ["gradient", "past"])
+def test_k_micro_batches_equal_one_call_on_their_union(mode: str, how: str) -> None:
+    """SPEC: k = 2 micro-batches (each loss / 2) then one call equal one call on their union
+    (float64, 1e-10, gamma moving), ALI-G as the base, alternating form."""
+    batches = [(x.double(), y.double()) for x, y in make_batches(8)]
+    runs, gammas = [], set()
+    for accumulate in (True, False):
+        model = make_model().double()
+        opt = Extrapolation(AliG(model.parameters(), max_lr=5.0, momentum=0.9), mode=mode)
+        for x, y in batches:
+            opt.zero_grad()
+            if not accumulate:
+                loss = mse(model, (x, y))
+                loss.backward()
+                opt.step(loss=loss)
+                if opt.base_optimizer.gamma is not None:
+                    gammas.add(float(opt.base_optimizer.gamma))
+                continue
+            losses = []
+            for half in (slice(0, 4), slice(4, 8)):
+                part = mse(model, (x[half], y[half])) / 2
+                part.backward()
+                losses.append(part)
+                if how == "add_loss":
+                    opt.add_loss(part)
+            opt.step(loss=losses) if how == "list" else opt.step()
+        runs.append(values(model))
+    assert (
+        max_relative_deviation([v.numpy() for v in runs[0]], [v.numpy() for v in runs[1]]) <= 1e-10
+    )
+    assert len(gammas) > 3
+    assert max(gammas) < 5.0
+
+
+def test_one_micro_batch_loss_for_an_accumulated_gradient_raises() -> None:
+    """AliG counts the backward passes: the update call refuses the last micro-batch's loss."""
+    model = make_model().double()
+    opt = Extrapolation(AliG(model.parameters(), max_lr=5.0), mode="past")
+    x, y = (t.double() for t in make_batches(1)[0])
+    opt.zero_grad()
+    for half in (slice(0, 4), slice(4, 8)):
+        part = mse(model, (x[half], y[half])) / 2
+        part.backward()
+    before = values(model)
+    with pytest.raises(ValueError, match=r"2 backward passes.*loss=\[loss_1"):
+        opt.step(loss=part)
+    assert same_bits(values(model), before)
+    opt.add_loss(part)
+    with pytest.raises(ValueError, match="added with add_loss"):
+        opt.step(loss=part)
