@@ -1,4 +1,7 @@
-"""ALI-G for PyTorch: :class:`AliG`, a drop-in ``torch.optim.Optimizer``.
+"""ALI-G for PyTorch: :class:`AliG`, and :class:`Extrapolation` around any optimizer.
+
+:class:`AliG` is a drop-in ``torch.optim.Optimizer``; :class:`Extrapolation` takes extrapolated
+steps around any optimizer, AliG included (Lin, Kong, Stich, Jaggi, ICML 2020).
 
 Example:
   >>> import torch
@@ -13,6 +16,7 @@ Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for 
 Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
+from alig_torch._extrapolation import Extrapolation
 from alig_torch._optimizer import AliG, alig, project_onto_ball
 
-__all__ = ["AliG", "alig", "project_onto_ball"]
+__all__ = ["AliG", "Extrapolation", "alig", "project_onto_ball"]
