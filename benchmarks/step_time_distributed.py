@@ -1,19 +1,20 @@
 """Milliseconds per torch optimizer step on 2 gloo ranks (CPU): what AliG's collective costs.
 
 Every step under ``torch.distributed`` makes one collective: each rank fills its row of a
-small table (loss, sums of squares, checks) and one all-reduce hands every rank every row
-(``alig_torch._distributed``). Rows, on each rank's own copy of the parameters with fixed
-random gradients (as under DDP, after the gradients' all-reduce, which is not timed):
+small table (loss, sums of squares, checks) and one all-gather hands every rank every row
+(``alig_torch._distributed``); before issue 12 it made one all-reduce of the loss. Rows, on
+each rank's own copy of the parameters with fixed random gradients (as under DDP after the
+gradients' all-reduce, which is not timed):
 
-- ``AliG, group of one``: the same step in a process group of one rank (no collective);
-- ``AliG, 2 ranks``: the step with its collective and checks;
-- ``all_reduce of one scalar``: the collective AliG made before (the loss only), alone;
-- ``all_reduce of the 2 x 8 table``: the collective AliG makes now, alone;
-- ``SGD nesterov``: the baseline.
+- ``SGD nesterov``: the baseline;
+- ``AliG, group of one``: AliG's step in a process group of one rank (no collective);
+- ``AliG, group of one + scalar all_reduce``: the same followed by an all-reduce of one
+  scalar: what the step cost before (the loss all-reduce, then the local step);
+- ``AliG, 2 ranks``: the step now, with its collective and checks;
+- ``all_reduce of one scalar``, ``all_gather of a row of 8``: the two collectives alone.
 
 The rows run interleaved in a shuffled order that is the same on both ranks (one seed), so
-the collectives meet; rank 0 prints the medians. The extra cost of the distributed step is
-``AliG, 2 ranks`` minus ``AliG, group of one``, to compare with ``all_reduce of one scalar``.
+that the collectives meet; rank 0 prints the medians.
 
 Run: ``python benchmarks/step_time_distributed.py [--model digits-mlp|resnet18] [--rounds N]``.
 """
@@ -58,21 +59,28 @@ def _stepper(
 
 def _rows(shapes: list[tuple[int, ...]], alone: object) -> dict[str, Callable[[], None]]:
     from alig_torch import AliG
+    from alig_torch._distributed import _all_gather
 
     scalar = torch.zeros(())
-    table = torch.zeros(2, 8, dtype=torch.float64)
+    row, table = torch.zeros(8, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+    local = _stepper(lambda p: AliG(p, max_lr=0.1, momentum=0.9, process_group=alone), shapes, True)
+    before = _stepper(
+        lambda p: AliG(p, max_lr=0.1, momentum=0.9, process_group=alone), shapes, True
+    )
+
+    def before_step() -> None:
+        dist.all_reduce(scalar)
+        before()
+
     return {
         "SGD nesterov (foreach)": _stepper(
             lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), shapes, False
         ),
-        "AliG momentum=0.9, group of one": _stepper(
-            lambda p: AliG(p, max_lr=0.1, momentum=0.9, process_group=alone), shapes, True
-        ),
-        "AliG momentum=0.9, 2 ranks": _stepper(
-            lambda p: AliG(p, max_lr=0.1, momentum=0.9), shapes, True
-        ),
+        "AliG, group of one": local,
+        "AliG, group of one + scalar all_reduce": before_step,
+        "AliG, 2 ranks": _stepper(lambda p: AliG(p, max_lr=0.1, momentum=0.9), shapes, True),
         "all_reduce of one scalar": lambda: dist.all_reduce(scalar),
-        "all_reduce of the 2 x 8 table": lambda: dist.all_reduce(table),
+        "all_gather of a row of 8": lambda: _all_gather(table, row, None),
     }
 
 
@@ -86,11 +94,13 @@ def _worker(rank: int, init_file: str, model: str, rounds: int) -> None:
     if rank == 0:
         num_params = sum(math.prod(s) for s in shapes)
         print(f"{model_name} shapes: {len(shapes)} tensors, {num_params / 1e6:.3f}M float32")
-        print(f"{'row (2 gloo ranks, rank 0)':<44} {'ms/step':>8}")
+        print(f"{'row (2 gloo ranks, momentum 0.9, rank 0)':<44} {'ms/step':>8}")
         for name, seconds in medians.items():
             print(f"{name:<44} {seconds * 1e3:>8.3f}")
-        extra = medians["AliG momentum=0.9, 2 ranks"] - medians["AliG momentum=0.9, group of one"]
-        print(f"{'AliG: 2 ranks minus group of one':<44} {extra * 1e3:>8.3f}")
+        now = medians["AliG, 2 ranks"] - medians["AliG, group of one"]
+        before = medians["AliG, group of one + scalar all_reduce"] - medians["AliG, group of one"]
+        print(f"{'distributed extra, now (2 ranks - alone)':<44} {now * 1e3:>8.3f}")
+        print(f"{'distributed extra, before (+ scalar - alone)':<44} {before * 1e3:>8.3f}")
     dist.barrier()
     dist.destroy_process_group()
 

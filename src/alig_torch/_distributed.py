@@ -12,13 +12,12 @@ Each step makes one collective: every rank fills its row of a small table,
     [loss, partitioned sum of squares, replicated sum of squares, failed, fingerprint,
      partitioned entries, accumulation dtype, holds partitioned parameters]
 
-and one all-reduce (a sum) of the table, in which every other rank's row is zero, hands
-every rank every row exactly. From the same rows every rank derives the same loss and norm
-(summed in rank order: bit for bit the same on every rank), and every rank checks the same
-things: that no rank failed its own checks, that the ranks are configured alike, that the
-replicated parts (and, with ``all_reduce_loss=False``, the losses) agree, and that no two
-ranks hold the same "partitioned" part. When one fails, every rank raises the same error
-after the collective, so no rank is left waiting in one.
+and one all-gather hands every rank every row. From the same rows every rank derives the
+same loss and norm (summed in rank order: bit for bit the same on every rank), and every
+rank checks the same things: that no rank failed its own checks, that the ranks are
+configured alike, that the replicated parts (and, with ``all_reduce_loss=False``, the
+losses) agree, and that no two ranks hold the same "partitioned" part. When one fails,
+every rank raises the same error after the collective, so no rank is left waiting in one.
 """
 
 from __future__ import annotations
@@ -136,7 +135,7 @@ def active_group(process_group: Any) -> Any | None:
 def _collective_device(group: Any) -> torch.device:
     """Where the table goes: the CPU if the group's backend takes CPU tensors, else its device.
 
-    The same on every rank (it depends on the group only), so that every rank's all-reduce
+    The same on every rank (it depends on the group only), so that every rank's all-gather
     reaches the same backend.
     """
     backend = str(torch.distributed.get_backend(group)).lower()
@@ -320,6 +319,13 @@ def disagreement(rows: list[list[float]], *, all_reduce_loss: bool) -> str | Non
     return None
 
 
+def _all_gather(output: torch.Tensor, tensor: torch.Tensor, group: Any) -> None:
+    """``torch.distributed.all_gather_single`` (torch >= 2.13), else its older name."""
+    dist = torch.distributed
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
+
+
 def _rank_order_sum(rows: Any, column: int, size: int) -> Any:
     """``rows[0][column] + rows[1][column] + ...``, left to right (floats or 0-d tensors)."""
     total = rows[0][column]
@@ -351,20 +357,16 @@ class Ranks:
         return {id(p) for p, part in zip(params, mask, strict=True) if part}  # partitioned_mask
 
     def _table(self, row: Sequence[Any]) -> torch.Tensor:
-        """Every rank's ``row``, stacked in rank order.
-
-        One all-reduce (a sum) of a table in which only this rank's row is not zero: the sum
-        is exact.
-        """
-        table = torch.zeros(self.size, len(row), dtype=torch.float64, device=self.device)
+        """Every rank's ``row``, stacked in rank order: one all-gather."""
         if all(isinstance(v, float) for v in row):
-            table[self.rank] = torch.tensor(row, dtype=torch.float64)
+            mine = torch.tensor(row, dtype=torch.float64, device=self.device)
         else:
-            table[self.rank] = torch.stack(
+            mine = torch.stack(
                 [torch.as_tensor(v).to(device=self.device, dtype=torch.float64) for v in row]
             )
-        torch.distributed.all_reduce(table, group=self.group)
-        return table
+        table = mine.new_empty(self.size * len(row))
+        _all_gather(table, mine, self.group)
+        return table.view(self.size, len(row))
 
     def agree(
         self,
