@@ -50,7 +50,9 @@ def _run_tests(
         session.skip(f"tests/{folder} holds no test yet: nothing was run for '{session.name}'")
     run_env = {"ALIG_TEST_FRAMEWORKS": frameworks, **QUIET_TF, **(env or {})}
     if doctests:  # a run of its own: --doctest-modules would import every file it is given
-        session.run("pytest", "--doctest-modules", f"src/{doctests}", env=run_env)
+        # integrations/ imports trainers that only the integrations session installs
+        ignore = f"--ignore=src/{doctests}/integrations"
+        session.run("pytest", "--doctest-modules", f"src/{doctests}", ignore, env=run_env)
     session.run(
         "pytest",
         f"tests/{folder}",
@@ -123,8 +125,18 @@ def keras_torch(session: nox.Session) -> None:
 
 @nox.session
 def integrations(session: nox.Session) -> None:
-    """Lightning's Trainer.fit and flax.nnx.Optimizer (installed here only)."""
-    _install(session, "torch", "lightning", "jax", "jaxlib", "optax", "flax")
+    """Lightning, accelerate, transformers' Trainer and flax.nnx.Optimizer (installed here only)."""
+    _install(
+        session,
+        "torch",
+        "lightning",
+        "accelerate",
+        "transformers",
+        "jax",
+        "jaxlib",
+        "optax",
+        "flax",
+    )
     _run_tests(session, "integrations", "integrations")
 
 

@@ -22,7 +22,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
     "jax": ("jax", "optax"),
     "keras": ("keras",),
-    "integrations": ("torch", "lightning", "jax", "optax", "flax"),
+    "integrations": ("torch", "lightning", "accelerate", "transformers", "jax", "optax", "flax"),
     "parity": ("torch", "tensorflow", "keras", "jax", "optax", "sklearn"),
 }
 """Test folder -> the packages it needs."""

@@ -4,6 +4,10 @@
 generically over an array namespace (see :mod:`alig_core._math` for the design), and, in
 :mod:`alig_core.oracle`, a plain NumPy float64 implementation that is the ground truth of
 every test. The adapters ``alig_torch``, ``alig_tf`` and ``alig_jax`` call these functions.
+The extrapolation wrapper (SPEC.md, "Extrapolation"; Lin, Kong, Stich, Jaggi, ICML 2020,
+arXiv:2006.05720) has its options in :class:`ExtrapolationConfig`, its math in
+:mod:`alig_core._extrapolation` and its oracle in :mod:`alig_core.oracle_extrapolation`
+(``docs/extrapolation.md``).
 
 Update rule (SPEC.md), with ``S`` the squared global gradient norm and ``l`` the loss::
 
@@ -36,6 +40,35 @@ from alig_core._config import (
     validate_max_norm,
     validate_momentum,
 )
+from alig_core._extrapolation import (
+    ExtrapolationCall,
+    ExtrapolationState,
+    UpdateInputs,
+    anchor_params,
+    anchor_step_size,
+    current_anchor,
+    evaluation_skipped,
+    extrapolate,
+    extrapolated_point,
+    extrapolated_step_size,
+    finish_update,
+    gradient_displacement,
+    initial_extrapolation_state,
+    linearization_term,
+    linearized_loss,
+    noise_displacement,
+    resolve_lr_x,
+    select_call,
+    update_inputs,
+)
+from alig_core._extrapolation_config import (
+    EXTRAPOLATION_MODES,
+    ExtrapolationConfig,
+    validate_linearized,
+    validate_lr_x,
+    validate_mode,
+    validate_sigma,
+)
 from alig_core._math import (
     MomentumCoefficients,
     StepSize,
@@ -53,26 +86,51 @@ from alig_core._scalars import python_scalars
 
 __all__ = [
     "AliGConfig",
+    "EXTRAPOLATION_MODES",
+    "ExtrapolationCall",
+    "ExtrapolationConfig",
+    "ExtrapolationState",
     "MomentumCoefficients",
     "StepSize",
+    "UpdateInputs",
     "accumulation_dtype",
+    "anchor_params",
+    "anchor_step_size",
+    "current_anchor",
     "describe_momentum_convention",
+    "evaluation_skipped",
+    "extrapolate",
+    "extrapolated_point",
+    "extrapolated_step_size",
+    "finish_update",
+    "gradient_displacement",
+    "initial_extrapolation_state",
     "keep_if_skipped",
+    "linearization_term",
+    "linearized_loss",
     "momentum_buffer_update",
     "momentum_coefficients",
     "momentum_convention",
     "momentum_param_update",
     "momentum_update",
+    "noise_displacement",
     "projection_scale",
     "python_scalars",
+    "resolve_lr_x",
+    "select_call",
     "sgd_update",
     "step_size",
+    "update_inputs",
     "validate_adjusted_momentum",
     "validate_eps",
     "validate_f_star",
+    "validate_linearized",
+    "validate_lr_x",
     "validate_max_lr",
     "validate_max_norm",
+    "validate_mode",
     "validate_momentum",
+    "validate_sigma",
 ]
 
 __version__ = "0.1.0"

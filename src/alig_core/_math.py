@@ -105,7 +105,8 @@ def step_size(
 
     with :math:`\hat\gamma = 0` where :math:`S + \delta = 0`, no upper clip where
     ``max_lr`` is ``None``, and :math:`\gamma = 0` plus ``skipped = True`` where ``loss``
-    or ``sq_grad_norm`` is not finite.
+    or ``sq_grad_norm`` is not finite, or where, with no cap, :math:`\hat\gamma` overflows
+    to infinity (finite values over a denominator near zero).
 
     Args:
       xp: the array namespace (``numpy``, ``jax.numpy``, ``torch``, ``keras.ops``).
@@ -132,6 +133,9 @@ def step_size(
     gamma_hat = xp.where(has_denominator, (loss - f_star) / safe_denominator, 0.0)
     clamped = xp.where(gamma_hat > 0, gamma_hat, 0.0)  # also maps NaN to 0
     if max_lr is None:
+        # Finite loss and norm whose quotient overflows (a denominator near zero, e.g. zero
+        # gradients with a subnormal eps): with no cap that is an infinite step, skipped.
+        skipped = xp.logical_or(skipped, xp.logical_not(xp.isfinite(clamped)))
         capped = xp.logical_and(skipped, xp.logical_not(skipped))  # False, as an array
         gamma = clamped
     else:

@@ -115,6 +115,8 @@ def oracle_step(
     if max_lr is not None and gamma >= max_lr:
         gamma = max_lr
         capped = True
+    if not math.isfinite(gamma):  # no cap, and the quotient overflowed: an infinite step
+        return params, replace(state, steps_skipped=state.steps_skipped + 1)
 
     # 4. The update of every parameter with a gradient.
     buffers = list(state.buffers)
@@ -124,7 +126,8 @@ def oracle_step(
         if mu == 0.0:
             params[i] = p - gamma * g
             continue
-        b = buffers[i] if buffers[i] is not None else np.zeros_like(p)
+        previous = buffers[i]
+        b = np.zeros_like(p) if previous is None else previous
         if config.adjusted_momentum:
             b = mu * b - g
             params[i] = p - gamma * g + gamma * mu * b

@@ -1,5 +1,8 @@
 """ALI-G for JAX: :func:`alig`, an optax ``GradientTransformationExtraArgs``.
 
+Gradient accumulation: :func:`multi_steps` (``optax.MultiSteps`` alone hands ``alig``
+the last micro-batch's loss with the mean gradient, a wrong step).
+
 Example:
   >>> import jax, jax.numpy as jnp, optax
   >>> from alig_jax import alig
@@ -14,6 +17,14 @@ Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for 
 Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
+from alig_jax._accumulation import AccumulationState, multi_steps
 from alig_jax._transform import AliGState, alig, project_onto_ball, scale_by_alig
 
-__all__ = ["AliGState", "alig", "project_onto_ball", "scale_by_alig"]
+__all__ = [
+    "AccumulationState",
+    "AliGState",
+    "alig",
+    "multi_steps",
+    "project_onto_ball",
+    "scale_by_alig",
+]

@@ -172,6 +172,7 @@ def _alig_transform(
                 "change the trajectory. Build the transformation with the checkpoint's "
                 "settings (momentum and adjusted_momentum) to resume from it."
             )
+        treedef: Any  # a jax PyTreeDef (flatten_up_to, unflatten: not in jax's stubs)
         grads, treedef = jax.tree.flatten(updates, is_leaf=_is_missing)
         present = [g for g in grads if g is not None]
         dtype = state.gamma.dtype
@@ -190,7 +191,8 @@ def _alig_transform(
         coefficients = momentum_coefficients(
             size.gamma, momentum=config.momentum, adjusted_momentum=config.adjusted_momentum
         )
-        deltas, new_buffers = [], []
+        deltas: list[jax.Array | None] = []
+        new_buffers: list[jax.Array | None] = []
         for g, b in zip(grads, old_buffers, strict=True):
             if g is None:  # no gradient: neither the parameter nor its buffer moves
                 deltas.append(None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Any
 
 import keras
@@ -38,6 +39,119 @@ _LOSS_HELP = (
 
 def _backend_name() -> str:
     return keras.backend.backend()
+
+
+# ---------------------------------------------------------------- Keras' own arguments
+
+_SUPPORTED_KERAS_ARGUMENTS = frozenset(
+    {
+        "use_ema",
+        "ema_momentum",
+        "ema_overwrite_frequency",
+        "loss_scale_factor",
+        "gradient_accumulation_steps",
+    }
+)
+"""The arguments of ``keras.optimizers.Optimizer`` that AliG passes on (besides ``name``).
+
+A whitelist: each was read in Keras' source and is tested to keep ALI-G's step exact (the
+moving average of the weights does not feed back into the step; Keras divides the
+gradients by ``loss_scale_factor`` before the step and :meth:`AliG.scale_loss` keeps the
+unscaled loss; with ``gradient_accumulation_steps`` AliG averages the losses as Keras
+averages the gradients). Any other argument, a new Keras one included, is refused until
+it has been decided on.
+"""
+
+_NO_CLIPPING = (
+    "ALI-G's step size gamma = (loss - f_star) / (||g||^2 + eps) needs the norm of the raw "
+    "gradient, and Keras clips the gradients before the step: gamma would come from the "
+    "clipped gradient (a step of up to loss / clipnorm^2 along it). Leave clipnorm, "
+    "global_clipnorm and clipvalue unset (None); the cap max_lr bounds the step instead."
+)
+
+_REFUSED_KERAS_ARGUMENTS: dict[str, str] = {
+    "weight_decay": (
+        "Keras decays the weights by learning_rate * weight_decay, and AliG's learning rate "
+        "is its cap max_lr (inf without a cap), not the step size gamma: one step would "
+        "scale the weights by 1 - inf. Constrain the weights to an l2 ball instead, as "
+        "the paper does: AliG(max_norm=r), with alig_tf.project_onto_ball("
+        "model.trainable_variables, r) once at the start; or add an l2 penalty to the "
+        "loss (kernel_regularizer=...), which then is part of the loss ALI-G sees."
+    ),
+    "clipnorm": _NO_CLIPPING,
+    "global_clipnorm": _NO_CLIPPING,
+    "clipvalue": _NO_CLIPPING,
+}
+"""Arguments of ``keras.optimizers.Optimizer`` that would change ALI-G's step, and why.
+
+``None`` (their default, as ``get_config`` writes it) is accepted.
+"""
+
+
+def _check_keras_arguments(kwargs: dict[str, Any]) -> None:
+    """Raises a ``ValueError`` for an argument of Keras' optimizer that AliG does not take."""
+    if "learning_rate" in kwargs:
+        raise ValueError(
+            "AliG takes its cap on the step size as max_lr=, not learning_rate= "
+            f"(got learning_rate={kwargs['learning_rate']!r})."
+        )
+    for name, why in _REFUSED_KERAS_ARGUMENTS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"AliG does not take {name} (got {name}={kwargs[name]!r}). {why}")
+    unknown = sorted(set(kwargs) - _SUPPORTED_KERAS_ARGUMENTS - set(_REFUSED_KERAS_ARGUMENTS))
+    if unknown:
+        given = ", ".join(f"{name}={kwargs[name]!r}" for name in unknown)
+        raise ValueError(
+            f"AliG does not support the argument(s) {given}. It takes max_lr, momentum, "
+            "adjusted_momentum, eps, f_star, max_norm and name, and of "
+            "keras.optimizers.Optimizer's arguments only "
+            f"{', '.join(sorted(_SUPPORTED_KERAS_ARGUMENTS))}: each of those is tested to "
+            "leave ALI-G's step exact. Remove the argument (a misspelt name?)."
+        )
+
+
+# ---------------------------------------------------------------- the loss of the next step
+
+
+def _replica_key() -> Any:
+    """Which replica is running: its id under a multi-replica ``tf.distribute`` strategy.
+
+    ``None`` elsewhere (one replica, other backends). MirroredStrategy runs each replica
+    in a thread of its own, all in the same optimizer; they meet at every merge call.
+    """
+    if _backend_name() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy():
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync < 2:
+        return None
+    replica = tf.get_static_value(context.replica_id_in_sync_group)
+    return ("thread", threading.get_ident()) if replica is None else int(replica)
+
+
+class _PendingLosses:
+    """The loss handed over for the next step: one slot per replica.
+
+    Filled by ``scale_loss`` (or ``loss=``), taken by the step. Under MirroredStrategy the
+    replicas' threads share the optimizer and may pass a merge call between the two (Keras'
+    own steps make several), so each replica keeps its loss in a slot of its own.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[Any, Any] = {}
+
+    def put(self, loss: Any) -> None:
+        self._slots[_replica_key()] = loss
+
+    def take(self) -> Any:
+        """This replica's loss (``None`` if there is none), and the slot emptied."""
+        return self._slots.pop(_replica_key(), None)
+
+    def clear(self) -> None:
+        self._slots.pop(_replica_key(), None)
 
 
 def _multi_replica_context() -> Any:
@@ -235,10 +349,12 @@ class AliG(keras.optimizers.Optimizer):
     of all gradients (accumulated in at least float32). Then, with buffer :math:`b`:
 
     * ``momentum == 0``: :math:`w \leftarrow w - \gamma g`;
-    * standard (default): :math:`b \leftarrow \mu b - \gamma g`,
+    * standard (default; ``keras.optimizers.SGD(nesterov=True)`` with lr = gamma, which
+      keeps the learning rate inside its buffer): :math:`b \leftarrow \mu b - \gamma g`,
       :math:`w \leftarrow w - \gamma g + \mu b`;
-    * ``adjusted_momentum=True`` (``keras.optimizers.SGD(nesterov=True)`` with lr =
-      gamma): :math:`b \leftarrow \mu b - g`, :math:`w \leftarrow w - \gamma g + \gamma\mu b`;
+    * ``adjusted_momentum=True`` (``torch.optim.SGD(nesterov=True)`` and
+      ``optax.sgd(nesterov=True)`` with lr = gamma): :math:`b \leftarrow \mu b - g`,
+      :math:`w \leftarrow w - \gamma g + \gamma\mu b`;
 
     and with ``max_norm`` all trainable variables are scaled back onto the l2 ball of
     that radius. A step whose loss or gradient norm is not finite is skipped: variables,
@@ -251,15 +367,20 @@ class AliG(keras.optimizers.Optimizer):
     raises a ``ValueError`` (when the step runs eagerly, or when a compiled step is
     traced): it is never taken with a stale value.
 
+    With ``gradient_accumulation_steps=k`` each call hands over its micro-batch's loss, as
+    above; Keras adds the gradients up and AliG the losses (``accumulated_loss``), and the
+    k-th call steps once with both means: the step on the union of the k micro-batches.
+
     Under ``tf.distribute`` (e.g. ``MirroredStrategy``), the replicas' losses and gradients
     are summed inside the step (Keras has divided each replica's loss by the number of
-    replicas), so every replica computes the step size of the global batch.
+    replicas), so every replica computes the step size of the global batch. Each replica's
+    loss waits for the step in a slot of its own.
 
     Monitoring: ``gamma``, ``gamma_hat``, ``capped``, ``steps_taken`` and
     ``steps_skipped`` are optimizer variables (saved with the model).
 
     Args:
-      max_lr: the cap ``eta`` on the step size, a number or a
+      max_lr: the cap ``eta`` on the step size, a number (an int too) or a
         ``keras.optimizers.schedules.LearningRateSchedule`` (of ``steps_taken``, which
         skipped steps do not advance); ``None`` for no cap. It is the
         optimizer's ``learning_rate`` (``inf`` when there is no cap).
@@ -270,8 +391,14 @@ class AliG(keras.optimizers.Optimizer):
       max_norm: radius of the l2-ball constraint; ``None`` for no projection. Project
         the initial weights with :func:`project_onto_ball`.
       name: the optimizer's name.
-      **kwargs: the other arguments of ``keras.optimizers.Optimizer`` (``clipnorm``,
-        ``loss_scale_factor``, ...).
+      **kwargs: of ``keras.optimizers.Optimizer``'s arguments, those that leave ALI-G's
+        step exact: ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency`` (an
+        average of the weights, which does not enter the step), ``loss_scale_factor``
+        (the loss is kept unscaled) and ``gradient_accumulation_steps``. Any other
+        argument raises a ``ValueError``: ``weight_decay`` (Keras decays by the learning
+        rate, which is the cap here, not gamma: use ``max_norm``), ``clipnorm``,
+        ``global_clipnorm`` and ``clipvalue`` (the norm must be the raw gradient's),
+        and any argument not decided on yet.
 
     Example:
       >>> import numpy as np, keras
@@ -301,11 +428,7 @@ class AliG(keras.optimizers.Optimizer):
         name: str = "alig",
         **kwargs: Any,
     ) -> None:
-        if "learning_rate" in kwargs:
-            raise ValueError(
-                "AliG takes its cap on the step size as max_lr=, not learning_rate= "
-                f"(got learning_rate={kwargs['learning_rate']!r})."
-            )
+        _check_keras_arguments(kwargs)
         schedule = isinstance(max_lr, keras.optimizers.schedules.LearningRateSchedule)
         config = AliGConfig(
             max_lr=max_lr if schedule else alig_core.validate_max_lr(max_lr),
@@ -315,6 +438,8 @@ class AliG(keras.optimizers.Optimizer):
             f_star=f_star,
             max_norm=max_norm,
         )
+        if not schedule and max_lr is not None:
+            max_lr = float(max_lr)  # an int, a NumPy number: Keras takes a float only
         super().__init__(learning_rate=math.inf if max_lr is None else max_lr, name=name, **kwargs)
         self.max_lr = max_lr
         self.momentum = config.momentum
@@ -322,7 +447,7 @@ class AliG(keras.optimizers.Optimizer):
         self.eps = config.eps
         self.f_star = config.f_star
         self.max_norm = config.max_norm
-        self._pending_loss: Any = None
+        self._pending_losses = _PendingLosses()
 
     # ------------------------------------------------------------------ variables
 
@@ -359,6 +484,11 @@ class AliG(keras.optimizers.Optimizer):
         self.capped = self.add_variable((), initializer="zeros", dtype="bool", name="capped")
         self.steps_taken = self.add_variable((), initializer="zeros", dtype="int", name="taken")
         self.steps_skipped = self.add_variable((), initializer="zeros", dtype="int", name="skipped")
+        if self.gradient_accumulation_steps:
+            # The sum of the losses of the micro-batches accumulated so far.
+            self.accumulated_loss = self.add_variable(
+                (), initializer="zeros", dtype=dtype, name="accumulated_loss"
+            )
         # Last, so that load_own_variables finds it: what the momentum buffers hold.
         self.momentum_convention = self.add_variable(
             (),
@@ -400,7 +530,7 @@ class AliG(keras.optimizers.Optimizer):
         The TensorFlow and torch trainers call this just before differentiating.
         """
         if _backend_name() != "jax":  # the JAX trainer runs this in a scope it discards
-            self._pending_loss = _as_loss(loss)
+            self._pending_losses.put(_as_loss(loss))
         return super().scale_loss(loss)
 
     def apply(
@@ -418,11 +548,11 @@ class AliG(keras.optimizers.Optimizer):
                 "they are trainable (a frozen model has nothing to step)."
             )
         if loss is not None:
-            self._pending_loss = _as_loss(loss)
+            self._pending_losses.put(_as_loss(loss))
         try:
             super().apply(grads, trainable_variables)
         finally:
-            self._pending_loss = None  # a loss serves one step only
+            self._pending_losses.clear()  # a loss serves one step only
 
     def apply_gradients(self, grads_and_vars: Any, loss: Any = None) -> Any:
         """``apply_gradients`` with the loss, for tf.keras-style loops."""
@@ -439,11 +569,11 @@ class AliG(keras.optimizers.Optimizer):
     ) -> tuple[list[Any], list[Any]]:
         """``stateless_apply`` with the loss (JAX backend custom loops and train steps)."""
         if loss is not None:
-            self._pending_loss = _as_loss(loss)
+            self._pending_losses.put(_as_loss(loss))
         try:
             return super().stateless_apply(optimizer_variables, grads, trainable_variables)
         finally:
-            self._pending_loss = None
+            self._pending_losses.clear()
 
     # ------------------------------------------------------------------ the step
 
@@ -451,16 +581,39 @@ class AliG(keras.optimizers.Optimizer):
         """Not used: ALI-G's step is global (see ``_backend_update_step``)."""
         raise NotImplementedError("AliG updates all variables at once in _backend_update_step.")
 
+    def _take_loss(self) -> Any:
+        """This replica's pending loss, in the accumulation dtype; raises if there is none."""
+        loss = self._pending_losses.take()
+        if loss is None:
+            raise ValueError(_LOSS_HELP)
+        dtype = self._accumulation_dtype
+        if isinstance(loss, float):  # not through float32 (TensorFlow's default)
+            return ops.convert_to_tensor(loss, dtype=dtype)
+        return ops.cast(loss, dtype)
+
+    def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> None:
+        """With ``gradient_accumulation_steps``: the loss accumulates with the gradients.
+
+        Keras adds each micro-batch's gradients to its accumulators and, every k-th call,
+        steps with their mean. Here each call's loss is added to ``accumulated_loss`` (an
+        optimizer variable: it works in ``stateless_apply``, and is saved and restored), and
+        the step receives the mean of the k losses: the loss of the gradient it applies.
+        """
+        if self.gradient_accumulation_steps:
+            steps = self.gradient_accumulation_steps
+            total = _value(self.accumulated_loss) + self._take_loss()
+            last = (self._iterations + 1) % steps == 0
+            self._pending_losses.put(total / steps)  # taken by the k-th call's step
+            # Assigned before Keras' JAX path saves the optimizer variables that a
+            # non-stepping call restores; zero again after the k-th call.
+            self.assign(self.accumulated_loss, ops.where(last, ops.zeros_like(total), total))
+        super()._backend_apply_gradients(grads, trainable_variables)
+
     def _backend_update_step(
         self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
     ) -> None:
-        if self._pending_loss is None:
-            raise ValueError(_LOSS_HELP)
-        loss, self._pending_loss = self._pending_loss, None
+        loss = self._take_loss()
         dtype = self._accumulation_dtype
-        if isinstance(loss, float):  # not through float32 (TensorFlow's default)
-            loss = ops.convert_to_tensor(loss, dtype=dtype)
-        loss = ops.cast(loss, dtype)
         replica_context = _multi_replica_context()
         if replica_context is not None:
             # tf.distribute: Keras divided each replica's loss by the number of replicas and
@@ -484,7 +637,7 @@ class AliG(keras.optimizers.Optimizer):
         coefficients = momentum_coefficients(
             size.gamma, momentum=self.momentum, adjusted_momentum=self.adjusted_momentum
         )
-        updates = [
+        updates: list[tuple[Any, Any, tuple[Any, ...]]] = [
             (self._update_variable, variable, (g, size, coefficients))
             for g, variable in zip(grads, trainable_variables, strict=True)
         ]
@@ -588,10 +741,10 @@ class AliG(keras.optimizers.Optimizer):
     def get_config(self) -> dict[str, Any]:
         """The constructor's arguments (``max_lr`` in place of ``learning_rate``)."""
         config = super().get_config()
-        max_lr = config.pop("learning_rate")
+        learning_rate = config.pop("learning_rate")
         config.update(
             {
-                "max_lr": None if self.max_lr is None else max_lr,
+                "max_lr": self._max_lr_for_config(learning_rate),
                 "momentum": self.momentum,
                 "adjusted_momentum": self.adjusted_momentum,
                 "eps": self.eps,
@@ -600,6 +753,24 @@ class AliG(keras.optimizers.Optimizer):
             }
         )
         return config
+
+    def _max_lr_for_config(self, learning_rate: Any) -> Any:
+        """The cap to save: ``max_lr`` exactly, unless the learning rate was changed since.
+
+        Keras saves its ``floatx`` learning-rate variable, in which a cap such as 0.1 is
+        rounded to float32; while that variable still holds ``max_lr`` as stored, the
+        exact ``max_lr`` is saved, as :meth:`_cap` uses it.
+        """
+        if self.max_lr is None:
+            return None
+        if not isinstance(self.max_lr, float) or not isinstance(
+            self._learning_rate, keras.Variable
+        ):
+            return learning_rate  # a schedule, serialized
+        stored = ops.convert_to_tensor(self.max_lr, dtype=self._learning_rate.dtype)
+        return (
+            self.max_lr if float(ops.convert_to_numpy(stored)) == learning_rate else learning_rate
+        )
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> AliG:

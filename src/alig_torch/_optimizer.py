@@ -10,7 +10,7 @@ come from :mod:`alig_core`; this module gathers tensors and writes results back.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from alig_core import (
     validate_momentum,
 )
 from alig_torch import _distributed
+from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation, count_mismatch_message
 from alig_torch._distributed import sharded_sum_of_squares, split_sharded
 
 __all__ = ["AliG", "alig", "project_onto_ball"]
@@ -36,12 +37,190 @@ _NO_CAP = math.inf
 """How ``max_lr=None`` is stored in a group's ``lr`` (so LR schedulers keep working)."""
 
 _LOSS_HELP = (
-    "ALI-G computes its step size from the loss. Pass it in one of two ways: "
-    "opt.step(closure) with a closure that zeroes the gradients, computes the loss, calls "
-    "loss.backward() and returns the loss (as for torch.optim.LBFGS; Lightning does this), "
-    "or opt.step(loss=loss) after loss.backward() (with a GradScaler: "
-    "scaler.unscale_(opt); scaler.step(opt, loss=loss) with the unscaled loss)."
+    "ALI-G computes its step size from the loss of the gradient it applies. Hand it over in "
+    "one of these ways: opt.step(closure) with a closure that zeroes the gradients, computes "
+    "the loss, calls loss.backward() and returns the loss (as for torch.optim.LBFGS; "
+    "Lightning's automatic optimization passes one); opt.step(loss=loss) after "
+    "loss.backward(); with gradient accumulation, opt.add_loss(loss) after each backward() "
+    "(the loss as it was backpropagated, e.g. divided by the number of micro-batches) then "
+    "opt.step(), or opt.step(loss=[loss_1, ..., loss_k]); with a GradScaler, "
+    "scaler.unscale_(opt); scaler.step(opt, loss=loss) with the unscaled loss (or "
+    "opt.add_loss(loss) of the unscaled loss, then scaler.step(opt)). In a trainer: "
+    f"{INTEGRATIONS_HELP}"
 )
+
+_CONVENTION_KEY = "momentum_convention"
+"""The key :meth:`AliG.state_dict` adds to each saved param group: what its momentum
+buffers hold, as :func:`alig_core.momentum_convention` codes it (0: no buffers, 1: the
+standard convention's ``-gamma*g`` terms, 2: the adjusted one's ``-g`` terms)."""
+
+_ALIG_GROUP_KEYS = ("lr", "momentum", "adjusted_momentum", "eps", "f_star")
+"""The keys every param group of an AliG state_dict holds (every version of this code)."""
+
+_WEIGHT_DECAY_HELP = (
+    "ALI-G regularises with a constraint, not with weight decay (whose step would be taken "
+    "at the cap, not at gamma): pass max_norm=r to AliG (the radius of the l2 ball on all "
+    "parameters, as in the paper), or add the l2 penalty to the loss you pass, so that the "
+    "loss and its gradient both include it."
+)
+_UNSUPPORTED_MODE_HELP = "AliG has no such mode: remove the key from the param group."
+
+_FOREIGN_GROUP_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    # key: (values that change nothing, what to do instead)
+    "weight_decay": ((0,), _WEIGHT_DECAY_HELP),
+    "decoupled_weight_decay": ((False,), _WEIGHT_DECAY_HELP),
+    "nesterov": (
+        (),
+        "ALI-G's momentum always has the Nesterov form (p moves by -gamma*g + mu*b); what "
+        "differs is the convention of its buffers: adjusted_momentum=True is the convention of "
+        "torch.optim.SGD(nesterov=True) driven with lr = gamma, adjusted_momentum=False (the "
+        "default) the paper's. Set adjusted_momentum instead.",
+    ),
+    "dampening": ((0,), "ALI-G's momentum has no dampening: remove the key."),
+    "maximize": (
+        (False,),
+        "ALI-G minimises a loss bounded below by f_star: to maximise an objective, pass its "
+        "negation as the loss (and differentiate that).",
+    ),
+    "betas": (
+        (),
+        "betas belong to Adam-type optimizers; ALI-G has one momentum coefficient: set "
+        "momentum=mu (0 <= mu < 1).",
+    ),
+    "amsgrad": ((False,), "amsgrad belongs to Adam; ALI-G has no second moment: remove it."),
+    "momentum_decay": ((), "momentum_decay belongs to NAdam; ALI-G has no such schedule."),
+    "centered": ((False,), "centered belongs to RMSprop; ALI-G has no second moment."),
+    "rho": ((), "rho belongs to Adadelta; ALI-G has no running averages."),
+    "lr_decay": ((0,), "lr_decay belongs to Adagrad; ALI-G sets its step size from the loss."),
+    "initial_accumulator_value": ((0,), "initial_accumulator_value belongs to Adagrad."),
+    "lambd": ((), "lambd belongs to ASGD; ALI-G has no averaging."),
+    "t0": ((), "t0 belongs to ASGD; ALI-G has no averaging."),
+    "etas": ((), "etas belong to Rprop; ALI-G sets its step size from the loss."),
+    "step_sizes": ((), "step_sizes belong to Rprop; ALI-G sets its step size from the loss."),
+    "beta2_decay": ((), "beta2_decay belongs to Adafactor; ALI-G has no second moment."),
+    "fused": (
+        (None, False),
+        "AliG has no fused implementation: its fast path is foreach=True (the default on "
+        "CPU and GPU).",
+    ),
+    "capturable": ((False,), _UNSUPPORTED_MODE_HELP),
+    "differentiable": (
+        (False,),
+        "AliG's step runs under torch.no_grad() and is not differentiable: remove the key.",
+    ),
+}
+"""Param-group keys of other torch optimizers that AliG would ignore or that would change
+what a step means: refused unless they hold a value that changes nothing (e.g.
+``weight_decay=0``). Keys not listed here (a user's own, such as ``"name"``, and those LR
+schedulers write: ``initial_lr``, ``max_lr``, ``min_lr``, ``max_momentum``,
+``base_momentum``, ``swa_lr``) are kept as torch keeps them."""
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of the values that change nothing (plain numbers only)."""
+    if isinstance(value, bool) or value is None:
+        return any(value is n for n in neutral)
+    if isinstance(value, int | float):
+        return any(not isinstance(n, bool | None) and value == n for n in neutral)
+    return False
+
+
+def _check_group_keys(group: dict[str, Any], where: str) -> None:
+    """Refuses the keys of :data:`_FOREIGN_GROUP_KEYS` that would change or be lost."""
+    for key, (neutral, help_text) in _FOREIGN_GROUP_KEYS.items():
+        if key in group and not _is_neutral(group[key], neutral):
+            raise ValueError(
+                f"{where} sets {key!r} = {group[key]!r}, a setting of another optimizer that "
+                f"ALI-G does not have: AliG would ignore it or take a different step than "
+                f"the one asked for. {help_text}"
+            )
+
+
+def _check_group_hyperparameters(group: dict[str, Any]) -> None:
+    """The core's validation of a group's ALI-G hyperparameters (``lr = inf``: no cap)."""
+    if not (isinstance(group["lr"], float) and group["lr"] == _NO_CAP):
+        validate_max_lr(group["lr"])
+    validate_momentum(group["momentum"])
+    AliGConfig(
+        momentum=group["momentum"],
+        adjusted_momentum=group["adjusted_momentum"],
+        eps=group["eps"],
+        f_star=group["f_star"],
+    )
+
+
+_FRESH_STATE_HELP = (
+    "To start ALI-G from such a checkpoint, load only the model's weights "
+    "(model.load_state_dict(...)) and leave the optimizer's state fresh (its momentum "
+    "buffers start at zero); to resume ALI-G, load a state_dict saved by alig_torch.AliG."
+)
+
+
+def _check_saved_group(index: int, saved: Any, saved_state: Any) -> None:
+    """Refuses a saved param group that does not prove it was written by AliG.
+
+    An AliG group holds :data:`_ALIG_GROUP_KEYS` (state_dicts of every version) and, when
+    saved by this version, :data:`_CONVENTION_KEY`, which must agree with the group's
+    ``adjusted_momentum`` and with whether the state holds buffers for its parameters.
+    """
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"This state_dict's param group {index} is a {type(saved).__name__}, not a dict: "
+            f"it is not an optimizer state_dict. {_FRESH_STATE_HELP}"
+        )
+    where = f"This state_dict's param group {index}"
+    missing = [key for key in _ALIG_GROUP_KEYS if key not in saved]
+    if missing:
+        keys = sorted(k for k in saved if k != "params")
+        if set(missing) == {"adjusted_momentum"}:
+            raise ValueError(
+                f"{where} has no 'adjusted_momentum': its momentum convention cannot be read. "
+                "The buffers of the two conventions hold different quantities (-gamma*g "
+                "terms with adjusted_momentum=False, -g terms with True), so loading them "
+                "under a guessed one would silently change the trajectory. If you know how "
+                f"it was trained, set state_dict['param_groups'][{index}]['adjusted_momentum'] "
+                "to that value before loading."
+            )
+        sign_note = (
+            " torch.optim.SGD's momentum_buffer holds +(mu*b + g): the opposite sign of both "
+            "ALI-G conventions (-gamma*g or -g terms), so it cannot be reused."
+            if "nesterov" in saved or "dampening" in saved
+            else ""
+        )
+        raise ValueError(
+            f"{where} is not an AliG one: it lacks {missing} and has keys {keys}, so it was "
+            "saved by another optimizer (or by code that does not record ALI-G's momentum "
+            f"convention, such as the paper's own AliG).{sign_note} {_FRESH_STATE_HELP}"
+        )
+    _check_group_keys(saved, where)
+    try:
+        _check_group_hyperparameters(saved)
+    except ValueError as error:
+        raise ValueError(f"{where} holds an invalid setting: {error}") from None
+    if _CONVENTION_KEY not in saved:
+        return  # saved before the marker existed: its adjusted_momentum says it all
+    code = saved[_CONVENTION_KEY]
+    states = saved_state if isinstance(saved_state, dict) else {}
+    has_buffers = any(
+        isinstance(states.get(i), dict) and "momentum_buffer" in states[i]
+        for i in saved.get("params", [])
+    )
+    expected = alig_core.momentum_convention(has_buffers, bool(saved["adjusted_momentum"]))
+    if isinstance(code, bool) or not isinstance(code, int) or code != expected:
+        described = (
+            alig_core.describe_momentum_convention(code)
+            if isinstance(code, int) and not isinstance(code, bool)
+            else repr(code)
+        )
+        raise ValueError(
+            f"{where} says its momentum buffers are in the convention {described} "
+            f"({_CONVENTION_KEY}={code!r}), but it has "
+            f"adjusted_momentum={saved['adjusted_momentum']} and "
+            f"{'buffers' if has_buffers else 'no buffers'} for its parameters "
+            f"({alig_core.describe_momentum_convention(expected)}): the state_dict was edited "
+            "or written by other code, and its buffers cannot be trusted. Load a state_dict "
+            "as AliG.state_dict() returned it."
+        )
 
 
 def _loss_as_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -121,6 +300,18 @@ def project_onto_ball(params: Iterable[torch.Tensor], max_norm: float) -> None:
             p.mul_(scale.to(p.device))
 
 
+def _check_group_params(group: dict[str, Any]) -> None:
+    """Refuses parameters ALI-G cannot step (complex or not floating point)."""
+    for p in group["params"]:
+        if p.is_complex() or not p.is_floating_point():
+            raise ValueError(
+                f"ALI-G optimizes real floating-point parameters; got a parameter of dtype "
+                f"{p.dtype} and shape {tuple(p.shape)}. For a complex parameter, optimize "
+                "torch.view_as_real(p) (its real and imaginary parts) instead; leave integer "
+                "buffers out of the optimizer."
+            )
+
+
 class AliG(Optimizer):
     r"""ALI-G: SGD with the Polyak step size, capped at ``max_lr``.
 
@@ -152,15 +343,24 @@ class AliG(Optimizer):
         ``max_lr``) and differ as soon as it moves, which it always does in ALI-G. The
         buffers also differ: standard buffers hold ``-gamma * g``, adjusted ones ``-g``.
 
-    The loss reaches the optimizer in one of two ways:
+    The loss reaches the optimizer in one of these ways:
 
     * ``opt.step(closure)``: the closure is called under ``torch.enable_grad()`` and must
       return the loss (Lightning's automatic optimization passes one);
     * ``opt.step(loss=loss)``: after ``loss.backward()``; with
       ``torch.amp.GradScaler``, call ``scaler.unscale_(opt)`` then
       ``scaler.step(opt, loss=loss)`` with the *unscaled* loss (GradScaler refuses
-      closures). Lightning's fp16 AMP plugin calls ``scaler.step(opt)`` with no loss:
-      that raises, it never steps with a stale value.
+      closures);
+    * gradient accumulation: :meth:`add_loss` after each ``backward()`` then
+      ``opt.step()``, or ``opt.step(loss=[loss_1, ..., loss_k])``: the loss of a summed
+      gradient is the sum of the losses that were backpropagated. The optimizer counts
+      the backward passes that reached its parameters and refuses a step given one
+      micro-batch's loss for a gradient of several;
+    * trainers: :mod:`alig_torch.integrations` (Lightning's ``AliGCallback`` for
+      ``accumulate_grad_batches`` and fp16 AMP, a ``backward`` helper for accelerate, an
+      ``AliGTrainer`` for Hugging Face transformers). Without the callback, Lightning's
+      fp16 AMP plugin calls ``scaler.step(opt)`` with no loss: that raises, it never steps
+      with a stale value.
 
     On an accelerator and under ``torch.compile`` the step size stays a 0-d tensor: no
     ``.item()`` or host synchronisation, so ``torch.compile(opt.step.__wrapped__,
@@ -188,6 +388,17 @@ class AliG(Optimizer):
     (e.g. a sharded optimizer without ``partitioned=True``) or different losses with
     ``all_reduce_loss=False`` raise the same error on every rank, after the collective,
     so that none is left waiting in one. See the README's "Distributed" table.
+
+    **Checkpoints and other optimizers' options.** :meth:`state_dict` records each
+    group's momentum convention; :meth:`load_state_dict` refuses another optimizer's state
+    (``torch.optim.SGD``'s buffers hold ``+(mu*b + g)``, the opposite sign of both
+    conventions), a state whose convention cannot be read, and one of the other convention.
+    Param-group keys of other optimizers that would be ignored or change the step
+    (``weight_decay``: use ``max_norm``; ``nesterov``: use ``adjusted_momentum``;
+    ``dampening``, ``maximize``, ``betas``, ``fused``, ...) raise a ``ValueError``; LR
+    schedulers' keys and a user's own are kept. OneCycleLR and CyclicLR cycle the group's
+    ``momentum`` by default (``cycle_momentum=True``), as for ``torch.optim.SGD``: each step
+    uses the momentum of that step; pass ``cycle_momentum=False`` to keep it fixed.
 
     Args:
       params: the parameters to optimize, or dicts defining param groups (each may set
@@ -284,11 +495,23 @@ class AliG(Optimizer):
                 "AliG got an empty parameter list. Pass the tensors to optimize, e.g. "
                 "AliG(model.parameters(), max_lr=0.1), or a list of param-group dicts."
             )
+        # An instance attribute, not a property: wrappers that subclass AliG's class and
+        # forward attribute reads (Lightning's LightningOptimizer) reach the optimizer's own.
+        self._accumulation = Accumulation(self)  # the losses added, the backward passes seen
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a param group; ``max_lr`` is accepted as the name of its ``lr``."""
-        if "max_lr" in param_group:
+        """Adds a param group; ``max_lr`` is accepted as the name of its ``lr``.
+
+        Keys of other optimizers that ALI-G would ignore or that would change the step
+        (``weight_decay``, ``nesterov``, ``dampening``, ``maximize``, ``betas``, ``fused``,
+        ...) raise a ``ValueError`` that says what to use instead, unless they hold the value
+        that changes nothing (``weight_decay=0``, ``maximize=False``, ...). Other keys (a
+        user's own, those LR schedulers write) are kept, as in any torch optimizer.
+        """
+        if isinstance(param_group, dict):
+            _check_group_keys(param_group, f"Param group {len(self.param_groups)}")
+        if isinstance(param_group, dict) and "max_lr" in param_group:
             if "lr" in param_group:
                 raise ValueError(
                     "A param group sets both 'max_lr' and 'lr'; they are the same thing "
@@ -301,36 +524,65 @@ class AliG(Optimizer):
         group = self.param_groups[-1]
         if group["lr"] is None:
             group["lr"] = _NO_CAP
-        if not (isinstance(group["lr"], float) and group["lr"] == _NO_CAP):
-            validate_max_lr(group["lr"])
-        validate_momentum(group["momentum"])
-        AliGConfig(
-            momentum=group["momentum"],
-            adjusted_momentum=group["adjusted_momentum"],
-            eps=group["eps"],
-            f_star=group["f_star"],
-        )
-        for p in group["params"]:
-            if p.is_complex() or not p.is_floating_point():
-                raise ValueError(
-                    f"ALI-G optimizes real floating-point parameters; got a parameter of dtype "
-                    f"{p.dtype} and shape {tuple(p.shape)}. For a complex parameter, optimize "
-                    "torch.view_as_real(p) (its real and imaginary parts) instead; leave integer "
-                    "buffers out of the optimizer."
-                )
+        try:
+            _check_group_hyperparameters(group)
+            _check_group_params(group)
+        except ValueError:
+            self.param_groups.pop()  # a refused group is not added
+            raise
+        self._accumulation.watch(group["params"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns the state as ``torch.optim.Optimizer.state_dict`` does, with a marker.
+
+        Each saved param group also holds ``momentum_convention``: what its momentum
+        buffers hold, as :func:`alig_core.momentum_convention` codes it (0: no buffers,
+        1: the standard convention's ``-gamma*g`` terms, 2: the adjusted one's ``-g``
+        terms). :meth:`load_state_dict` checks it; the live param groups do not hold it.
+        """
+        state = super().state_dict()
+        for group, saved in zip(self.param_groups, state["param_groups"], strict=True):
+            has_buffers = any("momentum_buffer" in self.state.get(p, {}) for p in group["params"])
+            saved[_CONVENTION_KEY] = alig_core.momentum_convention(
+                has_buffers, bool(group["adjusted_momentum"])
+            )
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state_dict; refuses one whose momentum convention differs from a group's.
+        """Loads an AliG state_dict; refuses any state it cannot resume exactly.
 
-        The two conventions keep different quantities in the buffers (``-gamma*g`` terms
-        against ``-g`` terms), so resuming with the other one would silently change the
-        trajectory; torch's default would also overwrite the group's setting.
+        Refused, with a ``ValueError`` that says what was given and what to do:
+
+        * another optimizer's state (its param groups lack ALI-G's keys ``adjusted_momentum``,
+          ``eps``, ``f_star``): e.g. ``torch.optim.SGD``'s ``momentum_buffer`` holds
+          ``+(mu*b + g)``, the opposite sign of both ALI-G conventions;
+        * a state whose momentum convention cannot be read (no ``adjusted_momentum``), or
+          whose ``momentum_convention`` marker contradicts its ``adjusted_momentum`` and
+          buffers;
+        * a state of the other convention than this optimizer's group: the two conventions
+          keep different quantities in the buffers (``-gamma*g`` terms against ``-g``
+          terms), so resuming with the other one would silently change the trajectory;
+          torch's default would also overwrite the group's setting;
+        * keys of other optimizers (as :meth:`add_param_group`) or invalid hyperparameters.
+
+        State dicts saved before the marker existed (their groups hold ``adjusted_momentum``,
+        ``eps`` and ``f_star``) load as before.
         """
-        for index, (ours, saved) in enumerate(
-            zip(self.param_groups, state_dict.get("param_groups", []), strict=False)
-        ):
-            if "adjusted_momentum" not in saved:
-                continue
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError(
+                f"AliG.load_state_dict needs an optimizer state_dict (a dict with 'state' and "
+                f"'param_groups'), got {type(state_dict).__name__}"
+                + (
+                    f" with keys {sorted(map(str, state_dict))}"
+                    if isinstance(state_dict, dict)
+                    else ""
+                )
+                + f". {_FRESH_STATE_HELP}"
+            )
+        saved_groups = state_dict["param_groups"]
+        for index, saved in enumerate(saved_groups):
+            _check_saved_group(index, saved, state_dict.get("state"))
+        for index, (ours, saved) in enumerate(zip(self.param_groups, saved_groups, strict=False)):
             if bool(saved["adjusted_momentum"]) != bool(ours["adjusted_momentum"]):
                 raise ValueError(
                     f"This checkpoint's param group {index} was trained with "
@@ -339,7 +591,8 @@ class AliG(Optimizer):
                     "buffers hold different quantities. Build the optimizer with "
                     f"adjusted_momentum={saved['adjusted_momentum']} to resume."
                 )
-        super().load_state_dict(state_dict)
+        groups = [{k: v for k, v in g.items() if k != _CONVENTION_KEY} for g in saved_groups]
+        super().load_state_dict({**state_dict, "param_groups": groups})
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -350,16 +603,26 @@ class AliG(Optimizer):
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        for index, group in enumerate(state.get("param_groups", [])):
+            if "adjusted_momentum" not in group:
+                raise ValueError(
+                    f"AliG param group {index} has no 'adjusted_momentum': the momentum "
+                    "convention of its buffers cannot be read, and guessing it would silently "
+                    "change the trajectory. Set the group's 'adjusted_momentum' to the value "
+                    "it was trained with."
+                )
         super().__setstate__(state)
         self.__dict__.setdefault("max_norm", None)
         self.__dict__.setdefault("all_reduce_loss", True)
         self.__dict__.setdefault("partitioned", None)
         self.__dict__.setdefault("process_group", None)
         for group in self.param_groups:
-            group.setdefault("adjusted_momentum", False)
             group.setdefault("eps", 1e-5)
             group.setdefault("f_star", 0.0)
             group.setdefault("foreach", None)
+        if "_accumulation" not in self.__dict__:  # a copy or unpickled: not the original's
+            self._accumulation = Accumulation(self)
+        self._accumulation.watch([p for group in self.param_groups for p in group["params"]])
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -398,27 +661,129 @@ class AliG(Optimizer):
     # ------------------------------------------------------------------ the step
 
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Any] | None = None, *, loss: Any = None
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        loss: Any | Sequence[Any] = None,
     ) -> Any:
         """Performs one ALI-G step; returns the loss.
+
+        The loss is, in this order: the sum of the losses added with :meth:`add_loss`
+        since the last step (a closure's return value is then ignored: under Lightning
+        with :class:`~alig_torch.integrations.lightning.AliGCallback` it is one
+        micro-batch's); else ``loss=``; else the closure's return value. A closure that
+        returns ``None`` (Lightning's manual optimization passes one) leaves the loss to
+        ``loss=`` or :meth:`add_loss`.
+
+        When more than one backward pass reached the parameters since the last step or
+        :meth:`zero_grad`, ``.grad`` is their sum and the loss must be the sum of their
+        losses, handed over one per backward pass (:meth:`add_loss`, or ``loss=`` as a
+        list): a single loss, or a different number of losses, raises a ``ValueError``
+        rather than taking a wrong step. The count comes from a hook on each parameter;
+        where no hook fires (e.g. FSDP1 flat parameters) nothing is checked.
 
         Args:
           closure: re-evaluates the model and returns the loss (called under
             ``torch.enable_grad()``).
-          loss: the loss of the minibatch whose gradients are in ``.grad``, a float or a
-            0-d tensor (unscaled under loss scaling). Give exactly one of the two.
+          loss: the loss of the gradient in ``.grad``, a float or a 0-d tensor (unscaled
+            under loss scaling), or a list of the losses of the backward passes that
+            accumulated it (summed).
+
+        Returns:
+          The closure's return value when it gave one, else the loss the step used
+          (``loss=`` as given, or the sum of a list or of the added losses).
         """
-        if closure is None and loss is None:
-            raise ValueError(f"AliG.step() got no loss. {_LOSS_HELP}")
-        if closure is not None and loss is not None:
-            raise ValueError(f"AliG.step() got both a closure and loss=; give one. {_LOSS_HELP}")
+        closure_loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
-            if loss is None:
-                raise ValueError(f"The closure passed to AliG.step() returned None. {_LOSS_HELP}")
-        self._step(loss)
-        return loss
+                closure_loss = closure()
+        pending = self._accumulation
+        try:
+            used, given, how = self._loss_of_step(closure, closure_loss, loss, pending)
+            message = count_mismatch_message(given, how, *pending.backward_passes())
+            if message is not None:
+                raise ValueError(message)
+        finally:
+            pending.forget()
+        self._step(used)
+        return closure_loss if closure_loss is not None else used
+
+    def _loss_of_step(
+        self, closure: Any, closure_loss: Any, loss: Any, pending: Accumulation
+    ) -> tuple[Any, int, str]:
+        """The loss the step uses, how many backward passes' losses it sums, and whence."""
+        if pending.added:
+            if loss is not None:
+                added = "1 loss" if pending.added == 1 else f"{pending.added} losses"
+                raise ValueError(
+                    f"AliG.step() got loss= and also {added} added with add_loss() since the "
+                    "last step; hand the loss over one way: either add "
+                    "the loss of every backward pass with add_loss() and call step(), or pass "
+                    "them all as step(loss=...)."
+                )
+            return pending.total, pending.added, "added with add_loss()"
+        if loss is not None:
+            if closure_loss is not None:
+                raise ValueError(
+                    "AliG.step() got both a closure and loss=, and the closure returned a loss; "
+                    f"give one. {_LOSS_HELP}"
+                )
+            if isinstance(loss, list | tuple):
+                if not loss:
+                    raise ValueError(
+                        "AliG.step(loss=[]) got an empty list of losses; pass the loss of every "
+                        f"backward pass that accumulated the gradient. {_LOSS_HELP}"
+                    )
+                device, dtype = self._loss_device_and_dtype()
+                total = _loss_as_tensor(loss[0], device, dtype)
+                for item in loss[1:]:
+                    total = total + _loss_as_tensor(item, device, dtype)
+                return total, len(loss), "as a list, loss=[...]"
+            return loss, 1, "loss="
+        if closure_loss is not None:
+            return closure_loss, 1, "the closure's"
+        if closure is not None:
+            raise ValueError(f"The closure passed to AliG.step() returned None. {_LOSS_HELP}")
+        raise ValueError(f"AliG.step() got no loss. {_LOSS_HELP}")
+
+    def add_loss(self, loss: Any) -> None:
+        """Adds the loss of one backward pass to the loss of the next step.
+
+        With gradient accumulation, call it once per ``backward()`` with the loss exactly
+        as it was backpropagated (e.g. already divided by the number of micro-batches);
+        :meth:`step` without a loss then uses their sum, the loss of the summed gradient.
+        :meth:`zero_grad` and :meth:`step` forget the added losses. The loss is detached
+        and summed as a 0-d tensor in the accumulation dtype, with no host
+        synchronisation. Under loss scaling, add the unscaled loss.
+
+        Args:
+          loss: a float or a 0-d tensor.
+
+        Example:
+          >>> model = torch.nn.Linear(3, 1)
+          >>> opt = AliG(model.parameters(), max_lr=0.1)
+          >>> opt.zero_grad()
+          >>> for x, y in [(torch.randn(4, 3), torch.randn(4, 1))] * 2:  # 2 micro-batches
+          ...     loss = torch.nn.functional.mse_loss(model(x), y) / 2
+          ...     loss.backward()
+          ...     opt.add_loss(loss)
+          >>> _ = opt.step()
+        """
+        device, dtype = self._loss_device_and_dtype()
+        self._accumulation.add(_loss_as_tensor(loss, device, dtype))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients (as ``torch.optim``) and forgets the added losses with them."""
+        super().zero_grad(set_to_none)
+        self._accumulation.forget()
+
+    def _loss_device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not params:
+            if _distributed.active_group(self.process_group) is not None:
+                return torch.device("cpu"), torch.float64  # an empty ZeRO partition (_step)
+            raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
+        return params[0].device, _accumulation_dtype(params)
 
     @torch.no_grad()
     def _step(self, loss: Any) -> None:

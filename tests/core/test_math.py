@@ -244,3 +244,33 @@ def test_python_scalars_give_numpy_float64_step_sizes(max_lr, eps) -> None:
         assert projection_scale(python_scalars, sq, 2.5) == float(
             projection_scale(np, np.float64(sq), 2.5)
         )
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # NumPy's, expected
+@pytest.mark.parametrize("xp", [np, python_scalars], ids=["numpy", "python_scalars"])
+def test_an_overflowing_uncapped_step_size_is_a_skipped_step(xp) -> None:
+    """Zero gradients with a subnormal eps: (l - f_star) / eps overflows. Without a cap that
+    is an infinite step (and inf * 0 = NaN parameters): skipped. With a cap it is capped."""
+    eps = 2.2e-308
+    loss, zero = (np.float64(1e4), np.float64(0.0)) if xp is np else (1e4, 0.0)
+    uncapped = step_size(xp, loss, zero, max_lr=None, eps=eps, f_star=0.0)
+    assert bool(uncapped.skipped)
+    assert float(uncapped.gamma) == 0.0
+    capped = step_size(xp, loss, zero, max_lr=0.1, eps=eps, f_star=0.0)
+    assert not bool(capped.skipped)
+    assert float(capped.gamma) == 0.1
+    assert bool(capped.capped)
+
+
+def test_oracle_skips_an_overflowing_uncapped_step() -> None:
+    params = [np.array([1.0, -2.0])]
+    state = OracleState.zeros(1)
+    config = AliGConfig(max_lr=None, momentum=0.9, eps=2.2e-308)
+    new_params, new_state = oracle_step(params, [np.zeros(2)], 1e4, state, config)
+    assert new_state.steps_skipped == 1
+    assert new_state.steps_taken == 0
+    np.testing.assert_array_equal(new_params[0], params[0])
+    capped = AliGConfig(max_lr=0.1, momentum=0.9, eps=2.2e-308)
+    new_params, new_state = oracle_step(params, [np.zeros(2)], 1e4, state, capped)
+    assert new_state.steps_taken == 1
+    assert new_state.gamma == 0.1

@@ -1,4 +1,4 @@
-"""flax.nnx.Optimizer drives alig_jax.alig, the loss passed as value=."""
+"""flax.nnx.Optimizer drives alig_jax.alig (and multi_steps), the loss passed as value=."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
-from alig_jax import alig
+from alig_cases import max_relative_deviation
+from alig_jax import alig, multi_steps
 
 STEPS = 12
 
@@ -74,3 +76,52 @@ def test_nnx_optimizer_update_with_value_equals_plain_optax() -> None:
     trained = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+class MLP64(nnx.Module):
+    """The MLP in float64 (for the 1e-10 accumulation equality)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        kwargs = {"dtype": jnp.float64, "param_dtype": jnp.float64, "rngs": rngs}
+        self.hidden = nnx.Linear(5, 8, **kwargs)
+        self.out = nnx.Linear(8, 3, **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(jnp.tanh(self.hidden(x)))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_nnx_optimizer_with_multi_steps_equals_one_step_on_the_union(k: int) -> None:
+    """``nnx.Optimizer(model, multi_steps(alig(...), k))`` fed k micro-batches, each with
+    its own loss as ``value=``, equals ``nnx.Optimizer(model, alig(...))`` fed their union
+    (float64, 1e-10, gamma moving)."""
+    outer_steps = 6
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((outer_steps, 16, 5)))
+        y = jnp.asarray(rng.integers(0, 3, (outer_steps, 16)))
+        kwargs = {"max_lr": 2.0, "momentum": 0.9}
+
+        big_model = MLP64(nnx.Rngs(0))
+        big = nnx.Optimizer(big_model, alig(**kwargs), wrt=nnx.Param)
+        model = MLP64(nnx.Rngs(0))
+        accumulating = nnx.Optimizer(model, multi_steps(alig(**kwargs), k), wrt=nnx.Param)
+
+        @nnx.jit
+        def train_step(model: MLP64, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
+            loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+            optimizer.update(model, grads, value=loss)
+
+        gammas = []
+        for t in range(outer_steps):
+            train_step(big_model, big, x[t], y[t])
+            gammas.append(float(big.opt_state.gamma[...]))
+            for xs, ys in zip(jnp.split(x[t], k), jnp.split(y[t], k), strict=True):
+                train_step(model, accumulating, xs, ys)
+            ours = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+            theirs = jax.tree.leaves(nnx.to_pure_dict(nnx.state(big_model, nnx.Param)))
+            assert max_relative_deviation(ours, theirs) <= 1e-10, f"outer step {t}"
+        assert len(set(gammas)) >= 3  # gamma moves ...
+        assert min(gammas) < kwargs["max_lr"]  # ... below the cap
+        inner = accumulating.opt_state.multi_steps.inner_opt_state
+        assert int(inner.steps_taken[...]) == outer_steps

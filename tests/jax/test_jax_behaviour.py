@@ -1,4 +1,4 @@
-"""alig_jax.alig as an optax citizen: jit, skipped steps, inject_hyperparams, MultiSteps..."""
+"""alig_jax.alig as an optax citizen: jit, skipped steps, inject_hyperparams, multi_steps..."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from alig_cases import initial_params, make_sequence, max_relative_deviation
-from alig_jax import AliGState, alig, project_onto_ball, scale_by_alig
+from alig_jax import AliGState, alig, multi_steps, project_onto_ball, scale_by_alig
 
 
 def _quadratic_problem(dtype=jnp.float64):
@@ -159,17 +159,38 @@ def test_inject_hyperparams_gives_the_same_numbers() -> None:
 
 
 def test_multi_steps_accumulates_then_steps() -> None:
-    params, loss_fn = _quadratic_problem()
-    tx = optax.MultiSteps(alig(max_lr=0.1, momentum=0.9), every_k_schedule=3)
+    """alig_jax.multi_steps moves nothing before the k-th call; the k-th takes alig's step
+    with the mean gradient *and the mean loss* of the k calls. (``optax.MultiSteps(alig)``
+    hands over the last call's loss instead: test_jax_accumulation_and_wrappers.py.)"""
+    params, _ = _quadratic_problem()
+    scales = (0.5, 1.0, 3.0)  # three micro-batches: three different losses and gradients
+    tx = multi_steps(alig(max_lr=10.0, momentum=0.9), every_k_schedule=3)
     state = tx.init(params)
     start = params
-    for k in range(3):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+    losses, grads_seen = [], []
+    for k, scale in enumerate(scales):
+        loss, grads = jax.value_and_grad(lambda p, s=scale: s * (jnp.sum(p["w"] ** 2) + 1.0))(
+            params
+        )
+        losses.append(loss)
+        grads_seen.append(grads)
         updates, state = tx.update(grads, state, params, value=loss)
         params = optax.apply_updates(params, updates)
         moved = not jnp.array_equal(params["w"], start["w"])
         assert moved == (k == 2)
-    assert int(state.inner_opt_state.steps_taken) == 1
+    inner = state.multi_steps.inner_opt_state
+    assert int(inner.steps_taken) == 1
+
+    mean_grads = jax.tree.map(lambda *g: sum(g) / 3, *grads_seen)
+    mean_loss = sum(losses) / 3
+    reference = alig(max_lr=10.0, momentum=0.9)
+    updates, expected_state = reference.update(
+        mean_grads, reference.init(start), start, value=mean_loss
+    )
+    expected = optax.apply_updates(start, updates)
+    assert float(inner.gamma_hat) == pytest.approx(float(expected_state.gamma_hat), rel=1e-12)
+    assert not bool(inner.capped)
+    assert max_relative_deviation(jax.tree.leaves(params), jax.tree.leaves(expected)) <= 1e-12
 
 
 def test_state_is_stable_under_lax_cond() -> None:

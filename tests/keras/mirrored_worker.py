@@ -1,13 +1,19 @@
 """Run by test_keras_distributed.py: model.fit under MirroredStrategy on 2 logical CPUs.
 
-Usage: python mirrored_worker.py OUT.npz {mirrored|single}. The logical devices must be
-configured before any TensorFlow op, hence a fresh process.
+Usage: python mirrored_worker.py OUT.npz {mirrored|mirrored_merge|single}. The logical
+devices must be configured before any TensorFlow op, hence a fresh process.
+
+``mirrored_merge``: every replica passes a merge call between ``scale_loss`` (where the
+loss is handed over) and the step's reading of it, where MirroredStrategy pauses each
+replica's thread until all have arrived; so the replicas' losses must wait in slots of
+their own.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,6 +34,16 @@ from alig_tf import AliG  # noqa: E402
 STEPS, BATCH = 12, 16
 
 
+class MergingAliG(AliG):
+    """AliG with a merge call at the start of the step, before the loss is read."""
+
+    def _backend_update_step(
+        self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
+    ) -> None:
+        tf.distribute.get_replica_context().merge_call(lambda strategy: None)
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+
 def main(out: str, mode: str) -> None:
     keras.config.set_floatx("float64")
     rng = np.random.default_rng(0)
@@ -35,7 +51,7 @@ def main(out: str, mode: str) -> None:
     y = rng.integers(0, 3, STEPS * BATCH)
     strategy = (
         tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        if mode == "mirrored"
+        if mode.startswith("mirrored")
         else tf.distribute.get_strategy()
     )
     with strategy.scope():
@@ -44,7 +60,9 @@ def main(out: str, mode: str) -> None:
             [keras.Input((6,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(3)]
         )
         model.compile(
-            optimizer=AliG(max_lr=2.0, momentum=0.9, max_norm=5.0),
+            optimizer=(MergingAliG if mode == "mirrored_merge" else AliG)(
+                max_lr=2.0, momentum=0.9, max_norm=5.0
+            ),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     gammas = []

@@ -18,12 +18,18 @@ DATA_PARALLEL_WORKER = Path(__file__).with_name("data_parallel_worker.py")
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="tf.distribute exists on TensorFlow only"
 )
-def test_mirrored_strategy_on_two_replicas_equals_one_device(tmp_path: Path) -> None:
+@pytest.mark.parametrize("merge_before_the_step", [False, True])
+def test_mirrored_strategy_on_two_replicas_equals_one_device(
+    merge_before_the_step: bool, tmp_path: Path
+) -> None:
+    """With a merge call between scale_loss and the step (``mirrored_merge``) the replicas
+    take turns there: a loss slot shared by the replicas' threads gave the step another
+    replica's loss, or none."""
     runs = {}
-    for mode in ("single", "mirrored"):
+    for mode in ("single", "mirrored_merge" if merge_before_the_step else "mirrored"):
         out = tmp_path / f"{mode}.npz"
         run_script(WORKER, out, mode)
-        runs[mode] = np.load(out)
+        runs[mode.split("_")[0]] = np.load(out)
     single, mirrored = runs["single"], runs["mirrored"]
     assert int(single["replicas"]) == 1
     assert int(mirrored["replicas"]) == 2

@@ -346,17 +346,41 @@ def test_deepcopy_and_repr() -> None:
 
 
 def test_old_state_dict_without_new_keys_still_loads() -> None:
+    """A checkpoint without the ``momentum_convention`` marker or ``foreach`` (filled in by
+    ``__setstate__``) loads and resumes bit for bit; one without a key that says what its
+    state means (``adjusted_momentum``, ``eps``, ``f_star``) is refused."""
+    x, y = _data()
     model = _model()
     opt = AliG(model.parameters(), max_lr=0.1, momentum=0.9)
+    _train(model, opt, 3, x, y)
     state = opt.state_dict()
     for group in state["param_groups"]:
-        for key in ("eps", "f_star", "adjusted_momentum", "foreach"):
-            group.pop(key, None)
-    opt.__setstate__({"state": {}, "param_groups": opt.param_groups, "defaults": opt.defaults})
+        del group["momentum_convention"], group["foreach"]
     buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
+    torch.save({"model": model.state_dict(), "opt": state}, buffer)
     buffer.seek(0)
-    opt.load_state_dict(torch.load(buffer, weights_only=True))
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = _model(seed=123)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = AliG(resumed.parameters(), max_lr=0.1, momentum=0.9)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    assert resumed_opt.param_groups[0]["foreach"] is None
+    _train(model, opt, 3, x, y)
+    _train(resumed, resumed_opt, 3, x, y)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert a.detach().numpy().tobytes() == b.detach().numpy().tobytes()
+
+    for key, message in (
+        ("adjusted_momentum", "has no 'adjusted_momentum': its momentum convention cannot be"),
+        ("eps", r"is not an AliG one: it lacks \['eps'\]"),
+        ("f_star", r"is not an AliG one: it lacks \['f_star'\]"),
+    ):
+        stripped = copy.deepcopy(checkpoint["opt"])
+        del stripped["param_groups"][0][key]
+        other = AliG(_model().parameters(), max_lr=0.1, momentum=0.9)
+        with pytest.raises(ValueError, match=message):
+            other.load_state_dict(stripped)
+        assert len(other.state) == 0
 
 
 # ---------------------------------------------------------------- dtypes and errors

@@ -1,0 +1,771 @@
+"""The extrapolation math of alig_core, driven by NumPy, against the oracle and the SPEC.
+
+``NumpyExtrapolation`` is a minimal adapter built only from alig_core's functions, around
+two functional NumPy bases (ALI-G from alig_core's step functions; SGD with Nesterov
+momentum in torch's convention, standing in for a framework's own SGD). Its alternating
+form computes both phases and selects (as a compiled optax or Keras update would); its
+same-batch form branches on the skip flag (as torch's eager ``step(closure)`` would).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from alig_cases import max_relative_deviation
+from alig_core import (
+    AliGConfig,
+    ExtrapolationCall,
+    ExtrapolationConfig,
+    ExtrapolationState,
+    anchor_params,
+    anchor_step_size,
+    extrapolate,
+    extrapolated_step_size,
+    finish_update,
+    initial_extrapolation_state,
+    keep_if_skipped,
+    linearization_term,
+    momentum_coefficients,
+    momentum_update,
+    projection_scale,
+    resolve_lr_x,
+    select_call,
+    sgd_update,
+    step_size,
+    update_inputs,
+)
+from alig_core.oracle_extrapolation import (
+    OracleCallRecord,
+    SGDNesterov,
+    run_extrapolation_oracle,
+)
+from extrapolation_cases import (
+    BASES,
+    CASES,
+    ITERATIONS,
+    ExtrapolationCase,
+    Problem,
+    initial_params,
+    make_noise,
+    run_case_oracle,
+)
+
+TOL = 1e-10
+Params = tuple[np.ndarray, ...]
+Evaluate = Callable[[Sequence[np.ndarray], int], tuple[float, list[np.ndarray | None]]]
+
+
+# ---------------------------------------------------------------- the NumPy bases
+
+
+class AliGBase:
+    """ALI-G as a functional base, from alig_core's step functions; state (buffers, gamma)."""
+
+    takes_loss = True
+
+    def __init__(self, config: AliGConfig) -> None:
+        self.c = config
+
+    def init(self, params: Params) -> Any:
+        return (tuple(np.zeros_like(p) for p in params), np.float64(0.0))
+
+    def anchor_lr_x(self, loss: Any, sq_grad_norm: Any) -> Any:
+        c = self.c
+        return anchor_step_size(np, loss, sq_grad_norm, max_lr=c.max_lr, eps=c.eps, f_star=c.f_star)
+
+    def update_lr_x(self, state: Any) -> Any:
+        return state[1]  # the gamma of the update just taken
+
+    def step(self, params: Params, grads: Sequence[Any], loss: Any, state: Any) -> Any:
+        c, (buffers, old_gamma) = self.c, state
+        present = [i for i, g in enumerate(grads) if g is not None]
+        sq = sum((np.sum(np.square(grads[i])) for i in present), np.float64(0.0))
+        size = step_size(np, loss, sq, max_lr=c.max_lr, eps=c.eps, f_star=c.f_star)
+        coefficients = momentum_coefficients(
+            size.gamma, momentum=c.momentum, adjusted_momentum=c.adjusted_momentum
+        )
+        new_params, new_buffers = list(params), list(buffers)
+        for i in present:
+            if c.momentum == 0:
+                new = sgd_update(params[i], grads[i], size.gamma)
+            else:
+                new, buffer = momentum_update(params[i], grads[i], buffers[i], coefficients)
+                new_buffers[i] = keep_if_skipped(np, size.skipped, buffers[i], buffer)
+            new_params[i] = keep_if_skipped(np, size.skipped, params[i], new)
+        if c.max_norm is not None:
+            scale = projection_scale(np, sum(np.sum(p * p) for p in new_params), c.max_norm)
+            new_params = [keep_if_skipped(np, size.skipped, p, p * scale) for p in new_params]
+        gamma = keep_if_skipped(np, size.skipped, old_gamma, size.gamma)
+        return tuple(new_params), (tuple(new_buffers), gamma)
+
+    def buffers(self, state: Any) -> Params:
+        return state[0]
+
+
+class SGDNesterovBase:
+    """torch.optim.SGD(nesterov=True) in NumPy: b <- mu*b + g; p <- p - lr*(g + mu*b)."""
+
+    takes_loss = False
+
+    def __init__(self, config: SGDNesterov) -> None:
+        self.lr, self.mu = config.lr, config.momentum
+
+    def init(self, params: Params) -> Any:
+        return (tuple(np.zeros_like(p) for p in params),)
+
+    def anchor_lr_x(self, loss: Any, sq_grad_norm: Any) -> Any:
+        return self.lr
+
+    def update_lr_x(self, state: Any) -> Any:
+        return self.lr
+
+    def step(self, params: Params, grads: Sequence[Any], loss: Any, state: Any) -> Any:
+        new_params, new_buffers = list(params), list(state[0])
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            new_buffers[i] = self.mu * state[0][i] + g
+            new_params[i] = params[i] - self.lr * (g + self.mu * new_buffers[i])
+        return tuple(new_params), (tuple(new_buffers),)
+
+    def buffers(self, state: Any) -> Params:
+        return state[0]
+
+
+def make_base(config: SGDNesterov | AliGConfig) -> AliGBase | SGDNesterovBase:
+    return AliGBase(config) if isinstance(config, AliGConfig) else SGDNesterovBase(config)
+
+
+def tree_where(condition: Any, if_true: Any, if_false: Any) -> Any:
+    if isinstance(if_true, tuple):
+        return tuple(tree_where(condition, a, b) for a, b in zip(if_true, if_false, strict=True))
+    return np.where(condition, if_true, if_false)
+
+
+# ---------------------------------------------------------------- the NumPy adapter
+
+
+class NumpyExtrapolation:
+    """The extrapolation wrapper around a functional NumPy base, from alig_core's functions."""
+
+    def __init__(
+        self,
+        params: Sequence[np.ndarray],
+        config: ExtrapolationConfig,
+        base: AliGBase | SGDNesterovBase,
+        call_form: str,
+        noise: Callable[[int], list[np.ndarray]] | None = None,
+    ) -> None:
+        self.params: Params = tuple(np.array(p, dtype=np.float64) for p in params)
+        self.config, self.base, self.call_form, self.noise = config, base, call_form, noise
+        self.state = initial_extrapolation_state(
+            [p.copy() for p in self.params], np.zeros((), np.int32)
+        )
+        self.base_state = base.init(self.params)
+        self.kinds: list[str] = []  # "anchor" / "update", one per evaluation made
+
+    def call(self, evaluate: Evaluate, batch: int) -> None:
+        with np.errstate(all="ignore"):  # NaN/inf on skipped iterations
+            if self.config.mode != "gradient":
+                self._apply(*self._update(self.state, self.params, *self._eval(evaluate, batch)))
+            elif self.call_form == "same_batch":
+                self._same_batch(evaluate, batch)
+            else:
+                self._alternating(evaluate, batch)
+
+    @property
+    def anchor(self) -> Params:
+        return anchor_params(np, self.state, self.params)
+
+    def _eval(self, evaluate: Evaluate, batch: int) -> tuple[Any, tuple[Any, ...], Any]:
+        loss, grads = evaluate(list(self.params), batch)
+        grads = tuple(None if g is None else np.asarray(g, dtype=np.float64) for g in grads)
+        sq = sum((np.sum(np.square(g)) for g in grads if g is not None), np.float64(0.0))
+        return np.float64(loss), grads, sq
+
+    def _update(
+        self, state: ExtrapolationState, params: Params, loss: Any, grads: Any, sq: Any
+    ) -> tuple[ExtrapolationCall, Any]:
+        self.kinds.append("update")
+        inputs = update_inputs(
+            np,
+            state,
+            params,
+            grads,
+            loss=loss,
+            sq_grad_norm=sq,
+            linearized=self.config.linearized and self.base.takes_loss,
+        )
+        base_params, stepped = self.base.step(inputs.anchor, grads, inputs.loss, self.base_state)
+        noise = None
+        if self.config.mode == "noise":  # the key counter of iteration t+1's displacement
+            noise = self.noise(int(state.iteration) + 1)
+        call = finish_update(
+            np,
+            self.config,
+            state,
+            inputs,
+            base_params,
+            grads,
+            default_lr_x=self.base.update_lr_x(stepped),
+            noise=noise,
+        )
+        return call, stepped
+
+    def _extrapolate(self, loss: Any, grads: Any, sq: Any) -> ExtrapolationCall:
+        self.kinds.append("anchor")
+        return extrapolate(
+            np,
+            self.config,
+            self.state,
+            self.params,
+            grads,
+            loss=loss,
+            sq_grad_norm=sq,
+            default_lr_x=self.base.anchor_lr_x(loss, sq),
+        )
+
+    def _apply(self, call: ExtrapolationCall, stepped: Any) -> None:
+        self.params, self.state = call.params, call.state
+        self.base_state = tree_where(call.base_stepped, stepped, self.base_state)
+
+    def _alternating(self, evaluate: Evaluate, batch: int) -> None:
+        """Both phases computed, one selected by the phase: no branch on an array value."""
+        loss, grads, sq = self._eval(evaluate, batch)
+        extrapolating = self._extrapolate(loss, grads, sq)
+        updating, stepped = self._update(self.state, self.params, loss, grads, sq)
+        self.kinds[-2:] = ["update" if int(self.state.phase) else "anchor"]
+        self._apply(select_call(np, self.state.phase > 0, updating, extrapolating), stepped)
+
+    def _same_batch(self, evaluate: Evaluate, batch: int) -> None:
+        """The closure form: at the anchor, then (unless skipped) at w~ on the same batch."""
+        call = self._extrapolate(*self._eval(evaluate, batch))
+        self.params, self.state = call.params, call.state
+        if bool(call.skipped):
+            return
+        self._apply(*self._update(self.state, self.params, *self._eval(evaluate, batch)))
+
+
+def run_generic(
+    case: ExtrapolationCase,
+    problem: Problem,
+    config: ExtrapolationConfig | None = None,
+    calls: int | None = None,
+) -> tuple[NumpyExtrapolation, list[dict[str, Any]]]:
+    """Runs the NumPy adapter on ``case``; returns it and a snapshot after every call."""
+    adapter = NumpyExtrapolation(
+        initial_params(),
+        config if config is not None else case.config,
+        make_base(case.base_config),
+        case.call_form,
+        make_noise(),
+    )
+    snapshots = []
+    for batch in range(calls if calls is not None else case.calls):
+        adapter.call(problem.evaluate, batch)
+        snapshots.append(snapshot(adapter))
+    return adapter, snapshots
+
+
+def snapshot(adapter: NumpyExtrapolation) -> dict[str, Any]:
+    return {
+        "params": [p.copy() for p in adapter.params],
+        "anchor": [p.copy() for p in adapter.anchor],
+        "stored_anchor": [p.copy() for p in adapter.state.anchor],
+        "phase": int(adapter.state.phase),
+        "iteration": int(adapter.state.iteration),
+        "skipped": int(adapter.state.skipped),
+        "base_state": adapter.base_state,
+    }
+
+
+def flat(tree: Any) -> list[np.ndarray]:
+    if isinstance(tree, tuple):
+        return [leaf for item in tree for leaf in flat(item)]
+    return [np.asarray(tree)]
+
+
+def bits(arrays: Sequence[Any]) -> list[bytes]:
+    return [np.asarray(a).tobytes() for a in arrays]
+
+
+def oracle_buffers(record: OracleCallRecord) -> list[np.ndarray]:
+    buffers = record.alig_state.buffers if record.alig_state is not None else record.sgd_buffers
+    return [
+        np.zeros_like(a) if b is None else b for b, a in zip(buffers, record.anchor, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------- generic == oracle
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_generic_functions_equal_the_oracle_over_100_iterations(case: ExtrapolationCase) -> None:
+    with np.errstate(all="ignore"):
+        records = run_case_oracle(case)
+    problem = Problem()
+    adapter, snapshots = run_generic(case, problem)
+    worst = 0.0
+    for record, snap in zip(records, snapshots, strict=True):
+        assert snap["phase"] == int(record.extrapolated)
+        assert (snap["iteration"], snap["skipped"]) == (record.iterations, record.skipped)
+        worst = max(
+            worst,
+            max_relative_deviation(snap["params"], record.params),
+            max_relative_deviation(snap["anchor"], record.anchor),
+            max_relative_deviation(
+                adapter.base.buffers(snap["base_state"]), oracle_buffers(record)
+            ),
+        )
+        if case.is_alig:
+            assert float(snap["base_state"][1]) == pytest.approx(
+                record.alig_state.gamma, rel=TOL, abs=TOL
+            )
+    assert problem.evaluations == records[-1].evaluations
+    assert worst <= TOL, f"{case.name}: deviation {worst:.3g}"
+    # The run is a real test: iterations taken and skipped, the extrapolation moved w~ off w,
+    # and ALI-G's gamma moved (neither pinned at the cap nor at 0).
+    last = records[-1]
+    assert last.iterations >= 0.7 * ITERATIONS
+    assert last.skipped >= 5
+    assert any(  # the parameters held w~ away from w, or (same batch) a displacement was made
+        (r.extrapolated and max_relative_deviation(r.params, r.anchor) > 1e-3)
+        or (r.lr_x is not None and r.lr_x > 1e-2)
+        for r in records
+    )
+    if case.is_alig:
+        gammas = {r.alig_state.gamma for r in records}
+        moving = [r for r in records if not r.alig_state.capped and r.alig_state.gamma > 0]
+        assert len(gammas) > 10
+        assert len(moving) > 10
+
+
+@pytest.mark.parametrize(
+    ("case", "other"),
+    [
+        (0, {"linearized": False}),  # the correction is visible
+        (0, {"lr_x": 0.05}),  # so is lr_x
+    ],
+)
+def test_a_perturbed_configuration_is_detected(case: int, other: dict[str, Any]) -> None:
+    """Guard: the comparison above can fail."""
+    alig = [c for c in CASES if c.is_alig and c.mode == "gradient" and not c.label][case]
+    with np.errstate(all="ignore"):
+        expected = run_case_oracle(alig)[-1].anchor
+    options = {"mode": alig.mode, "lr_x": alig.lr_x, "linearized": alig.linearized} | other
+    adapter, _ = run_generic(alig, Problem(), config=ExtrapolationConfig(**options))
+    assert max_relative_deviation(adapter.anchor, expected) > 1e-3
+
+
+def test_the_alternating_and_same_batch_forms_differ_in_gradient_mode_only() -> None:
+    def final(mode: str, form: str) -> list[np.ndarray]:
+        case = ExtrapolationCase(
+            mode, "alig_standard", form, sigma=0.05 if mode == "noise" else None
+        )
+        with np.errstate(all="ignore"):
+            return run_case_oracle(case)[ITERATIONS - 1].anchor
+
+    assert (
+        max_relative_deviation(final("gradient", "alternating"), final("gradient", "same_batch"))
+        > 1e-3
+    )
+    for mode in ("past", "noise"):
+        a, b = final(mode, "alternating"), final(mode, "same_batch")
+        assert bits(a) == bits(b)
+
+
+# ---------------------------------------------------------------- d = 0 is the base
+
+
+def _zero_displacement(mode: str) -> ExtrapolationConfig:
+    if mode == "noise":
+        return ExtrapolationConfig(mode="noise", sigma=0.0)
+    return ExtrapolationConfig(mode=mode, lr_x=0.0)
+
+
+class Recorder:
+    """Wraps ``Problem.evaluate``: logs (call, point, loss, grads) of every evaluation."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem, self.call, self.log = problem, -1, []
+
+    def evaluate(self, point: Sequence[Any], batch: int) -> tuple[float, list[Any]]:
+        loss, grads = self.problem.evaluate(point, batch)
+        self.log.append((self.call, [np.array(p) for p in point], loss, grads))
+        return loss, grads
+
+
+@pytest.mark.parametrize("call_form", ["alternating", "same_batch"])
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("mode", ["gradient", "past", "noise"])
+def test_zero_displacement_equals_the_base_bit_for_bit(
+    mode: str, base: str, call_form: str
+) -> None:
+    """lr_x = 0 or sigma = 0: the wrapper is its base, stepped on its update evaluations.
+
+    SGD has no skip rule of its own, so it runs without non-finite events; ALI-G runs with
+    them (the wrapper skips where ALI-G itself would, and leaves ALI-G untouched).
+    """
+    case = ExtrapolationCase(mode, base, call_form)
+    recorder = Recorder(Problem(finite=not case.is_alig))
+    adapter = NumpyExtrapolation(
+        initial_params(),
+        _zero_displacement(mode),
+        make_base(case.base_config),
+        call_form,
+        make_noise(),
+    )
+    bare = make_base(case.base_config)
+    params = tuple(np.array(p, dtype=np.float64) for p in initial_params())
+    state = bare.init(params)
+    for call in range(case.calls):
+        recorder.call = call
+        adapter.call(recorder.evaluate, call)
+        for (made_in, point, loss, grads), kind in zip(recorder.log, adapter.kinds, strict=True):
+            if made_in != call or kind != "update":
+                continue
+            assert bits(point) == bits(params)  # with d = 0 every evaluation is at w_t
+            with np.errstate(all="ignore"):
+                params, state = bare.step(params, grads, np.float64(loss), state)
+        assert bits(adapter.params) == bits(params)
+        assert bits(adapter.anchor) == bits(params)
+        assert bits(flat(adapter.base_state)) == bits(flat(state))
+    assert int(adapter.state.iteration) >= 0.7 * ITERATIONS
+    assert adapter.kinds.count("update") >= 0.7 * ITERATIONS
+    if case.is_alig:
+        assert int(adapter.state.skipped) >= 5
+
+
+# ---------------------------------------------------------------- skipped iterations
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_skipped_iterations_leave_everything_bit_for_bit(case: ExtrapolationCase) -> None:
+    """SPEC 7: anchor, buffers, base state and counters as they were; parameters at the anchor."""
+    problem = Problem()
+    adapter = NumpyExtrapolation(
+        initial_params(), case.config, make_base(case.base_config), case.call_form, make_noise()
+    )
+    skipped_at = {"anchor": 0, "update": 0}
+    for batch in range(case.calls):
+        before = snapshot(adapter)
+        made = len(adapter.kinds)
+        adapter.call(problem.evaluate, batch)
+        after = snapshot(adapter)
+        if after["skipped"] == before["skipped"]:
+            continue
+        assert after["skipped"] == before["skipped"] + 1
+        assert bits(after["params"]) == bits(before["anchor"])  # back at the anchor
+        assert bits(after["anchor"]) == bits(before["anchor"])
+        if before["phase"] == 1:  # the stored anchor was in use: kept bit for bit
+            assert bits(after["stored_anchor"]) == bits(before["stored_anchor"])
+        assert bits(flat(after["base_state"])) == bits(flat(before["base_state"]))
+        assert after["iteration"] == before["iteration"]
+        assert after["phase"] == 0
+        skipped_at[adapter.kinds[-1] if len(adapter.kinds) > made else "?"] += 1
+    assert skipped_at["update"] >= 3
+    if case.mode == "gradient":  # non-finite values at the anchor skip too
+        assert skipped_at["anchor"] >= 3
+
+
+# ---------------------------------------------------------------- the linearised step
+
+
+def test_the_correction_on_a_quadratic_is_the_anchor_loss_minus_half_the_squared_displacement() -> (
+    None
+):
+    """l = ||w||^2/2: l(w~) + <g(w~), w - w~> = l(w) - ||d||^2/2, exactly in the reals."""
+    rng = np.random.default_rng(0)
+    w, d = rng.standard_normal(7), 0.3 * rng.standard_normal(7)
+    tilde = w + d
+    correction = linearization_term(np, tilde, tilde - w)  # g(w~) = w~
+    corrected = 0.5 * tilde @ tilde + correction
+    assert corrected == pytest.approx(0.5 * w @ w - 0.5 * d @ d, rel=1e-13)
+    size = extrapolated_step_size(
+        np,
+        0.5 * tilde @ tilde,
+        tilde @ tilde,
+        correction,
+        max_lr=None,
+        eps=0.0,
+        f_star=0.0,
+        linearized=True,
+    )
+    assert float(size.gamma_hat) == pytest.approx((0.5 * w @ w - 0.5 * d @ d) / (tilde @ tilde))
+
+
+def test_on_a_linear_loss_the_linearised_step_is_alig_at_the_anchor() -> None:
+    """l(w) = <a, w> + c is its own linear model: the corrected loss at w~ is l(w)."""
+    rng = np.random.default_rng(1)
+    a, w, d, c = rng.standard_normal(5), rng.standard_normal(5), rng.standard_normal(5), 9.0
+    tilde = w + d
+    correction = linearization_term(np, a, tilde - w)
+    kwargs = {"max_lr": None, "eps": 1e-5, "f_star": 0.0}
+    at_tilde = extrapolated_step_size(
+        np, a @ tilde + c, a @ a, correction, linearized=True, **kwargs
+    )
+    plain = extrapolated_step_size(np, a @ tilde + c, a @ a, correction, linearized=False, **kwargs)
+    at_anchor = step_size(np, a @ w + c, a @ a, **kwargs)
+    assert float(at_tilde.gamma) == pytest.approx(float(at_anchor.gamma), rel=1e-12)
+    assert float(plain.gamma) == pytest.approx(
+        float(step_size(np, a @ tilde + c, a @ a, **kwargs).gamma)
+    )
+    assert abs(float(plain.gamma) - float(at_anchor.gamma)) > 1e-3  # the correction mattered
+
+
+def test_the_linearised_step_clamps_at_zero_and_caps() -> None:
+    kwargs = {"eps": 0.0, "f_star": 0.0, "linearized": True}
+    below = extrapolated_step_size(
+        np, np.float64(0.1), np.float64(1.0), np.float64(-0.5), max_lr=1.0, **kwargs
+    )
+    above = extrapolated_step_size(
+        np, np.float64(0.1), np.float64(1.0), np.float64(5.0), max_lr=1.0, **kwargs
+    )
+    assert (float(below.gamma), float(below.gamma_hat)) == (0.0, pytest.approx(-0.4))
+    assert (float(above.gamma), bool(above.capped)) == (1.0, True)
+
+
+def test_update_inputs_corrects_the_loss_only_where_linearised() -> None:
+    anchor, point, grad = np.array([1.0, -2.0]), np.array([0.5, -1.0]), np.array([0.5, -1.0])
+    state = initial_extrapolation_state([anchor], np.ones((), np.int32))
+    kwargs = {"loss": np.float64(0.625), "sq_grad_norm": np.float64(1.25)}
+    on = update_inputs(np, state, [point], [grad], linearized=True, **kwargs)
+    off = update_inputs(np, state, [point], [grad], linearized=False, **kwargs)
+    assert float(on.correction) == grad @ (anchor - point) == 1.25
+    assert float(on.loss) == 0.625 + 1.25
+    assert (float(off.correction), float(off.loss)) == (0.0, 0.625)
+    assert bits(on.anchor) == bits([anchor])
+    # In phase 0 the parameters are the anchor: no displacement, no correction.
+    at_anchor = update_inputs(
+        np, state._replace(phase=np.zeros((), np.int32)), [point], [grad], linearized=True, **kwargs
+    )
+    assert (float(at_anchor.correction), float(at_anchor.loss)) == (0.0, 0.625)
+    assert bits(at_anchor.anchor) == bits([point])
+
+
+def test_a_non_finite_correction_skips_the_update() -> None:
+    big = np.array([1e300])
+    state = initial_extrapolation_state([-big], np.ones((), np.int32))
+    with np.errstate(over="ignore"):
+        inputs = update_inputs(
+            np,
+            state,
+            [big],
+            [big],
+            loss=np.float64(1.0),
+            sq_grad_norm=np.float64(1.0),
+            linearized=True,
+        )
+    assert bool(inputs.skipped)
+
+
+# ---------------------------------------------------------------- the oracle by hand
+
+
+def _quadratic(point: Sequence[np.ndarray], batch: int) -> tuple[float, list[np.ndarray]]:
+    return 0.5 * float(point[0] @ point[0]), [point[0].copy()]
+
+
+@pytest.mark.parametrize(
+    ("config", "base", "expected"),
+    [
+        # EXTRAP-SGD: w~ = 1 - 0.5*1 = 0.5, w1 = 1 - 0.1*0.5 = 0.95, w~ = 0.475, w2 = 0.9025.
+        (ExtrapolationConfig(lr_x=0.5), SGDNesterov(lr=0.1), [0.95, 0.9025]),
+        # past: w1 = 1 - 0.1*1 = 0.9 (d0 = 0), w~1 = 0.9 - 0.5*1 = 0.4, w2 = 0.9 - 0.04 = 0.86.
+        (ExtrapolationConfig(mode="past", lr_x=0.5), SGDNesterov(lr=0.1), [0.9, 0.86]),
+        # ALI-G, lr_x by default = gamma at the anchor = 0.5/1: w~ = 0.5; linearised loss
+        # 0.125 + 0.5*(1 - 0.5) = 0.375, gamma = 0.375/0.25 = 1.5: w1 = 1 - 1.5*0.5 = 0.25.
+        (ExtrapolationConfig(), AliGConfig(eps=0.0), [0.25, 0.0625]),
+        # plain: gamma = 0.125/0.25 = 0.5: w1 = 1 - 0.5*0.5 = 0.75.
+        (ExtrapolationConfig(linearized=False), AliGConfig(eps=0.0), [0.75, 0.5625]),
+        # ALI-G past, lr_x = the previous gamma: w1 = 1 - 0.5*1 = 0.5 (gamma 0.5), w~1 = 0.5 -
+        # 0.5*1 = 0: l = 0, g = 0, gamma_hat = 0 (zero denominator): w2 = 0.5.
+        (ExtrapolationConfig(mode="past"), AliGConfig(eps=0.0), [0.5, 0.5]),
+        # noise, sigma 0.5 with xi_t = t: w1 = 1 - 0.1*1, w~1 = 0.9 + 0.5*1, w2 = 0.9 - 0.14.
+        (ExtrapolationConfig(mode="noise", sigma=0.5), SGDNesterov(lr=0.1), [0.9, 0.76]),
+        # Nesterov SGD, mu 0.5: b = 0.5, w1 = 1 - 0.1*(0.5 + 0.25) = 0.925 after w~ = 0.5.
+        (ExtrapolationConfig(lr_x=0.5), SGDNesterov(lr=0.1, momentum=0.5), [0.925]),
+    ],
+)
+def test_the_oracle_matches_hand_computed_values(
+    config: ExtrapolationConfig, base: Any, expected: list[float]
+) -> None:
+    calls = len(expected) * config.evaluations_per_iteration
+    records = run_extrapolation_oracle(
+        [np.array([1.0])], _quadratic, calls, config, base, noise=lambda t: [np.array([float(t)])]
+    )
+    anchors = [
+        r.anchor[0].item() for r in records if not r.extrapolated or config.mode != "gradient"
+    ]
+    assert anchors == pytest.approx(expected, rel=1e-15)
+
+
+def test_the_oracle_same_batch_form_evaluates_twice_per_call_on_one_batch() -> None:
+    batches: list[int] = []
+
+    def evaluate(point: Sequence[np.ndarray], batch: int) -> tuple[float, list[np.ndarray]]:
+        batches.append(batch)
+        return _quadratic(point, batch)
+
+    config, base = ExtrapolationConfig(lr_x=0.5), SGDNesterov(lr=0.1)
+    records = run_extrapolation_oracle(
+        [np.array([1.0])], evaluate, 2, config, base, call_form="same_batch"
+    )
+    assert batches == [0, 0, 1, 1]
+    assert [r.anchor[0].item() for r in records] == pytest.approx([0.95, 0.9025])
+    assert not any(r.extrapolated for r in records)
+
+
+def test_the_oracle_refuses_an_unknown_call_form() -> None:
+    with pytest.raises(ValueError, match="Invalid call_form"):
+        run_extrapolation_oracle(
+            [np.ones(1)],
+            _quadratic,
+            1,
+            ExtrapolationConfig(),
+            SGDNesterov(lr=0.1),
+            call_form="closure",
+        )
+
+
+# ---------------------------------------------------------------- no branch on array values
+
+
+class Traced(np.ndarray):
+    """A NumPy array that, like a tracer under jit, refuses to become a Python value."""
+
+    def _refuse(self, *args: Any) -> Any:
+        raise TypeError("a Python branch or conversion on an array value")
+
+    __bool__ = __float__ = __int__ = __index__ = _refuse
+
+    def __array_wrap__(self, array: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        return np.asarray(array).view(Traced)  # 0-d results stay arrays, as tracers do
+
+
+def _traced(x: Any) -> Any:
+    return np.asarray(x).view(Traced)
+
+
+class TracedNumpy:
+    """The array namespace members alig_core may use, returning Traced arrays."""
+
+    @staticmethod
+    def where(c: Any, a: Any, b: Any) -> Any:
+        return _traced(np.where(np.asarray(c), np.asarray(a), np.asarray(b)))
+
+    isfinite = staticmethod(lambda x: _traced(np.isfinite(np.asarray(x))))
+    logical_and = staticmethod(lambda a, b: _traced(np.logical_and(np.asarray(a), np.asarray(b))))
+    logical_or = staticmethod(lambda a, b: _traced(np.logical_or(np.asarray(a), np.asarray(b))))
+    logical_not = staticmethod(lambda a: _traced(np.logical_not(np.asarray(a))))
+    sqrt = staticmethod(lambda x: _traced(np.sqrt(np.asarray(x))))
+    sum = staticmethod(lambda x: _traced(np.sum(np.asarray(x))))
+
+
+@pytest.mark.parametrize("mode", ["gradient", "past", "noise"])
+def test_the_phase_functions_never_branch_on_an_array_value(mode: str) -> None:
+    xp = TracedNumpy
+    config = ExtrapolationConfig(
+        mode=mode,
+        lr_x=None if mode == "noise" else (lambda t: 0.1 / (1 + t)),
+        sigma=0.1 if mode == "noise" else None,
+    )
+    params = tuple(_traced(p) for p in initial_params())
+    grads = tuple(_traced(0.5 * p) for p in params)
+    loss, sq = _traced(1.0), _traced(sum(np.sum(np.asarray(g) ** 2) for g in grads))
+    state = initial_extrapolation_state(params, _traced(np.zeros((), np.int32)))
+    if mode == "gradient":
+        ext = extrapolate(
+            xp,
+            config,
+            state,
+            params,
+            grads,
+            loss=loss,
+            sq_grad_norm=sq,
+            default_lr_x=anchor_step_size(xp, loss, sq, max_lr=_traced(0.5), eps=1e-5, f_star=0.0),
+        )
+        state, params = ext.state, ext.params
+    inputs = update_inputs(xp, state, params, grads, loss=loss, sq_grad_norm=sq, linearized=True)
+    size = extrapolated_step_size(
+        xp, loss, sq, inputs.correction, max_lr=0.5, eps=1e-5, f_star=0.0, linearized=True
+    )
+    noise = [_traced(np.ones_like(p)) for p in params] if mode == "noise" else None
+    done = finish_update(
+        xp, config, state, inputs, inputs.anchor, grads, default_lr_x=size.gamma, noise=noise
+    )
+    chosen = select_call(xp, state.phase > 0, done, done)
+    assert all(isinstance(p, Traced) for p in chosen.params)
+    assert isinstance(chosen.state.iteration, Traced)
+    with pytest.raises(TypeError, match="Python branch"):  # guard: Traced does catch branches
+        bool(chosen.skipped)
+
+
+# ---------------------------------------------------------------- misuse of the phase functions
+
+
+def test_extrapolate_is_refused_outside_gradient_mode() -> None:
+    state = initial_extrapolation_state([np.ones(1)], np.zeros((), np.int32))
+    with pytest.raises(ValueError, match="mode='gradient'"):
+        extrapolate(
+            np,
+            ExtrapolationConfig(mode="past"),
+            state,
+            [np.ones(1)],
+            [np.ones(1)],
+            loss=np.float64(1.0),
+            sq_grad_norm=np.float64(1.0),
+        )
+
+
+def test_lr_x_none_without_the_base_step_size_is_an_adapter_error() -> None:
+    with pytest.raises(TypeError, match="default_lr_x"):
+        resolve_lr_x(None, 0, None)
+
+
+def test_noise_mode_without_noise_and_linearised_without_loss_are_errors() -> None:
+    state = initial_extrapolation_state([np.ones(1)], np.zeros((), np.int32))
+    with pytest.raises(ValueError, match="no loss was given"):
+        update_inputs(
+            np,
+            state,
+            [np.ones(1)],
+            [np.ones(1)],
+            loss=None,
+            sq_grad_norm=np.float64(1.0),
+            linearized=True,
+        )
+    inputs = update_inputs(
+        np,
+        state,
+        [np.ones(1)],
+        [np.ones(1)],
+        loss=None,
+        sq_grad_norm=np.float64(1.0),
+        linearized=False,
+    )
+    with pytest.raises(ValueError, match="no noise was given"):
+        finish_update(
+            np,
+            ExtrapolationConfig(mode="noise", sigma=0.1),
+            state,
+            inputs,
+            [np.ones(1)],
+            [np.ones(1)],
+        )
+
+
+def test_the_extrapolation_oracle_imports_numpy_only_when_it_runs() -> None:
+    code = (
+        "import sys, json; import alig_core.oracle_extrapolation; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert "numpy" not in json.loads(out.stdout.strip().splitlines()[-1])
