@@ -41,8 +41,9 @@ CONFIGS: list[dict[str, Any]] = [
     {"form": "loss", "momentum": 0.9, "adjusted_momentum": True, "max_norm": 3.0, "foreach": False},
     {"form": "closure", "momentum": 0.0, "max_norm": 2.5, "foreach": None},
 ]
-"""``form`` is how the loss reaches the step (``step(closure)`` or ``step(loss=)``); the rest
-are AliG's arguments. The projection's radius is reached within the run (the test checks)."""
+"""``form`` is how the loss reaches the step (``step(closure)``, ``step(loss=)``, or
+``add_loss`` then ``step()``); the rest are AliG's arguments. The projection's radius is
+reached within the run (the test checks)."""
 
 
 def make_model(single_tensor: bool = False) -> torch.nn.Module:
@@ -91,6 +92,11 @@ def train(
 
         if form == "closure":
             opt.step(closure)
+        elif form == "add_loss":  # ZeRO's own AliG takes the loss, ZeRO steps without one
+            with torch.enable_grad():
+                loss = closure()
+            getattr(opt, "optim", opt).add_loss(loss)
+            opt.step()
         else:
             with torch.enable_grad():
                 loss = closure()
@@ -155,17 +161,21 @@ def run_zero(rank: int, world: int) -> dict[str, Any]:
         gammas = train(ddp, opt, config["form"], rank, world, lambda o=opt: float(o.optim.gamma))
         results[f"config{index}"] = _result(gammas, list(model.parameters()), world)
         del ddp, opt
-    # One tensor for two ranks: rank 1's AliG has empty param groups and takes part anyway.
-    config = CONFIGS[0]
-    model = make_model(single_tensor=True)
-    project_onto_ball(model.parameters(), START_RADIUS)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = _zero(ddp, config, partitioned=True)
-    sizes: list[Any] = [None] * world
-    held = sum(p.numel() for group in opt.optim.param_groups for p in group["params"])
-    dist.all_gather_object(sizes, held)
-    gammas = train(ddp, opt, config["form"], rank, world, lambda: float(opt.optim.gamma))
-    results["empty"] = {**_result(gammas, list(model.parameters()), world), "sizes": sizes}
+    # One tensor for two ranks: rank 1's AliG has empty param groups and takes part anyway,
+    # with the loss from a closure, and added with add_loss.
+    for form in ("closure", "add_loss"):
+        config = {**CONFIGS[0], "form": form}
+        model = make_model(single_tensor=True)
+        project_onto_ball(model.parameters(), START_RADIUS)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = _zero(ddp, config, partitioned=True)
+        sizes: list[Any] = [None] * world
+        held = sum(p.numel() for group in opt.optim.param_groups for p in group["params"])
+        dist.all_gather_object(sizes, held)
+        gammas = train(ddp, opt, form, rank, world, lambda o=opt: float(o.optim.gamma))
+        result = {**_result(gammas, list(model.parameters()), world), "sizes": sizes}
+        results[f"empty-{form}"] = result
+        del ddp, opt
     return results
 
 
