@@ -9,9 +9,7 @@ come from :mod:`alig_core`; this module gathers tensors and writes results back.
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,7 +27,9 @@ from alig_core import (
     validate_max_lr,
     validate_momentum,
 )
+from alig_torch import _distributed
 from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation, count_mismatch_message
+from alig_torch._distributed import sharded_sum_of_squares, split_sharded
 
 __all__ = ["AliG", "alig", "project_onto_ball"]
 
@@ -251,56 +251,6 @@ def _accumulation_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-@functools.cache
-def _dtensor_type() -> type | None:
-    """``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallel), if this torch has it."""
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def _split_sharded(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
-    """Separates plain tensors from DTensors (whose entries are spread over ranks)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensors, []  # no process group, no DTensor (and no import of their module)
-    dtensor = _dtensor_type()
-    if dtensor is None:
-        return tensors, []
-    plain = [t for t in tensors if not isinstance(t, dtensor)]
-    if len(plain) == len(tensors):
-        return tensors, []
-    return plain, [t for t in tensors if isinstance(t, dtensor)]
-
-
-def _sharded_sum_of_squares(tensors: list[Any], dtype: torch.dtype) -> torch.Tensor:
-    """Sum of squared entries of DTensors over *all* their shards: a 0-d plain tensor.
-
-    Each rank sums the squares of its local shards; the sums are then added over the mesh
-    dimensions along which the tensors are sharded (a ``Partial`` DTensor made whole), once
-    per (mesh, placements) group, and not over the replicated ones.
-    """
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
-    local_sums: dict[tuple[Any, tuple[Any, ...]], torch.Tensor] = {}
-    for tensor in tensors:
-        if any(p.is_partial() for p in tensor.placements):  # not yet reduced: reduce first
-            tensor = tensor.redistribute(
-                placements=[Replicate() if p.is_partial() else p for p in tensor.placements]
-            )
-        placements = tuple(Partial() if p.is_shard() else Replicate() for p in tensor.placements)
-        key = (tensor.device_mesh, placements)
-        local = tensor.to_local().reshape(-1).to(dtype)
-        local_sums[key] = local_sums.get(key, 0) + local.dot(local)
-    total = None
-    for (mesh, placements), local_sum in local_sums.items():
-        whole = DTensor.from_local(local_sum, mesh, placements, run_check=False).full_tensor()
-        total = whole if total is None else total + whole.to(total.device)
-    assert total is not None
-    return total
-
-
 def _sum_of_squares(
     tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device, foreach: bool
 ) -> torch.Tensor:
@@ -308,9 +258,9 @@ def _sum_of_squares(
     total = torch.zeros((), dtype=dtype, device=device)
     if not tensors:
         return total
-    tensors, sharded = _split_sharded(tensors)
+    tensors, sharded = split_sharded(tensors)
     if sharded:
-        total = total + _sharded_sum_of_squares(sharded, dtype).to(device)
+        total = total + sharded_sum_of_squares(sharded, dtype).to(device)
         if not tensors:
             return total
     # Compiled, tensor by tensor (below): inductor fuses those reductions, and a compiled
@@ -425,11 +375,19 @@ class AliG(Optimizer):
     step), and ``steps_taken`` / ``steps_skipped`` counters; the properties of the same
     names read them from the first group.
 
-    **Data parallel.** When ``torch.distributed`` is initialized with more than one
-    process, the loss is averaged over the default process group inside ``step`` (one
-    scalar all-reduce), so that every rank computes the same gamma from the loss of the
-    global batch, as DDP already averages the gradients. Pass ``all_reduce_loss=False``
-    only if the loss you pass is already the global mean.
+    **Distributed.** When ``torch.distributed`` is initialized and ``process_group`` (the
+    default group unless given) has more than one rank, every step makes one small
+    collective over it (a single process makes none): each rank hands in its loss and the
+    sums of squares of its gradients, and every rank takes the same step, the one of the
+    global batch: the loss is the ranks' mean (``all_reduce_loss=False``: their common
+    value, which must then be the global mean on every rank), and the squared gradient norm
+    adds the parts that ranks hold alone (``partitioned``: a ZeroRedundancyOptimizer
+    partition, FSDP1 shards; DTensors by their placements) and counts once the gradients
+    every rank holds whole (DDP). The ranks also check that they agree: a rank whose loss or
+    gradients are refused, ranks configured differently, different replicated gradients
+    (e.g. a sharded optimizer without ``partitioned=True``) or different losses with
+    ``all_reduce_loss=False`` raise the same error on every rank, after the collective,
+    so that none is left waiting in one. See the README's "Distributed" table.
 
     **Checkpoints and other optimizers' options.** :meth:`state_dict` records each
     group's momentum convention; :meth:`load_state_dict` refuses another optimizer's state
@@ -455,8 +413,23 @@ class AliG(Optimizer):
         See :func:`project_onto_ball` for the initial parameters.
       foreach: use the foreach implementation (default: on when all tensors are on a
         device that supports it, as in ``torch.optim``).
-      all_reduce_loss: average the loss over the default process group when
-        ``torch.distributed`` is initialized (see above).
+      all_reduce_loss: average the loss over ``process_group`` (see above); ``False``
+        only if the loss you pass is already the mean of the global batch (the ranks then
+        check that they got the same one).
+      partitioned: whether each rank's AliG holds only a part of the parameters, the
+        others lying on the other ranks of ``process_group``, so that the sums of squares
+        (of the gradients, and of the parameters for ``max_norm``) are added over the
+        ranks: ``True`` under ``torch.distributed.optim.ZeroRedundancyOptimizer`` (pass
+        it with ZeRO's other keyword arguments) and FSDP1 with ``use_orig_params=True``
+        and a strategy that shards; ``False`` where every rank holds every parameter (DDP,
+        FSDP1 ``NO_SHARD``). ``None`` (the default) is ``False``, except for FSDP1 flat
+        parameters (``use_orig_params=False``), whose sharding AliG reads itself; FSDP1's
+        original parameters (``use_orig_params=True``) need it given. DTensors (FSDP2,
+        tensor parallel) need nothing.
+      process_group: the ranks that split the batch: the loss is averaged, partitioned
+        sums are added and the agreement is checked over them; ``None`` for the default
+        group. Not kept by ``pickle``/``copy.deepcopy`` (a process group cannot be copied):
+        a copy uses the default group.
 
     Example:
       >>> model = torch.nn.Linear(3, 1)
@@ -488,6 +461,8 @@ class AliG(Optimizer):
         max_norm: float | None = None,
         foreach: bool | None = None,
         all_reduce_loss: bool = True,
+        partitioned: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         config = AliGConfig(
             max_lr=validate_max_lr(max_lr),
@@ -499,7 +474,13 @@ class AliG(Optimizer):
         )
         self.max_norm = config.max_norm
         self.all_reduce_loss = bool(all_reduce_loss)
-        self._warned_local_loss = False
+        if partitioned is not None and not isinstance(partitioned, bool):
+            raise ValueError(
+                f"partitioned must be True, False or None (AliG reads FSDP1's flat parameters "
+                f"itself), got {partitioned!r} (type {type(partitioned).__name__})."
+            )
+        self.partitioned = partitioned
+        self.process_group = process_group
         defaults = {
             "lr": _NO_CAP if max_lr is None else max_lr,
             "momentum": config.momentum,
@@ -618,6 +599,7 @@ class AliG(Optimizer):
             **super().__getstate__(),
             "max_norm": self.max_norm,
             "all_reduce_loss": self.all_reduce_loss,
+            "partitioned": self.partitioned,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -632,7 +614,8 @@ class AliG(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("max_norm", None)
         self.__dict__.setdefault("all_reduce_loss", True)
-        self.__dict__.setdefault("_warned_local_loss", False)
+        self.__dict__.setdefault("partitioned", None)
+        self.__dict__.setdefault("process_group", None)
         for group in self.param_groups:
             group.setdefault("eps", 1e-5)
             group.setdefault("f_star", 0.0)
@@ -797,46 +780,57 @@ class AliG(Optimizer):
     def _loss_device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         params = [p for group in self.param_groups for p in group["params"]]
         if not params:
+            if _distributed.active_group(self.process_group) is not None:
+                return torch.device("cpu"), torch.float64  # an empty ZeRO partition (_step)
             raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
         return params[0].device, _accumulation_dtype(params)
 
     @torch.no_grad()
     def _step(self, loss: Any) -> None:
         all_params = [p for group in self.param_groups for p in group["params"]]
-        if not all_params:
+        process_group = _distributed.active_group(self.process_group)
+        if not all_params and process_group is None:
             raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
-        accumulate = _accumulation_dtype(all_params)
-        device = all_params[0].device
-        loss_t = _loss_as_tensor(loss, device, accumulate)  # before any state is created
-        groups = []
-        for group in self.param_groups:
-            params, grads, buffers = self._gather_group(group)
-            groups.append((group, params, grads, buffers))
-        all_grads = [g for _, _, grads, _ in groups for g in grads]
-        foreach = self._use_foreach(all_params)
-        if self.all_reduce_loss:
-            loss_t = _mean_over_ranks(loss_t)
-        elif not self._warned_local_loss and _world_size() > 1:
-            self._warned_local_loss = True
-            warnings.warn(
-                "AliG(all_reduce_loss=False) under torch.distributed: every rank computes its "
-                "step size from the loss it is given, so the loss you pass must be the mean "
-                "over the global batch, identical on every rank, or the ranks will take "
-                "different steps and drift apart. Leave all_reduce_loss=True to have AliG "
-                "average it.",
-                stacklevel=3,
+        ranks = None
+        if process_group is not None:
+            ranks = _distributed.Ranks(
+                process_group, partitioned=self.partitioned, all_reduce_loss=self.all_reduce_loss
             )
+        # A rank without parameters (an empty ZeroRedundancyOptimizer partition) takes part
+        # in the collectives all the same, its loss in float64.
+        accumulate = _accumulation_dtype(all_params) if all_params else torch.float64
+        device = all_params[0].device if all_params else torch.device("cpu")
+        try:  # the checks of this rank: under torch.distributed, failed on every rank at once
+            loss_t = _loss_as_tensor(loss, device, accumulate)  # before any state is created
+            groups = [(group, *self._collect(group)) for group in self.param_groups]
+            partitioned = set() if ranks is None else ranks.partitioned_ids(all_params)
+        except ValueError as error:
+            if ranks is None:
+                raise
+            ranks.fail_together(error)
+        all_grads = [g for _, _, grads in groups for g in grads]
+        foreach = self._use_foreach(all_params)
+        norms = _Norms(self, ranks, all_params, partitioned)
         if foreach and _on_host(all_params) and not torch.compiler.is_compiling():
-            self._host_step(float(loss_t), groups, all_params, all_grads, accumulate)
+            self._host_step(float(loss_t), groups, all_params, all_grads, accumulate, norms)
             return
-        sq_grad_norm = _sum_of_squares(all_grads, accumulate, device, foreach)
+        loss_t, sq_grad_norm = norms.agree(
+            loss_t,
+            [p for _, params, _ in groups for p in params],
+            all_grads,
+            lambda ts: _sum_of_squares(ts, accumulate, device, foreach),
+            accumulate,
+        )
+        loss_t = _as_0d(loss_t, device, accumulate)
+        sq_grad_norm = _as_0d(sq_grad_norm, device, accumulate)
+        record_dtype = norms.record_dtype(accumulate)
 
         skipped = None
-        for group, params, grads, buffers in groups:
+        for group, params, grads in groups:
             size = alig(
                 params,
                 grads,
-                buffers,
+                self._buffers(group, params),
                 loss=loss_t,
                 sq_grad_norm=sq_grad_norm,
                 max_lr=group["lr"],
@@ -847,11 +841,14 @@ class AliG(Optimizer):
                 foreach=foreach,
             )
             skipped = size.skipped
-            _record(group, size, device, accumulate)
+            _record(group, size, device, record_dtype)
         assert skipped is not None
 
         if self.max_norm is not None:
-            sq_norm = _sum_of_squares(all_params, accumulate, device, foreach)
+            sq_norm = norms.of_params(
+                lambda ts: _sum_of_squares(ts, accumulate, device, foreach), accumulate
+            )
+            sq_norm = _as_0d(sq_norm, device, accumulate)
             scale = torch.where(skipped, 1.0, projection_scale(torch, sq_norm, self.max_norm))
             on_host = all(p.device.type == "cpu" for p in all_params)
             if on_host and not torch.compiler.is_compiling() and bool(scale == 1.0):
@@ -867,17 +864,23 @@ class AliG(Optimizer):
     def _host_step(
         self,
         loss: float,
-        groups: list[
-            tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
-        ],
+        groups: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]],
         all_params: list[torch.Tensor],
         all_grads: list[torch.Tensor],
         accumulate: torch.dtype,
+        norms: _Norms,
     ) -> None:
         """The step when every tensor is on the CPU: the same core formulas on floats."""
-        sq_grad_norm = _host_sum_of_squares(all_grads, accumulate)
-        skipped = True
-        for group, params, grads, buffers in groups:
+        loss, sq_grad_norm = norms.agree(
+            loss,
+            [p for _, params, _ in groups for p in params],
+            all_grads,
+            lambda ts: _host_sum_of_squares(ts, accumulate),
+            accumulate,
+        )
+        record_dtype = norms.record_dtype(accumulate)
+        skipped = not (math.isfinite(loss) and math.isfinite(sq_grad_norm))
+        for group, params, grads in groups:
             cap = group["lr"]
             cap = None if isinstance(cap, float) and cap == _NO_CAP else float(cap)
             size = step_size(
@@ -889,7 +892,8 @@ class AliG(Optimizer):
                 f_star=float(group["f_star"]),
             )
             skipped = size.skipped
-            _record_host(group, size, accumulate)
+            buffers = self._buffers(group, params)
+            _record_host(group, size, record_dtype)
             if not skipped:
                 _host_update(
                     params,
@@ -901,11 +905,30 @@ class AliG(Optimizer):
                 )
         if self.max_norm is None or skipped:
             return
-        scale = projection_scale(
-            python_scalars, _host_sum_of_squares(all_params, accumulate), self.max_norm
-        )
-        if scale != 1.0:  # inside the ball: bit for bit untouched
+        sq_norm = norms.of_params(lambda ts: _host_sum_of_squares(ts, accumulate), accumulate)
+        scale = projection_scale(python_scalars, sq_norm, self.max_norm)
+        if scale != 1.0 and all_params:  # inside the ball: bit for bit untouched
             torch._foreach_mul_(all_params, scale)
+
+    def _fingerprint(self, dtensors: int) -> float:
+        """The settings that decide a step, as one number: see :func:`_distributed.fingerprint`."""
+        partitioned = {None: -1.0, False: 0.0, True: 1.0}[self.partitioned]
+        values = [
+            float(len(self.param_groups)),
+            -1.0 if self.max_norm is None else float(self.max_norm),
+            float(self.all_reduce_loss),
+            partitioned,
+            float(dtensors),
+        ]
+        for group in self.param_groups:
+            values += [
+                float(group["lr"]),
+                float(group["momentum"]),
+                float(group["adjusted_momentum"]),
+                float(group["eps"]),
+                float(group["f_star"]),
+            ]
+        return _distributed.fingerprint(values)
 
     def _use_foreach(self, params: list[torch.Tensor]) -> bool:
         requested = {group["foreach"] for group in self.param_groups}
@@ -917,10 +940,9 @@ class AliG(Optimizer):
             p.device.type in ("cpu", "cuda", "xpu", "mps") for p in params
         )
 
-    def _gather_group(
-        self, group: dict[str, Any]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        params, grads, buffers = [], [], []
+    def _collect(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters of ``group`` that have a gradient, and their gradients."""
+        params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -932,15 +954,122 @@ class AliG(Optimizer):
                 )
             params.append(p)
             grads.append(p.grad)
-            if group["momentum"] != 0:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    ).reshape(_stored_shape(p))
-                buffer = state["momentum_buffer"]
-                buffers.append(buffer if buffer.shape == p.shape else buffer.view(p.shape))
-        return params, grads, buffers
+        return params, grads
+
+    def _buffers(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The momentum buffers of ``params`` (created as zeros), none without momentum."""
+        if group["momentum"] == 0:
+            return []
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                ).reshape(_stored_shape(p))
+            buffer = state["momentum_buffer"]
+            buffers.append(buffer if buffer.shape == p.shape else buffer.view(p.shape))
+        return buffers
+
+
+class _Norms:
+    """The loss and the sums of squares of one step: this process's, or agreed by the ranks.
+
+    With ``ranks=None`` (a single process) the local numbers, untouched. Otherwise the
+    gradients and parameters are sorted into those this rank holds alone (partitioned: their
+    sums are added over the ranks), those every rank holds whole (replicated: counted once)
+    and DTensors (added over their own meshes), and the ranks agree on the numbers in one
+    collective (:meth:`_distributed.Ranks.agree`).
+    """
+
+    def __init__(
+        self,
+        optimizer: AliG,
+        ranks: _distributed.Ranks | None,
+        all_params: list[torch.Tensor],
+        partitioned_ids: set[int],
+    ) -> None:
+        self.optimizer = optimizer
+        self.ranks = ranks
+        self.all_params = all_params
+        self.partitioned_ids = partitioned_ids
+        self.agreement: _distributed.Agreement | None = None
+
+    def _sort(
+        self, params: list[torch.Tensor], tensors: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Any]]:
+        dtensor = _distributed.dtensor_type()
+        partitioned, replicated, sharded = [], [], []
+        for p, t in zip(params, tensors, strict=True):
+            if dtensor is not None and isinstance(t, dtensor):
+                sharded.append(t)
+            elif id(p) in self.partitioned_ids:
+                partitioned.append(t)
+            else:
+                replicated.append(t)
+        return partitioned, replicated, sharded
+
+    def agree(
+        self,
+        loss: Any,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        sum_of_squares: Callable[[list[torch.Tensor]], Any],
+        accumulate: torch.dtype,
+    ) -> tuple[Any, Any]:
+        """The step's loss and squared gradient norm (``grads[i]`` is ``params[i]``'s)."""
+        if self.ranks is None:
+            return loss, sum_of_squares(grads)
+        partitioned, replicated, sharded = self._sort(params, grads)
+        self.agreement = self.ranks.agree(
+            loss=loss,
+            partitioned_sq=sum_of_squares(partitioned),
+            replicated_sq=sum_of_squares(replicated),
+            partitioned_numel=sum(t.numel() for t in partitioned),
+            float64=(accumulate == torch.float64) if self.all_params else None,
+            holds_partitioned=bool(self.partitioned_ids) or self.optimizer.partitioned is True,
+            fingerprint=self.optimizer._fingerprint(len(sharded)),
+        )
+        sq_grad_norm = self.agreement.sq_grad_norm
+        if sharded:  # a collective over the DTensors' meshes, after the checks
+            sq_grad_norm = _plus(sq_grad_norm, sharded_sum_of_squares(sharded, accumulate))
+        return self.agreement.loss, sq_grad_norm
+
+    def of_params(
+        self, sum_of_squares: Callable[[list[torch.Tensor]], Any], accumulate: torch.dtype
+    ) -> Any:
+        """The squared norm of all the parameters, for the projection."""
+        if self.ranks is None:
+            return sum_of_squares(self.all_params)
+        partitioned, replicated, sharded = self._sort(self.all_params, self.all_params)
+        assert self.agreement is not None
+        if self.agreement.partitioned:
+            total = self.ranks.add_parts(sum_of_squares(partitioned), sum_of_squares(replicated))
+        else:
+            total = sum_of_squares(replicated)
+        if sharded:
+            total = _plus(total, sharded_sum_of_squares(sharded, accumulate))
+        return total
+
+    def record_dtype(self, accumulate: torch.dtype) -> torch.dtype:
+        """The dtype of the records: a rank without parameters takes the other ranks'."""
+        if self.all_params or self.agreement is None:
+            return accumulate
+        return torch.float64 if self.agreement.float64 else torch.float32
+
+
+def _plus(total: Any, sharded: torch.Tensor) -> Any:
+    """``total`` (a float or a 0-d tensor) plus the DTensors' sum, in ``total``'s kind."""
+    if isinstance(total, float):
+        return total + float(sharded)
+    return total + sharded.to(device=total.device, dtype=total.dtype)
+
+
+def _as_0d(value: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` (a float or a 0-d tensor) as a 0-d tensor on ``device`` in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.tensor(value, device=device, dtype=dtype)
 
 
 def _scalar(value: torch.Tensor | None) -> torch.Tensor | None:
@@ -994,10 +1123,10 @@ def _host_sum_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> flo
     One BLAS dot product per tensor is vectorised and multi-threaded: about 5x faster than
     ``_foreach_norm`` on the CPU (ResNet-18 shapes); upcast only below ``dtype``.
 
-    DTensors count with all their shards (see :func:`_sharded_sum_of_squares`).
+    DTensors count with all their shards (see :func:`_distributed.sharded_sum_of_squares`).
     """
-    tensors, sharded = _split_sharded(tensors)
-    total = float(_sharded_sum_of_squares(sharded, dtype)) if sharded else 0.0
+    tensors, sharded = split_sharded(tensors)
+    total = float(sharded_sum_of_squares(sharded, dtype)) if sharded else 0.0
     for tensor in tensors:
         flat = tensor.reshape(-1)
         if flat.dtype != dtype:
@@ -1054,26 +1183,6 @@ def _record_host(group: dict[str, Any], size: alig_core.StepSize, dtype: torch.d
     group["gamma_hat"].fill_(size.gamma_hat)
     group["capped"].fill_(bool(size.capped))
     group["steps_taken"].add_(1)
-
-
-def _world_size() -> int:
-    """The size of the default process group; 1 when torch.distributed is not in use."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size()
-
-
-def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
-    """Averages ``loss`` over the default process group, when there is one with > 1 rank."""
-    import torch.distributed as dist
-
-    if _world_size() < 2:
-        return loss
-    loss = loss.clone()
-    dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-    return loss / dist.get_world_size()
 
 
 def alig(

@@ -1,10 +1,10 @@
 """Run by test_torch_distributed.py: ALI-G data parallel on 2 gloo processes (CPU).
 
 Usage: python ddp_worker.py OUT_DIR [MODE], MODE one of ``ddp`` (the default: DDP),
-``local-loss`` (DDP with ``all_reduce_loss=False``), ``fsdp`` (FSDP2's ``fully_shard``:
-parameters and gradients are DTensors sharded over the ranks) and ``fsdp-single-tensor``
-(the same with ``foreach=False``). Each rank trains on its half of every global batch and
-rank 0 writes the final (whole) parameters and the gammas to OUT_DIR/ddp.pt.
+``fsdp`` (FSDP2's ``fully_shard``: parameters and gradients are DTensors sharded over the
+ranks) and ``fsdp-single-tensor`` (the same with ``foreach=False``); sharded optimizers
+(ZeRO, FSDP1) and subgroups: ``sharded_worker.py``. Each rank trains on its half of every
+global batch and rank 0 writes the final (whole) parameters and the gammas to OUT_DIR/ddp.pt.
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ def train(
     model: torch.nn.Module,
     rank: int,
     world: int,
-    all_reduce_loss: bool = True,
     foreach: bool | None = None,
 ) -> list[float]:
     from alig_torch import AliG, project_onto_ball
 
     project_onto_ball(model.parameters(), 2.0)  # inside ALIG_KWARGS' ball (sharded: all shards)
-    opt = AliG(model.parameters(), **ALIG_KWARGS, all_reduce_loss=all_reduce_loss, foreach=foreach)
+    opt = AliG(model.parameters(), **ALIG_KWARGS, foreach=foreach)
     x, y = make_data()
     per_rank = GLOBAL_BATCH // world
     gammas = []
@@ -83,20 +82,9 @@ def whole_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -> None:
-    import warnings
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = wrap(make_model(), mode, world)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gammas = train(
-            model,
-            rank,
-            world,
-            all_reduce_loss=mode != "local-loss",
-            foreach=False if mode == "fsdp-single-tensor" else None,
-        )
-    warned = any("all_reduce_loss=False" in str(w.message) for w in caught)
+    gammas = train(model, rank, world, foreach=False if mode == "fsdp-single-tensor" else None)
     gathered = [None] * world
     dist.all_gather_object(gathered, gammas)
     params = whole_parameters(model)  # a collective under FSDP2: every rank takes part
@@ -105,7 +93,6 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, mode: str) -> No
             {
                 "params": params,
                 "gammas": gathered,
-                "warned": warned,
             },
             Path(out_dir) / "ddp.pt",
         )
