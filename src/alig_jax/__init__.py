@@ -14,6 +14,15 @@ Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for 
 Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
+from alig_jax._extrapolation import ExtrapolationState, extrapolation, extrapolation_anchor
 from alig_jax._transform import AliGState, alig, project_onto_ball, scale_by_alig
 
-__all__ = ["AliGState", "alig", "project_onto_ball", "scale_by_alig"]
+__all__ = [
+    "AliGState",
+    "ExtrapolationState",
+    "alig",
+    "extrapolation",
+    "extrapolation_anchor",
+    "project_onto_ball",
+    "scale_by_alig",
+]
