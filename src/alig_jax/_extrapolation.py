@@ -193,10 +193,10 @@ def _keep_unless_stepped(stepped: jax.Array, old: Any, new: Any) -> Any:
 def _delta(target: jax.Array, param: jax.Array) -> jax.Array:
     """The update that takes ``param`` to ``target``: ``target - param``, a signed 0 where equal.
 
-    ``param + (target - param)`` is ``target`` exactly when ``target`` is ``param`` plus one
-    rounded addition (the base's step, the displacement) or within a factor of 2 of it.
-    Where they are equal the update is a zero of ``target``'s sign, so that the params stay
-    bit for bit.
+    ``param + (target - param)`` is ``target`` exactly where ``target`` is within a factor
+    of 2 of ``param`` (Sterbenz) or is ``param`` plus one rounded addition (a step computed
+    eagerly), and within one rounding elsewhere. Where they are equal the update is a zero
+    of ``target``'s sign, so that the params stay bit for bit.
     """
     return jnp.where(target == param, jnp.copysign(jnp.zeros_like(target), target), target - param)
 
@@ -249,8 +249,10 @@ def extrapolation(
     point the params hold, and returns updates that land, with ``optax.apply_updates``, on
     what the params must hold next: :math:`\tilde w_t` after an extrapolating call,
     :math:`w_{t+1}` (``"gradient"``) or :math:`\tilde w_{t+1}` (``"past"``, ``"noise"``)
-    after an update. The updates are ``new - params`` (one rounding: exact where the step
-    is one addition, as the base's and the displacement are), an array for every param.
+    after an update. The updates are ``new - params``, an array for every param (also one
+    without a gradient: it may go back to the anchor); ``params + updates`` is ``new``
+    exactly where the new value is within a factor of 2 of the old (the usual case), and
+    within one rounding elsewhere.
     Both phases are computed and one is selected with ``jnp.where``, so a jitted update
     compiles once. Between calls the params may hold :math:`\tilde w_t`: evaluate and
     save at :func:`extrapolation_anchor`.
