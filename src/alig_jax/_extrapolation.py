@@ -417,6 +417,12 @@ def extrapolation(
             default = _base_step_size(new_base_state)[0]  # the step size of this update
         noise = None
         if config.mode == "noise":  # d_{t+1} = sigma * xi_{t+1}
+            if state.key is None:
+                raise ValueError(
+                    "This ExtrapolationState holds no noise key (key=None: it was made by a "
+                    "wrapper of another mode), and mode='noise' draws its noise from it. "
+                    "Restore the state of a mode='noise' wrapper, or start from tx.init(params)."
+                )
             noise = draw_noise(state.key, impl, state.iteration + 1, points)
         call = alig_core.finish_update(
             jnp,

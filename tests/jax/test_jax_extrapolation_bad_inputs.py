@@ -94,3 +94,11 @@ def test_update_without_params_or_without_the_loss_for_alig_is_refused() -> None
 def test_params_that_cannot_be_displaced_are_refused_at_init(params: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         extrapolation(SGD, lr_x=0.1).init(params)
+
+
+def test_a_noise_wrapper_refuses_a_state_without_its_key() -> None:
+    params = jnp.ones(3)
+    state = extrapolation(SGD, lr_x=0.1).init(params)  # a "gradient"-mode state: key None
+    tx = extrapolation(SGD, mode="noise", sigma=0.1, key=0)
+    with pytest.raises(ValueError, match=r"holds no noise key.*mode='noise'"):
+        tx.update(params, state, params)
