@@ -18,12 +18,16 @@ Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
 from alig_jax._accumulation import AccumulationState, multi_steps
+from alig_jax._extrapolation import ExtrapolationState, extrapolation, extrapolation_anchor
 from alig_jax._transform import AliGState, alig, project_onto_ball, scale_by_alig
 
 __all__ = [
     "AccumulationState",
     "AliGState",
+    "ExtrapolationState",
     "alig",
+    "extrapolation",
+    "extrapolation_anchor",
     "multi_steps",
     "project_onto_ball",
     "scale_by_alig",

@@ -1,0 +1,107 @@
+"""flax.nnx.Optimizer drives alig_jax.extrapolation(alig(...)): it trains, equals plain optax."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from alig_jax import alig, extrapolation, extrapolation_anchor
+
+ITERATIONS = 15
+CALLS = 2 * ITERATIONS  # "gradient" mode: an extrapolating call, then an updating one
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.hidden = nnx.Linear(5, 8, rngs=rngs)
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(jnp.tanh(self.hidden(x)))
+
+
+def _data() -> tuple[jax.Array, jax.Array]:
+    """Minibatches of a problem the MLP can fit: labels from a linear teacher."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((CALLS, 16, 5))
+    y = np.argmax(x @ rng.standard_normal((5, 3)), axis=-1)
+    return jnp.asarray(x, jnp.float32), jnp.asarray(y)
+
+
+def _loss(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def _tx() -> optax.GradientTransformationExtraArgs:
+    return extrapolation(alig(max_lr=0.5, momentum=0.9))
+
+
+def test_nnx_optimizer_trains_with_extrapolation_and_equals_plain_optax() -> None:
+    x, y = _data()
+    model = MLP(nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    initial = jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.to_pure_dict(state))
+    optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model: MLP, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
+        loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+        optimizer.update(model, grads, value=loss)
+        return loss
+
+    def anchor_of(model: MLP, optimizer: nnx.Optimizer) -> dict:
+        """The documented way to evaluate and save at the anchor with flax.nnx."""
+        params = nnx.as_pure(nnx.state(model, nnx.Param))
+        return nnx.to_pure_dict(extrapolation_anchor(nnx.as_pure(optimizer.opt_state), params))
+
+    def loss_at(params: dict) -> float:
+        evaluated = nnx.merge(graphdef, nnx.split(MLP(nnx.Rngs(1)), nnx.Param)[1])
+        nnx.update(evaluated, params)
+        return float(_loss(evaluated, x.reshape(-1, 5), y.reshape(-1)))
+
+    phases, gammas, anchors, held = [], [], [], []
+    for t in range(CALLS):
+        train_step(model, optimizer, x[t], y[t])
+        opt_state = nnx.as_pure(optimizer.opt_state)
+        phases.append(int(opt_state.phase))
+        gammas.append(float(opt_state.base_state.gamma_hat))
+        anchors.append(anchor_of(model, optimizer))
+        held.append(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    assert phases == [1, 0] * ITERATIONS  # it alternated, and no call was skipped
+    assert int(nnx.as_pure(optimizer.opt_state).iteration) == ITERATIONS
+    assert len(set(gammas[1::2])) == ITERATIONS  # the loss reached ALI-G: gamma_hat follows it
+    assert loss_at(anchors[-1]) < 0.7 * loss_at(initial)  # it trains
+    for t, phase in enumerate(phases):  # the model holds w~ in phase 1, the anchor in phase 0
+        same = all(
+            np.array_equal(a, b)
+            for a, b in zip(jax.tree.leaves(anchors[t]), jax.tree.leaves(held[t]), strict=True)
+        )
+        assert same == (phase == 0), f"call {t}"
+
+    # The same run with optax alone, on the same initial parameters.
+    tx = _tx()
+    params = initial
+    state = tx.init(params)
+
+    def loss_of(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+        template = nnx.split(MLP(nnx.Rngs(1)), nnx.Param)[1]
+        nnx.replace_by_pure_dict(template, params)
+        return _loss(nnx.merge(graphdef, template), x, y)
+
+    @jax.jit
+    def optax_step(params: dict, state, x: jax.Array, y: jax.Array):
+        loss, grads = jax.value_and_grad(loss_of)(params, x, y)
+        updates, state = tx.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state
+
+    for t in range(CALLS):
+        params, state = optax_step(params, state, x[t], y[t])
+        expected = jax.tree.leaves(extrapolation_anchor(state, params))
+        for a, b in zip(jax.tree.leaves(anchors[t]), expected, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    trained = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
