@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.optim.optimizer import Optimizer
@@ -703,6 +703,8 @@ class AliG(Optimizer):
             message = count_mismatch_message(given, how, *pending.backward_passes())
             if message is not None:
                 raise ValueError(message)
+        except ValueError as error:
+            self._fail(error)
         finally:
             pending.forget()
         self._step(used)
@@ -784,6 +786,19 @@ class AliG(Optimizer):
                 return torch.device("cpu"), torch.float64  # an empty ZeRO partition (_step)
             raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
         return params[0].device, _accumulation_dtype(params)
+
+    def _fail(self, error: ValueError) -> NoReturn:
+        """Raises ``error``; under torch.distributed, on every rank of the group at once.
+
+        This rank takes part in the step's collective with a failure flag, so that the
+        other ranks raise too instead of waiting in it until the process-group timeout.
+        """
+        process_group = _distributed.active_group(self.process_group)
+        if process_group is None:
+            raise error
+        _distributed.Ranks(
+            process_group, partitioned=self.partitioned, all_reduce_loss=self.all_reduce_loss
+        ).fail_together(error)
 
     @torch.no_grad()
     def _step(self, loss: Any) -> None:

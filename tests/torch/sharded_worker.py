@@ -276,18 +276,29 @@ def run_refusals(rank: int, world: int) -> dict[str, Any]:
     config = {"momentum": 0.9, "max_norm": None, "foreach": None}
     outcomes: dict[str, Any] = {}
 
-    def ddp_case(name: str, loss_for: Callable[[torch.Tensor], Any], **kwargs: Any) -> None:
+    def ddp_case(
+        name: str,
+        loss_for: Callable[[torch.Tensor], Any],
+        step: Callable[[Any, Any], Any] = lambda opt, loss: opt.step(loss=loss),
+        **kwargs: Any,
+    ) -> None:
         model = make_model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = AliG(ddp.parameters(), **{**alig_kwargs(config), **kwargs})
         loss = torch.nn.functional.cross_entropy(ddp(xs), ys)
         loss.backward()
-        outcomes[name] = _attempt(lambda: opt.step(loss=loss_for(loss)), list(model.parameters()))
+        outcomes[name] = _attempt(lambda: step(opt, loss_for(loss)), list(model.parameters()))
 
     # Each rank hands over its local loss, promising the global mean.
     ddp_case("local-loss", lambda loss: loss, all_reduce_loss=False)
     # Rank 0 hands over a vector: it refuses it, rank 1 (whose loss is fine) raises too.
     ddp_case("bad-loss-on-rank-0", lambda loss: loss.expand(3) if rank == 0 else loss)
+    # Rank 1 hands over no loss at all: step() itself refuses, before the step's collective.
+    ddp_case(
+        "no-loss-on-rank-1",
+        lambda loss: loss,
+        step=lambda opt, loss: opt.step(loss=loss) if rank == 0 else opt.step(),
+    )
     # Rank 1 was built with another cap.
     ddp_case("other-max-lr", lambda loss: loss, max_lr=MAX_LR if rank == 0 else MAX_LR / 2)
     # Plain DDP said to be partitioned: every rank holds the same parts.

@@ -125,6 +125,10 @@ def test_inconsistent_setups_raise_on_every_rank(tmp_path: Path) -> None:
             ("ValueError", "ALI-G needs the loss as a scalar"),
             ("RuntimeError", "failed its checks on rank(s) [0]"),
         ],
+        "no-loss-on-rank-1": [
+            ("RuntimeError", "failed its checks on rank(s) [1]"),
+            ("ValueError", "AliG.step() got no loss"),
+        ],
         "other-max-lr": [("RuntimeError", "not configured alike on every rank")] * 2,
         "partitioned-ddp": [("RuntimeError", "ranks 0 and 1 hold identical parts")] * 2,
         "zero-without-partitioned": [("RuntimeError", "partitioned=True")] * 2,
