@@ -366,6 +366,7 @@ def extrapolation(
         is_alig = _is_alig(state.base_state)
         if reads_lr_x and _base_step_size(state.base_state)[0] is None:
             _refuse_missing_lr_x(_base_step_size(state.base_state)[1])
+        treedef: Any  # a jax PyTreeDef (flatten_up_to, unflatten: not in jax's stubs)
         grads, treedef = jax.tree.flatten(updates, is_leaf=_is_missing)
         leaves = treedef.flatten_up_to(params)
         dtype = _accumulation_dtype(leaves)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 from torch.optim.optimizer import Optimizer
@@ -266,8 +266,7 @@ def _sum_of_squares(
     # Compiled, tensor by tensor (below): inductor fuses those reductions, and a compiled
     # _foreach_norm came out 7e-5 off on ResNet-18-sized float32 gradients (torch 2.13).
     if foreach and not torch.compiler.is_compiling():
-        grouped = Optimizer._group_tensors_by_device_and_dtype([tensors])  # type: ignore[arg-type]
-        for (_, _), ((group, *_), _) in grouped.items():
+        for (_, _), (group, *_) in _by_device_and_dtype([tensors]).items():
             norms = torch._foreach_norm(group, 2, dtype=dtype)
             total = total + torch.stack(norms).to(device).square().sum()
         return total
@@ -489,8 +488,8 @@ class AliG(Optimizer):
             "f_star": config.f_star,
             "foreach": foreach,
         }
-        params = list(params)
-        if not params:
+        params_or_groups: list[Any] = list(params)
+        if not params_or_groups:
             raise ValueError(
                 "AliG got an empty parameter list. Pass the tensors to optimize, e.g. "
                 "AliG(model.parameters(), max_lr=0.1), or a list of param-group dicts."
@@ -498,7 +497,7 @@ class AliG(Optimizer):
         # An instance attribute, not a property: wrappers that subclass AliG's class and
         # forward attribute reads (Lightning's LightningOptimizer) reach the optimizer's own.
         self._accumulation = Accumulation(self)  # the losses added, the backward passes seen
-        super().__init__(params, defaults)
+        super().__init__(params_or_groups, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group; ``max_lr`` is accepted as the name of its ``lr``.
@@ -660,7 +659,7 @@ class AliG(Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         closure: Callable[[], Any] | None = None,
         *,
@@ -869,8 +868,7 @@ class AliG(Optimizer):
             if on_host and not torch.compiler.is_compiling() and bool(scale == 1.0):
                 return  # inside the ball (no device to synchronise with on the CPU)
             if foreach:
-                grouped = Optimizer._group_tensors_by_device_and_dtype([all_params])  # type: ignore[arg-type]
-                for (dev, _), ((tensors, *_), _) in grouped.items():
+                for (dev, _), (tensors, *_) in _by_device_and_dtype([all_params]).items():
                     torch._foreach_mul_(tensors, scale.to(dev))
             else:
                 for p in all_params:
@@ -1309,8 +1307,7 @@ def _device_multi_tensor_alig(
     identity (buffer decay 1, every other coefficient 0).
     """
     tensor_lists = [params, grads] + ([buffers] if momentum != 0 else [])
-    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
-    for (device, dtype), (lists, _) in grouped.items():
+    for (device, dtype), lists in _by_device_and_dtype(tensor_lists).items():
         device_params, device_grads = lists[0], lists[1]
         skipped = size.skipped.to(device)
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -1335,6 +1332,25 @@ def _device_multi_tensor_alig(
         torch._foreach_add_(
             device_params, torch._foreach_mul(device_buffers, param_buffer.to(device))
         )
+
+
+def _by_device_and_dtype(
+    tensor_lists: list[list[torch.Tensor]],
+) -> dict[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]]:
+    """``tensor_lists`` split by (device, dtype), as ``torch.optim``'s foreach paths do.
+
+    Each value holds, for every list of ``tensor_lists``, its tensors on that device and of
+    that dtype, in order (torch's grouping with its ``None`` placeholders and indices left out).
+    """
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        cast("list[list[torch.Tensor | None]]", tensor_lists)
+    )
+    return {
+        cast("tuple[torch.device, torch.dtype]", key): [
+            cast("list[torch.Tensor]", tensors) for tensors in lists
+        ]
+        for key, (lists, _) in grouped.items()
+    }
 
 
 def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
