@@ -129,6 +129,8 @@ class AliGTrainer(transformers.Trainer):
         ``max_lr`` in ``alig_kwargs``.
     """
 
+    optimizer: Any  # Trainer's attribute (transformers publishes no types)
+
     def __init__(self, *args: Any, alig_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.alig_kwargs = dict(alig_kwargs or {})
