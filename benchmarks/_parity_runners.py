@@ -5,6 +5,13 @@ and exposes ``step(x, y) -> StepRecord``: one training step on the minibatch, re
 the loss, gamma, the parameters and the momentum buffers after the step as NumPy float64
 arrays (so that the caller compares them with the oracle's). ``RUNNERS`` maps a name to
 its factory; frameworks are imported only by the runner that needs them.
+
+With ``extrapolation`` (the options of ``alig_core.ExtrapolationConfig``, e.g.
+``{"mode": "past"}``), every runner wraps its ALI-G in its framework's extrapolation
+wrapper and the oracle runs ``alig_core.oracle_extrapolation``: the record's parameters are
+then what the parameters hold after the call (``w~`` where extrapolated) and its gamma
+ALI-G's of the last update. Only ``"past"`` mode is offered: one evaluation per call, so
+every framework's call form is the same loop, and no random numbers to share.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from _parity_setup import numpy_loss_and_grads
-from alig_core import AliGConfig
+from alig_core import AliGConfig, ExtrapolationConfig
 from alig_core.oracle import OracleState, oracle_step
+from alig_core.oracle_extrapolation import ExtrapolationOracle
 
 __all__ = ["RUNNERS", "Runner", "StepRecord"]
 
@@ -47,6 +55,18 @@ def _as_numpy(values: Sequence[Any]) -> list[np.ndarray]:
     return [np.array(v, dtype=np.float64, copy=True) for v in values]
 
 
+def _split_extrapolation(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """ALI-G's keyword arguments, and the extrapolation options (``None``: not wrapped)."""
+    kwargs = dict(kwargs)
+    extrapolation = kwargs.pop("extrapolation", None)
+    if extrapolation is not None and extrapolation.get("mode") != "past":
+        raise ValueError(
+            f"The parity runners take the extrapolation mode 'past' only (one evaluation per "
+            f"call, no random numbers), got {extrapolation!r}: pass mode='past'."
+        )
+    return kwargs, extrapolation
+
+
 class OracleRunner:
     """The NumPy float64 oracle, with gradients computed by hand."""
 
@@ -54,11 +74,31 @@ class OracleRunner:
 
     def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
         del dtype  # the oracle always computes in float64
+        alig_kwargs, extrapolation = _split_extrapolation(alig_kwargs)
         self.config = AliGConfig(**alig_kwargs)
         self.params = _as_numpy(weights)
         self.state = OracleState.zeros(len(self.params))
+        self.extrapolation = (
+            None
+            if extrapolation is None
+            else ExtrapolationOracle(self.params, ExtrapolationConfig(**extrapolation), self.config)
+        )
 
     def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
+        if self.extrapolation is not None:
+            losses: list[float] = []
+
+            def evaluate(point: Sequence[np.ndarray], batch: int) -> Any:
+                del batch
+                loss, grads = numpy_loss_and_grads(list(point), x, y)
+                losses.append(loss)
+                return loss, grads
+
+            record = self.extrapolation.call(evaluate, 0)
+            state = record.alig_state
+            assert state is not None
+            buffers = None if self.config.momentum == 0 else list(state.buffers)
+            return StepRecord(losses[-1], state.gamma, state.capped, record.params, buffers)
         loss, grads = numpy_loss_and_grads(self.params, x, y)
         self.params, self.state = oracle_step(self.params, grads, loss, self.state, self.config)
         buffers = None if self.config.momentum == 0 else list(self.state.buffers)
@@ -73,12 +113,16 @@ class TorchRunner:
     def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
         import torch
 
-        from alig_torch import AliG
+        from alig_torch import AliG, Extrapolation
 
+        alig_kwargs, extrapolation = _split_extrapolation(alig_kwargs)
         self.torch = torch
         self.dtype = getattr(torch, dtype)
         self.params = [torch.nn.Parameter(torch.tensor(w, dtype=self.dtype)) for w in weights]
-        self.opt = AliG(self.params, **alig_kwargs)
+        self.alig = AliG(self.params, **alig_kwargs)
+        self.opt: Any = (
+            self.alig if extrapolation is None else Extrapolation(self.alig, **extrapolation)
+        )
         self.momentum = alig_kwargs.get("momentum", 0.0)
 
     def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
@@ -97,12 +141,12 @@ class TorchRunner:
         buffers = None
         if self.momentum:
             buffers = [
-                self.opt.state[p]["momentum_buffer"].reshape(p.shape).numpy() for p in self.params
+                self.alig.state[p]["momentum_buffer"].reshape(p.shape).numpy() for p in self.params
             ]
         return StepRecord(
             float(loss.detach()),
-            float(self.opt.gamma),
-            bool(self.opt.capped),
+            float(self.alig.gamma),
+            bool(self.alig.capped),
             _as_numpy([p.detach().numpy() for p in self.params]),
             None if buffers is None else _as_numpy(buffers),
         )
@@ -121,9 +165,15 @@ class JaxRunner:
         import jax.numpy as jnp
         import optax
 
-        from alig_jax import alig
+        from alig_jax import AliGState, alig, extrapolation
 
+        alig_kwargs, extrapolation_kwargs = _split_extrapolation(alig_kwargs)
         tx = alig(**alig_kwargs)
+        if extrapolation_kwargs is not None:
+            tx = extrapolation(tx, **extrapolation_kwargs)
+        self.alig_state_of: Callable[[Any], AliGState] = (
+            (lambda state: state) if extrapolation_kwargs is None else _base_state
+        )
         self.params = [jnp.asarray(w, dtype=dtype) for w in weights]
         self.state = tx.init(self.params)
 
@@ -145,14 +195,20 @@ class JaxRunner:
         self.params, self.state, loss = self.train_step(
             self.params, self.state, x.astype(self.dtype), y
         )
-        buffers = None if self.state.momentum is None else _as_numpy(self.state.momentum)
+        alig_state = self.alig_state_of(self.state)
+        buffers = None if alig_state.momentum is None else _as_numpy(alig_state.momentum)
         return StepRecord(
             float(loss),
-            float(self.state.gamma),
-            bool(self.state.capped),
+            float(alig_state.gamma),
+            bool(alig_state.capped),
             _as_numpy(self.params),
             buffers,
         )
+
+
+def _base_state(state: Any) -> Any:
+    """ALI-G's state inside an ``alig_jax.extrapolation`` state."""
+    return state.base_state
 
 
 class KerasRunner:
@@ -169,6 +225,9 @@ class KerasRunner:
 
         from alig_tf import AliG
 
+        alig_kwargs, extrapolation = _split_extrapolation(alig_kwargs)
+        if extrapolation is not None:
+            raise NotImplementedError("the Keras parity runner has no extrapolation yet")
         self.variables = [keras.Variable(w, dtype=dtype) for w in weights]
         self.opt = AliG(**alig_kwargs)
         self.opt.build(self.variables)

@@ -7,8 +7,14 @@ largest parameter deviation from the oracle, median milliseconds per training st
 gamma, share of steps at the cap) and writes a plot: the loss and gamma curves of every
 run overlaid, and their deviation from the oracle on a log scale.
 
+Then the same run with ALI-G inside each framework's extrapolation wrapper
+(``--extrapolation past``, the default; ``none`` to leave it out): "past" mode, one
+gradient per step, the previous update's gradient as the displacement and ALI-G's
+linearised step, against ``alig_core.oracle_extrapolation``; a second table.
+
 Run: ``python benchmarks/parity.py [--dtype float64|float32] [--steps 200]
-[--max-lr 1.0 --momentum 0.9 --adjusted-momentum --max-norm R] [--frameworks ...]``.
+[--max-lr 1.0 --momentum 0.9 --adjusted-momentum --max-norm R] [--frameworks ...]
+[--extrapolation past|none]``.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--max-norm", type=float, default=None)
     parser.add_argument("--frameworks", default=",".join(n for n in RUNNERS if n != "oracle"))
     parser.add_argument("--plot", type=Path, default=Path("parity.png"))
+    parser.add_argument("--extrapolation", choices=["past", "none"], default="past")
     args = parser.parse_args()
     alig_kwargs = {
         "max_lr": args.max_lr,
@@ -122,6 +129,19 @@ def main() -> None:
         parser.error(f"unknown frameworks {unknown}; available: {sorted(RUNNERS)}")
 
     print(f"ALI-G {alig_kwargs}, MLP 64-32-10 on digits, {args.steps} steps, {args.dtype}")
+    runs = run_table(names, alig_kwargs, args)
+    plot(runs, args.plot)
+    if args.extrapolation != "none":
+        extrapolation = {"mode": args.extrapolation}
+        print(f"\nThe same run, ALI-G inside the extrapolation wrapper {extrapolation}")
+        run_table(names, alig_kwargs | {"extrapolation": extrapolation}, args)
+    print(f"\nwrote {args.plot}")
+
+
+def run_table(
+    names: list[str], alig_kwargs: dict, args: argparse.Namespace
+) -> dict[str, list[StepRecord]]:
+    """Trains every framework in ``names`` with ``alig_kwargs``; prints the table."""
     runs, times = {}, {}
     for name in names:
         runs[name], times[name] = train(name, alig_kwargs, args.dtype, args.steps, args.batch_size)
@@ -144,8 +164,7 @@ def main() -> None:
             f"{np.mean([r.gamma for r in records]):>10.4f} "
             f"{np.mean([r.capped for r in records]):>6.0%}"
         )
-    plot(runs, args.plot)
-    print(f"\nwrote {args.plot}")
+    return runs
 
 
 if __name__ == "__main__":
