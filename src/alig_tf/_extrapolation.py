@@ -320,9 +320,15 @@ class Extrapolation(keras.optimizers.Optimizer):
         self._in_anchor_context = False
 
     def _float_schedule(self, iteration: Any) -> Any:
-        """The ``lr_x`` schedule, called with the iteration as a float of the step's dtype."""
+        """The ``lr_x`` schedule, called with the iteration as a float of the step's dtype.
+
+        Its value is taken in that dtype too (a Keras schedule computes in float32).
+        """
         assert callable(self.lr_x)
-        return self.lr_x(ops.cast(iteration, self._dtype))
+        value = self.lr_x(ops.cast(iteration, self._dtype))
+        if isinstance(value, int | float):  # not through float32 (TensorFlow's default)
+            return ops.convert_to_tensor(float(value), dtype=self._dtype)
+        return ops.cast(value, self._dtype)
 
     # ------------------------------------------------------------------ variables
 
@@ -557,6 +563,12 @@ class Extrapolation(keras.optimizers.Optimizer):
                     "No gradient reached Extrapolation for any variable (every gradient is "
                     "None). Check that the loss depends on the trainable variables."
                 )
+            if _backend_name() == "tensorflow":  # e.g. an Embedding's sparse gradient
+                import tensorflow as tf
+
+                grads = [
+                    tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads
+                ]
             full: list[Any] = [None] * len(self._trainable_variables)
             for g, v in zip(grads, trainable_variables, strict=True):
                 full[self._get_variable_index(v)] = g

@@ -26,9 +26,9 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from keras import ops  # noqa: E402
+import keras
+import numpy as np
+from keras import ops
 
 BACKEND = keras.backend.backend()
 if BACKEND == "jax":
@@ -295,20 +295,21 @@ def build_model(
     model.compile(
         optimizer=Extrapolation(make_base(case.base_config), **options), loss=half_squared_error
     )
+    model.optimizer.build(model.trainable_variables)  # its noise can be read before fit
     return model
 
 
-def fit(model: keras.Model, epochs: int, rows: int = 64, initial_epoch: int = 0) -> None:
+def fit(model: keras.Model, epochs: int, rows: int = 64, **kwargs: Any) -> Any:
     """``model.fit`` on the problem's first ``rows`` rows, batches of 8 in order."""
     problem = fit_problem()
-    model.fit(
+    return model.fit(
         problem.x[:rows],
         problem.y[:rows],
         batch_size=8,
-        epochs=initial_epoch + epochs,
-        initial_epoch=initial_epoch,
+        epochs=epochs,
         shuffle=False,
         verbose=0,
+        **kwargs,
     )
 
 
@@ -317,7 +318,7 @@ def state(model: keras.Model) -> dict[str, np.ndarray]:
     opt = model.optimizer
     out = {f"weight_{i}": numpy(v) for i, v in enumerate(model.trainable_variables)}
     out |= {f"anchor_{i}": numpy(a) for i, a in enumerate(opt.anchor_weights())}
-    out |= {f"opt_{i}_{v.name}": numpy(v) for i, v in enumerate(opt.variables)}
+    out |= {f"opt_{i}": numpy(v) for i, v in enumerate(opt.variables)}
     return out
 
 
@@ -344,5 +345,5 @@ if __name__ == "__main__":
     path, out = sys.argv[1:]
     keras.config.set_floatx("float64")
     model = keras.saving.load_model(path)
-    fit(model, RESUME_EPOCHS - RESUME_SPLIT, RESUME_ROWS, initial_epoch=RESUME_SPLIT)
+    fit(model, RESUME_EPOCHS - RESUME_SPLIT, RESUME_ROWS)
     np.savez(out, **state(model))

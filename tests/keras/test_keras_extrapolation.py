@@ -273,6 +273,10 @@ def _zero_displacement(mode: str) -> ExtrapolationConfig:
     return ExtrapolationConfig(mode=mode, lr_x=0.0)
 
 
+ZERO_ITERATIONS = 50
+"""Iterations of the d = 0 runs (eager, slow on TensorFlow): the events recur every 31
+evaluations, so skips at the anchor and at the update happen in each run."""
+
 ZERO_CASES = [
     ExtrapolationCase(mode, base, form, sigma=0.05 if mode == "noise" else None)
     for mode in ("gradient", "past", "noise")
@@ -305,7 +309,7 @@ def test_zero_displacement_equals_the_bare_base_bit_for_bit(
     bare.build(bare_variables)
     counters = {"iteration", "skipped"}
     replayed = 0
-    for call in range(case.calls):
+    for call in range(calls_for(case, ZERO_ITERATIONS)):
         seen = len(run.log)
         run.call(call)
         for _, kind, point, loss, grads in run.log[seen:]:
@@ -325,9 +329,9 @@ def test_zero_displacement_equals_the_bare_base_bit_for_bit(
         theirs = [v for v in bare.variables if v.name not in counters]
         assert [(v.shape, v.dtype) for v in ours] == [(v.shape, v.dtype) for v in theirs]
         assert _bits(ours) == _bits(theirs), where
-    assert run.opt.iteration >= 0.7 * ITERATIONS
-    assert replayed >= 0.7 * ITERATIONS
+    assert run.opt.iteration >= 0.7 * ZERO_ITERATIONS
+    assert replayed >= 0.7 * ZERO_ITERATIONS
     if case.is_alig:
-        assert run.opt.iterations_skipped >= 5
+        assert run.opt.iterations_skipped >= 3
         taken = int(HARNESS.numpy(bare.steps_taken))
         assert int(HARNESS.numpy(run.base.steps_taken)) == taken == run.opt.iteration
