@@ -12,6 +12,8 @@ __all__ = ["AliGTrainStep"]
 class AliGTrainStep:
     """Mixin for a ``keras.Model`` trained with :class:`~alig_tf.AliG` on the JAX backend.
 
+    (Or with :class:`~alig_tf.Extrapolation`, which gets the loss the same way.)
+
     Keras' JAX trainer computes the loss inside ``jax.value_and_grad`` in a stateless
     scope, so what the optimizer's ``scale_loss`` records there is discarded. This mixin
     overrides ``train_step`` (Keras' documented way to customise ``fit``) with the JAX
@@ -36,6 +38,7 @@ def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
     import jax
     from keras.src.trainers.data_adapters import data_adapter_utils
 
+    from alig_tf._extrapolation import Extrapolation
     from alig_tf._optimizer import AliG
 
     (trainable_variables, non_trainable_variables, optimizer_variables, metrics_variables) = state
@@ -52,7 +55,7 @@ def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
         optimizer_variables=optimizer_variables,
     )
     unscaled_loss, y_pred, non_trainable_variables, metrics_variables = aux
-    if isinstance(model.optimizer, AliG):
+    if isinstance(model.optimizer, AliG | Extrapolation):
         trainable_variables, optimizer_variables = model.optimizer.stateless_apply(
             optimizer_variables, grads, trainable_variables, loss=unscaled_loss
         )
