@@ -223,15 +223,14 @@ class KerasRunner:
             raise RuntimeError("the keras parity runner needs KERAS_BACKEND=tensorflow")
         import tensorflow as tf
 
-        from alig_tf import AliG
+        from alig_tf import AliG, Extrapolation
 
         alig_kwargs, extrapolation = _split_extrapolation(alig_kwargs)
-        if extrapolation is not None:
-            raise NotImplementedError("the Keras parity runner has no extrapolation yet")
         self.variables = [keras.Variable(w, dtype=dtype) for w in weights]
-        self.opt = AliG(**alig_kwargs)
-        self.opt.build(self.variables)
-        variables, opt = self.variables, self.opt
+        self.alig = AliG(**alig_kwargs)
+        opt: Any = self.alig if extrapolation is None else Extrapolation(self.alig, **extrapolation)
+        opt.build(self.variables)
+        variables = self.variables
 
         @tf.function
         def train_step(x: Any, y: Any) -> Any:
@@ -250,11 +249,11 @@ class KerasRunner:
 
     def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
         loss = self.train_step(x.astype(self.dtype), y)
-        buffers = [m.value.numpy() for m in self.opt.momentums] or None
+        buffers = [m.value.numpy() for m in self.alig.momentums] or None
         return StepRecord(
             float(loss),
-            float(self.opt.gamma.value.numpy()),
-            bool(self.opt.capped.value.numpy()),
+            float(self.alig.gamma.value.numpy()),
+            bool(self.alig.capped.value.numpy()),
             _as_numpy([v.value.numpy() for v in self.variables]),
             None if buffers is None else _as_numpy(buffers),
         )

@@ -111,8 +111,6 @@ def test_the_growth_is_the_dynamics_not_an_adapter() -> None:
 EXTRAPOLATED = {"max_lr": 1.0, "momentum": 0.9, "extrapolation": {"mode": "past"}}
 """The main job's configuration inside each framework's extrapolation wrapper ("past" mode:
 one gradient per step, the previous update's gradient as the displacement)."""
-EXTRAPOLATING_FRAMEWORKS = ("torch", "jax")
-"""The frameworks whose parity runner has an extrapolation wrapper."""
 EXTRAPOLATED_FLOAT64_STEPS = 45
 """Chaotic like the main job, and faster: ALI-G's linearised loss at w~ nearly cancels,
 so a rounding difference in gamma grows about tenfold every 10 steps (jax's gamma is 1e-9
@@ -128,7 +126,7 @@ def test_the_extrapolated_main_job_follows_the_extrapolation_oracle(dtype: str) 
     oracle = _train("oracle", EXTRAPOLATED, dtype, steps)
     assert len({round(r.gamma, 12) for r in oracle}) > steps // 2  # gamma moves
     assert 0 < np.mean([r.capped for r in oracle]) < 1
-    for name in EXTRAPOLATING_FRAMEWORKS:
+    for name in FRAMEWORKS:
         records = _train(name, EXTRAPOLATED, dtype, steps)
         for t, (ours, theirs) in enumerate(zip(records, oracle, strict=True)):
             where = f"{name}, step {t}"
