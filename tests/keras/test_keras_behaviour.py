@@ -122,32 +122,24 @@ def test_jax_fit_without_the_mixin_is_a_clear_error() -> None:
         model.fit(x, y, epochs=1, verbose=0)
 
 
-def test_mixed_float16_loss_scale_wrapper_is_a_clear_error() -> None:
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        x, y = _regression_data()
-        model = Regressor([keras.Input((4,)), keras.layers.Dense(3)])
-        model.compile(optimizer=AliG(max_lr=0.1), loss="mse")
-        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-        with pytest.raises(ValueError, match="mixed_bfloat16"):
-            model.fit(x.astype("float32"), y.astype("float32"), epochs=1, verbose=0)
-    finally:
-        keras.config.set_dtype_policy(previous)
+def test_mixed_float16_loss_scale_wrapper_is_a_clear_error(dtype_policy) -> None:
+    dtype_policy("mixed_float16")
+    x, y = _regression_data()
+    model = Regressor([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer=AliG(max_lr=0.1), loss="mse")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    with pytest.raises(ValueError, match="mixed_bfloat16"):
+        model.fit(x.astype("float32"), y.astype("float32"), epochs=1, verbose=0)
 
 
-def test_mixed_bfloat16_trains() -> None:
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        x, y = _regression_data()
-        model = Regressor([keras.Input((4,)), keras.layers.Dense(3)])
-        model.compile(optimizer=AliG(max_lr=0.1, momentum=0.9), loss="mse")
-        history = model.fit(x, y, epochs=5, batch_size=8, verbose=0)
-        assert history.history["loss"][-1] < history.history["loss"][0]
-        assert int(model.optimizer.steps_taken.numpy()) == 20
-    finally:
-        keras.config.set_dtype_policy(previous)
+def test_mixed_bfloat16_trains(dtype_policy) -> None:
+    dtype_policy("mixed_bfloat16")
+    x, y = _regression_data()
+    model = Regressor([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer=AliG(max_lr=0.1, momentum=0.9), loss="mse")
+    history = model.fit(x, y, epochs=5, batch_size=8, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert int(model.optimizer.steps_taken.numpy()) == 20
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from torch_ranks import batches, cross_entropy_closure, mlp, run_ranks, share
+from torch_training import batches, cross_entropy_closure, mlp, run_ranks, share
 
 STEPS = 20
 GLOBAL_BATCH = 16

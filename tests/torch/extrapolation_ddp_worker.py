@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from torch_ranks import batches, mlp, run_ranks, share
+from torch_training import batches, mlp, run_ranks, share
 
 CALLS = 12
 GLOBAL_BATCH = 16

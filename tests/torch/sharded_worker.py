@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from torch_ranks import batches, cross_entropy_closure, mlp, run_ranks, share
+from torch_training import batches, cross_entropy_closure, mlp, run_ranks, share
 
 STEPS = 12
 GLOBAL_BATCH = 12

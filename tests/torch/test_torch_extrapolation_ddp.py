@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from alig_cases import max_relative_deviation
-from torch_ranks import share
+from torch_training import share
 from worker_scripts import import_script, run_script
 
 WORKER = Path(__file__).with_name("extrapolation_ddp_worker.py")
 TOL = 1e-10
+pytestmark = pytest.mark.slow  # the worker runs every configuration on two processes
 
 
 @pytest.fixture(scope="module")
@@ -140,27 +141,24 @@ def check_ranks_follow(
             assert relative(ours, theirs) <= TOL
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["alig-all_reduced", "sgd-all_reduced"])
 def test_the_all_reduced_anchor_gradient_equals_one_process_on_the_whole_batch(
     ddp: dict[str, Any], name: str
 ) -> None:
-    ranks = ddp[name]
     worker = import_script(WORKER)
     single = worker.train(worker.make_model(), rank=0, world=1, name=name)
     # every rank extrapolated to the same point, the one-process one
-    check_ranks_follow(ranks, single["anchors"], [single["points"], single["points"]])
-    assert ranks[0]["counters"] == single["counters"]
+    check_ranks_follow(ddp[name], single["anchors"], [single["points"], single["points"]])
+    assert ddp[name][0]["counters"] == single["counters"]
     assert relative(single["params"], single["anchors"][0]) > 1e-2  # training moved
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["alig-local", "sgd-local"])
 def test_the_local_anchor_gradient_equals_its_one_process_simulation(
     ddp: dict[str, Any], name: str
 ) -> None:
-    ranks = ddp[name]
     reference = local_reference(name)
+    ranks = ddp[name]
     # each rank evaluated the update at its own w~_r
     check_ranks_follow(ranks, reference["anchors"], reference["points"])
     assert ranks[0]["counters"][1] == reference["skipped"]

@@ -1,9 +1,11 @@
-"""What torch's data-parallel workers share: the model, the data, a rank's share, the group.
+"""What torch's tests train with: a small MLP, its data, a closure; the ranks of the
+data-parallel workers.
 
 ``tests/torch/ddp_worker.py``, ``sharded_worker.py`` and ``extrapolation_ddp_worker.py``
-run each rank in a process of its own (gloo, on the CPU) through :func:`run_ranks`; their
-tests build the one-process reference from the same :func:`mlp` and :func:`batches`. Any
-torch test that trains with a closure takes :func:`cross_entropy_closure`.
+run each rank in a process of its own (gloo, on the CPU) through :func:`run_ranks`, each
+on its :func:`share` of every global batch; their tests build the one-process reference
+from the same :func:`mlp` and :func:`batches`. Any torch test that trains with a closure
+takes :func:`cross_entropy_closure`.
 """
 
 from __future__ import annotations
