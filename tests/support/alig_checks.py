@@ -42,6 +42,7 @@ from alig_cases import (
     run_oracle,
 )
 from alig_cases import tolerance as spec_tolerance
+from alig_core import AliGConfig
 from bad_inputs import (
     HYPERPARAMETER_ROWS,
     PARAM_ROWS,
@@ -79,6 +80,9 @@ class NesterovSGD(Protocol):
     lr_convention: str
     """The ALI-G momentum convention this SGD follows when its learning rate changes from
     step to step: ``"standard"`` (lr inside the buffer) or ``"adjusted"`` (outside)."""
+    missing_gradients: bool
+    """Whether it takes a step where a parameter has no gradient (``None``), leaving that
+    parameter and its buffer as they are (as ALI-G does)."""
 
     def hyperparameters(self, lr: float, momentum: float) -> tuple[float, float]:
         """``(lr, momentum)`` as this SGD, built with them, computes with them."""
@@ -91,6 +95,10 @@ class NesterovSGD(Protocol):
 
     def params(self) -> list[np.ndarray]:
         """The current parameters."""
+
+    def buffers(self) -> list[np.ndarray | None]:
+        """Its momentum buffers, in the sign of ALI-G's buffers of ``lr_convention`` (torch
+        and optax keep ``+(mu * b + g)``: negated), ``None`` where it holds none."""
 
 
 def _number(value: Any) -> float:
@@ -178,37 +186,55 @@ def check_sgd_with_lr_gamma_is_its_convention(
     make_driver: Callable[[], Driver], make_sgd: Callable[[], NesterovSGD]
 ) -> None:
     """The framework's Nesterov SGD, its learning rate set before each step to the gamma
-    ALI-G took, is ALI-G in the convention ``lr_convention`` names (1e-10, float64), and
-    not in the other: where the learning rate sits (inside or outside the buffer) is what
-    tells the two conventions apart."""
-    sequence = make_sequence(30, pinned=True)  # no skipped steps: SGD would take them
-    momentum = 0.875  # exact in float32 (see PINNED_SGD)
-    runs: dict[str, list[np.ndarray]] = {}
-    gammas: list[float] = []
+    ALI-G takes, is ALI-G in the convention ``lr_convention`` names and not in the other:
+    where the learning rate sits (inside or outside the buffer) tells them apart.
+
+    On the steps of the sequence SGD can take too (no skipped step; missing gradients, and
+    the frozen parameter, where the SGD leaves such a parameter alone), with gamma capped
+    on some steps and below the cap on others: gamma is the oracle's (1e-12) in both
+    conventions, and the SGD's parameters and buffers are ALI-G's and the oracle's (1e-10,
+    float64)."""
+    sgd = make_sgd()
+    sequence = [
+        step
+        for step in make_sequence(60)  # a frozen parameter from FROZEN_FROM = 50 on
+        if step.event in (None, "zero_grads", "loss_below_f_star", "missing_grad")
+        and (sgd.missing_gradients or all(g is not None for g in step.grads))
+    ]
+    max_lr, (_, momentum) = 0.05, sgd.hyperparameters(0.0, 0.9)
+    sgd.build(initial_params(), lr=0.0, momentum=0.9)
+    ours = sgd.lr_convention
+    assert ours in ("standard", "adjusted"), ours
+    config = AliGConfig(max_lr=max_lr, momentum=momentum, adjusted_momentum=ours == "adjusted")
+    history = run_oracle(config, initial_params(), sequence)
+    gammas = [state.gamma for _, state in history]
+    assert len(set(gammas)) > 20, "gamma must move"
+    assert max_lr in gammas, "gamma must be capped on some steps"
+    assert min(gammas) < max_lr, "and below the cap on others"
+
+    runs: dict[str, Driver] = {}
     for convention in ("standard", "adjusted"):
-        driver = make_driver()
+        driver = runs[convention] = make_driver()
         driver.build(
             initial_params(),
-            max_lr=None,
+            max_lr=max_lr,
             momentum=momentum,
             adjusted_momentum=convention == "adjusted",
         )
-        for step in sequence:
+        for t, step in enumerate(sequence):
             driver.step(step.loss, step.grads)
-            if convention == "standard":  # gamma depends on the sequence alone
-                gammas.append(_number(driver.state()["gamma"]))
-        runs[convention] = driver.params()
-    assert len(set(gammas)) == len(gammas), "gamma must move on every step"
-
-    sgd = make_sgd()
-    assert sgd.lr_convention in runs, sgd.lr_convention
-    assert sgd.hyperparameters(1.0, momentum)[1] == momentum
-    sgd.build(initial_params(), lr=1.0, momentum=momentum)
-    for step, gamma in zip(sequence, gammas, strict=True):
-        sgd.step(step.grads, lr=gamma)
-    other = "adjusted" if sgd.lr_convention == "standard" else "standard"
-    assert max_relative_deviation(sgd.params(), runs[sgd.lr_convention]) <= 1e-10
-    assert max_relative_deviation(sgd.params(), runs[other]) > 1e-3
+            gamma = _number(driver.state()["gamma"])
+            assert gamma == pytest.approx(gammas[t], rel=1e-12), f"{convention}, step {t}"
+            if convention == ours:
+                sgd.step(step.grads, lr=gammas[t])
+    other = "adjusted" if ours == "standard" else "standard"
+    assert max_relative_deviation(sgd.params(), runs[ours].params()) <= 1e-10
+    assert max_relative_deviation(sgd.params(), history[-1][0]) <= 1e-10
+    assert max_relative_deviation(sgd.params(), runs[other].params()) > 1e-3
+    for i, (a, b) in enumerate(zip(runs[ours].buffers(), sgd.buffers(), strict=True)):
+        assert (a is None) == (b is None), f"buffer {i}: {a!r} against SGD's {b!r}"
+        if a is not None:
+            assert max_relative_deviation([b], [a]) <= 1e-10, f"buffer {i}"
 
 
 def check_conventions_differ(make_driver: Callable[[], Driver]) -> None:

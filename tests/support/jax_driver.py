@@ -80,6 +80,7 @@ class OptaxSGD:
     set per step): lr outside its trace (ALI-G's adjusted form)."""
 
     lr_convention = "adjusted"
+    missing_gradients = False  # a None gradient does not match the trace's structure
 
     def hyperparameters(self, lr: float, momentum: float) -> tuple[float, float]:
         return lr, momentum
@@ -100,3 +101,14 @@ class OptaxSGD:
 
     def params(self) -> list[np.ndarray]:
         return [np.asarray(p) for p in self.current]
+
+    def buffers(self) -> list[np.ndarray | None]:
+        traces = [
+            s
+            for s in jax.tree.leaves(
+                self.opt_state, is_leaf=lambda x: isinstance(x, optax.TraceState)
+            )
+            if isinstance(s, optax.TraceState)
+        ]
+        assert len(traces) == 1, traces
+        return [-np.asarray(b) for b in traces[0].trace]

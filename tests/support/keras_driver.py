@@ -117,6 +117,7 @@ class KerasSGD:
     w <- w + mu*m - lr*g``), ALI-G's standard form."""
 
     lr_convention = "standard"
+    missing_gradients = True  # apply() leaves a variable without a gradient alone
 
     def hyperparameters(self, lr: float, momentum: float) -> tuple[float, float]:
         """On TensorFlow ``ops.cast(self.momentum, dtype)`` converts the Python float to a
@@ -136,3 +137,6 @@ class KerasSGD:
 
     def params(self) -> list[np.ndarray]:
         return _numpy(self.variables)
+
+    def buffers(self) -> list[np.ndarray | None]:
+        return _numpy(self.opt.momentums)

@@ -91,6 +91,7 @@ class TorchSGD:
     """``torch.optim.SGD(nesterov=True)``: lr outside its buffer (ALI-G's adjusted form)."""
 
     lr_convention = "adjusted"
+    missing_gradients = True
 
     def hyperparameters(self, lr: float, momentum: float) -> tuple[float, float]:
         return lr, momentum
@@ -108,3 +109,11 @@ class TorchSGD:
 
     def params(self) -> list[np.ndarray]:
         return [t.detach().numpy().copy() for t in self.tensors]
+
+    def buffers(self) -> list[np.ndarray | None]:
+        return [
+            -self.opt.state[t]["momentum_buffer"].numpy()
+            if "momentum_buffer" in self.opt.state[t]
+            else None
+            for t in self.tensors
+        ]
