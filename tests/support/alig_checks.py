@@ -275,6 +275,7 @@ class AdapterSuite:
         return contextlib.nullcontext()
 
     def first_driver(self) -> Callable[[], Driver]:
+        """The driver of the checks that run once (the first of :attr:`drivers`)."""
         return next(iter(self.drivers.values()))
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
