@@ -9,9 +9,6 @@ same-batch form branches on the skip flag (as torch's eager ``step(closure)`` wo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,15 +44,17 @@ from alig_core.oracle_extrapolation import (
     run_extrapolation_oracle,
 )
 from extrapolation_cases import (
-    BASES,
     CASES,
     ITERATIONS,
     ExtrapolationCase,
     Problem,
+    every_mode_base_and_form,
     initial_params,
     make_noise,
     run_case_oracle,
+    zero_displacement,
 )
+from worker_scripts import modules_loaded_by
 
 TOL = 1e-10
 Params = tuple[np.ndarray, ...]
@@ -384,12 +383,6 @@ def test_the_alternating_and_same_batch_forms_differ_in_gradient_mode_only() -> 
 # ---------------------------------------------------------------- d = 0 is the base
 
 
-def _zero_displacement(mode: str) -> ExtrapolationConfig:
-    if mode == "noise":
-        return ExtrapolationConfig(mode="noise", sigma=0.0)
-    return ExtrapolationConfig(mode=mode, lr_x=0.0)
-
-
 class Recorder:
     """Wraps ``Problem.evaluate``: logs (call, point, loss, grads) of every evaluation."""
 
@@ -402,9 +395,7 @@ class Recorder:
         return loss, grads
 
 
-@pytest.mark.parametrize("call_form", ["alternating", "same_batch"])
-@pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("mode", ["gradient", "past", "noise"])
+@every_mode_base_and_form
 def test_zero_displacement_equals_the_base_bit_for_bit(
     mode: str, base: str, call_form: str
 ) -> None:
@@ -417,7 +408,7 @@ def test_zero_displacement_equals_the_base_bit_for_bit(
     recorder = Recorder(Problem(finite=not case.is_alig))
     adapter = NumpyExtrapolation(
         initial_params(),
-        _zero_displacement(mode),
+        zero_displacement(mode),
         make_base(case.base_config),
         call_form,
         make_noise(),
@@ -732,25 +723,21 @@ def test_lr_x_none_without_the_base_step_size_is_an_adapter_error() -> None:
 
 def test_noise_mode_without_noise_and_linearised_without_loss_are_errors() -> None:
     state = initial_extrapolation_state([np.ones(1)], np.zeros((), np.int32))
-    with pytest.raises(ValueError, match="no loss was given"):
-        update_inputs(
+
+    def inputs_without_loss(linearized: bool) -> Any:
+        return update_inputs(
             np,
             state,
             [np.ones(1)],
             [np.ones(1)],
             loss=None,
             sq_grad_norm=np.float64(1.0),
-            linearized=True,
+            linearized=linearized,
         )
-    inputs = update_inputs(
-        np,
-        state,
-        [np.ones(1)],
-        [np.ones(1)],
-        loss=None,
-        sq_grad_norm=np.float64(1.0),
-        linearized=False,
-    )
+
+    with pytest.raises(ValueError, match="no loss was given"):
+        inputs_without_loss(linearized=True)
+    inputs = inputs_without_loss(linearized=False)
     with pytest.raises(ValueError, match="no noise was given"):
         finish_update(
             np,
@@ -763,9 +750,4 @@ def test_noise_mode_without_noise_and_linearised_without_loss_are_errors() -> No
 
 
 def test_the_extrapolation_oracle_imports_numpy_only_when_it_runs() -> None:
-    code = (
-        "import sys, json; import alig_core.oracle_extrapolation; "
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert "numpy" not in json.loads(out.stdout.strip().splitlines()[-1])
+    assert "numpy" not in modules_loaded_by("import alig_core.oracle_extrapolation")

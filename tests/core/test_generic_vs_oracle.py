@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
-import pytest
 
 from alig_cases import (
     CASES,
-    Case,
     Step,
     initial_params,
     make_sequence,
     max_relative_deviation,
     run_oracle,
-    tolerance,
 )
+from alig_checks import OracleChecks
 from alig_core import (
     AliGConfig,
     keep_if_skipped,
@@ -26,6 +25,7 @@ from alig_core import (
     sgd_update,
     step_size,
 )
+from bad_inputs import Driver
 
 
 class NumpyAliG:
@@ -34,8 +34,10 @@ class NumpyAliG:
     def __init__(self, params: Sequence[np.ndarray], config: AliGConfig) -> None:
         self.params = [np.array(p) for p in params]
         self.config = config
-        self.buffers = [np.zeros_like(p) for p in self.params]
-        self.gamma = np.zeros((), self.params[0].dtype)
+        self.buffers = [np.zeros_like(p) if config.momentum else None for p in self.params]
+        self.gamma = self.gamma_hat = np.zeros((), self.params[0].dtype)
+        self.capped = np.zeros((), bool)
+        self.steps_taken = self.steps_skipped = 0
 
     def step(self, step: Step) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf on skipped steps
@@ -73,22 +75,40 @@ class NumpyAliG:
             new_params = [keep_if_skipped(np, size.skipped, p, p * scale) for p in new_params]
         self.params = [np.asarray(p, dtype) for p in new_params]
         self.gamma = keep_if_skipped(np, size.skipped, self.gamma, size.gamma)
+        self.gamma_hat = keep_if_skipped(np, size.skipped, self.gamma_hat, size.gamma_hat)
+        self.capped = keep_if_skipped(np, size.skipped, self.capped, size.capped)
+        self.steps_taken += int(not size.skipped)
+        self.steps_skipped += int(size.skipped)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_generic_functions_equal_the_oracle(case: Case, dtype: type) -> None:
-    steps, tol = tolerance(dtype)
-    params = initial_params(dtype)
-    sequence = make_sequence(steps, dtype, pinned=case.pinned_at_cap)
-    history = run_oracle(case.config, params, sequence)
-    adapter = NumpyAliG(params, case.config)
-    worst = 0.0
-    for step, (expected_params, expected_state) in zip(sequence, history, strict=True):
-        adapter.step(step)
-        worst = max(worst, max_relative_deviation(adapter.params, expected_params))
-        assert float(adapter.gamma) == pytest.approx(expected_state.gamma, rel=tol, abs=tol)
-    assert worst <= tol
+class NumpyDriver:
+    """:class:`NumpyAliG` seen from the shared checks (``alig_checks``)."""
+
+    framework = "numpy"
+    loss_help = ""
+    advances_on_skip: frozenset[str] = frozenset()
+
+    def build(self, params: Sequence[np.ndarray], **config: Any) -> None:
+        self.adapter = NumpyAliG(params, AliGConfig(**config))
+
+    def step(self, loss: Any, grads: Sequence[np.ndarray | None], *, sparse: bool = False) -> None:
+        assert not sparse
+        self.adapter.step(Step(loss=loss, grads=tuple(grads), event=None))
+
+    def params(self) -> list[np.ndarray]:
+        return [p.copy() for p in self.adapter.params]
+
+    def state(self) -> dict[str, np.ndarray]:
+        names = ("gamma", "gamma_hat", "capped", "steps_taken", "steps_skipped")
+        return {name: np.asarray(getattr(self.adapter, name)) for name in names}
+
+    def buffers(self) -> list[np.ndarray | None]:
+        return [None if b is None else b.copy() for b in self.adapter.buffers]
+
+
+class TestNumpyAliG(OracleChecks):
+    framework = "numpy"
+    drivers: ClassVar[dict[str, Callable[[], Driver]]] = {"numpy": NumpyDriver}
 
 
 def test_a_perturbed_configuration_is_detected() -> None:

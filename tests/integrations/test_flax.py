@@ -11,17 +11,9 @@ from flax import nnx
 
 from alig_cases import max_relative_deviation
 from alig_jax import alig, multi_steps
+from flax_models import MLP, cross_entropy
 
 STEPS = 12
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        self.hidden = nnx.Linear(5, 8, rngs=rngs)
-        self.out = nnx.Linear(8, 3, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.out(jnp.tanh(self.hidden(x)))
 
 
 def _data():
@@ -30,10 +22,6 @@ def _data():
         jnp.asarray(rng.standard_normal((STEPS, 16, 5)), jnp.float32),
         jnp.asarray(rng.integers(0, 3, (STEPS, 16))),
     )
-
-
-def _loss(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
 def test_nnx_optimizer_update_with_value_equals_plain_optax() -> None:
@@ -45,7 +33,7 @@ def test_nnx_optimizer_update_with_value_equals_plain_optax() -> None:
 
     @nnx.jit
     def train_step(model: MLP, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
-        loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+        loss, grads = nnx.value_and_grad(cross_entropy)(model, x, y)
         optimizer.update(model, grads, value=loss)
         return loss
 
@@ -63,7 +51,7 @@ def test_nnx_optimizer_update_with_value_equals_plain_optax() -> None:
     def loss_of(params, x, y):
         template = nnx.split(MLP(nnx.Rngs(1)), nnx.Param)[1]
         nnx.replace_by_pure_dict(template, params)
-        return _loss(nnx.merge(graphdef, template), x, y)
+        return cross_entropy(nnx.merge(graphdef, template), x, y)
 
     @jax.jit
     def optax_step(params, state, x, y):
@@ -78,18 +66,6 @@ def test_nnx_optimizer_update_with_value_equals_plain_optax() -> None:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-class MLP64(nnx.Module):
-    """The MLP in float64 (for the 1e-10 accumulation equality)."""
-
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        kwargs = {"dtype": jnp.float64, "param_dtype": jnp.float64, "rngs": rngs}
-        self.hidden = nnx.Linear(5, 8, **kwargs)
-        self.out = nnx.Linear(8, 3, **kwargs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.out(jnp.tanh(self.hidden(x)))
-
-
 @pytest.mark.parametrize("k", [2, 4])
 def test_nnx_optimizer_with_multi_steps_equals_one_step_on_the_union(k: int) -> None:
     """``nnx.Optimizer(model, multi_steps(alig(...), k))`` fed k micro-batches, each with
@@ -102,14 +78,14 @@ def test_nnx_optimizer_with_multi_steps_equals_one_step_on_the_union(k: int) -> 
         y = jnp.asarray(rng.integers(0, 3, (outer_steps, 16)))
         kwargs = {"max_lr": 2.0, "momentum": 0.9}
 
-        big_model = MLP64(nnx.Rngs(0))
+        big_model = MLP(nnx.Rngs(0), jnp.float64)
         big = nnx.Optimizer(big_model, alig(**kwargs), wrt=nnx.Param)
-        model = MLP64(nnx.Rngs(0))
+        model = MLP(nnx.Rngs(0), jnp.float64)
         accumulating = nnx.Optimizer(model, multi_steps(alig(**kwargs), k), wrt=nnx.Param)
 
         @nnx.jit
-        def train_step(model: MLP64, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
-            loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+        def train_step(model: MLP, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
+            loss, grads = nnx.value_and_grad(cross_entropy)(model, x, y)
             optimizer.update(model, grads, value=loss)
 
         gammas = []

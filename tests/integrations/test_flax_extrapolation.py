@@ -9,18 +9,10 @@ import optax
 from flax import nnx
 
 from alig_jax import alig, extrapolation, extrapolation_anchor
+from flax_models import MLP, cross_entropy
 
 ITERATIONS = 15
 CALLS = 2 * ITERATIONS  # "gradient" mode: an extrapolating call, then an updating one
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        self.hidden = nnx.Linear(5, 8, rngs=rngs)
-        self.out = nnx.Linear(8, 3, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.out(jnp.tanh(self.hidden(x)))
 
 
 def _data() -> tuple[jax.Array, jax.Array]:
@@ -29,10 +21,6 @@ def _data() -> tuple[jax.Array, jax.Array]:
     x = rng.standard_normal((CALLS, 16, 5))
     y = np.argmax(x @ rng.standard_normal((5, 3)), axis=-1)
     return jnp.asarray(x, jnp.float32), jnp.asarray(y)
-
-
-def _loss(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
 def _tx() -> optax.GradientTransformationExtraArgs:
@@ -48,7 +36,7 @@ def test_nnx_optimizer_trains_with_extrapolation_and_equals_plain_optax() -> Non
 
     @nnx.jit
     def train_step(model: MLP, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
-        loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+        loss, grads = nnx.value_and_grad(cross_entropy)(model, x, y)
         optimizer.update(model, grads, value=loss)
         return loss
 
@@ -60,7 +48,7 @@ def test_nnx_optimizer_trains_with_extrapolation_and_equals_plain_optax() -> Non
     def loss_at(params: dict) -> float:
         evaluated = nnx.merge(graphdef, nnx.split(MLP(nnx.Rngs(1)), nnx.Param)[1])
         nnx.update(evaluated, params)
-        return float(_loss(evaluated, x.reshape(-1, 5), y.reshape(-1)))
+        return float(cross_entropy(evaluated, x.reshape(-1, 5), y.reshape(-1)))
 
     phases, gammas, anchors, held = [], [], [], []
     for t in range(CALLS):
@@ -89,7 +77,7 @@ def test_nnx_optimizer_trains_with_extrapolation_and_equals_plain_optax() -> Non
     def loss_of(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
         template = nnx.split(MLP(nnx.Rngs(1)), nnx.Param)[1]
         nnx.replace_by_pure_dict(template, params)
-        return _loss(nnx.merge(graphdef, template), x, y)
+        return cross_entropy(nnx.merge(graphdef, template), x, y)
 
     @jax.jit
     def optax_step(params: dict, state, x: jax.Array, y: jax.Array):

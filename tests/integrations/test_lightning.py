@@ -6,28 +6,21 @@ import lightning as L
 import torch
 
 from alig_torch import AliG
+from lightning_trainer import quiet_trainer
+from torch_accumulation import data, net
+from torch_training import cross_entropy_closure
 
 STEPS = 15
 
 
 def _data() -> torch.utils.data.TensorDataset:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(STEPS * 8, 5, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 3, (STEPS * 8,), generator=generator)
-    return torch.utils.data.TensorDataset(x, y)
-
-
-def _net() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
-    ).double()
+    return torch.utils.data.TensorDataset(*data(STEPS, 8))
 
 
 class Classifier(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = _net()
+        self.net = net()
         self.gammas: list[float] = []
 
     def training_step(self, batch, batch_idx):
@@ -45,29 +38,15 @@ class Classifier(L.LightningModule):
 
 def test_trainer_fit_equals_a_hand_written_closure_loop() -> None:
     module = Classifier()
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(STEPS)
     loader = torch.utils.data.DataLoader(_data(), batch_size=8, shuffle=False)
     trainer.fit(module, loader)
 
-    reference = _net()
+    reference = net()
     opt = AliG(reference.parameters(), max_lr=2.0, momentum=0.9)
     gammas = []
     for x, y in loader:
-
-        def closure(x=x, y=y) -> torch.Tensor:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(reference(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(cross_entropy_closure(reference, opt, x, y))
         gammas.append(float(opt.gamma))
 
     assert len(module.gammas) == STEPS

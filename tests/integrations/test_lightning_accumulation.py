@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from alig_torch import AliG
 from alig_torch.integrations.lightning import AliGCallback
+from lightning_trainer import quiet_trainer
 from torch_accumulation import BATCH, KWARGS, STEPS, Run, assert_same_run, data, net, reference_run
 
 
@@ -65,16 +66,7 @@ class ManualClassifier(Classifier):
 
 
 def _trainer(k: int, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        accumulate_grad_batches=k,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return quiet_trainer(STEPS, accumulate_grad_batches=k, **kwargs)
 
 
 def _loader(k: int) -> torch.utils.data.DataLoader:
@@ -140,15 +132,8 @@ def test_manual_optimization_with_step_loss_or_add_loss(k: int) -> None:
     """k = 1: ``self.manual_backward(loss); opt.step(loss=loss)`` (Lightning adds its own
     closure); k > 1: ``opt.add_loss`` after each ``manual_backward``."""
     module = ManualClassifier(k)
-    trainer = L.Trainer(
-        max_steps=STEPS,  # optimizer steps, in manual optimization too
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[AliGCallback()],  # idle in manual optimization
-    )
+    # STEPS optimizer steps, in manual optimization too; the callback idles there
+    trainer = quiet_trainer(STEPS, callbacks=[AliGCallback()])
     trainer.fit(module, _loader(k))
     alig = trainer.optimizers[0]
     assert int(alig.steps_taken) == STEPS

@@ -13,7 +13,7 @@ state's leaves to OUT (.npz).
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import jax
@@ -29,6 +29,7 @@ from alig_core.oracle_extrapolation import SGDNesterov  # noqa: E402
 from alig_jax import AliGState, alig, extrapolation, extrapolation_anchor  # noqa: E402
 from alig_jax._extrapolation import draw_noise  # noqa: E402
 from extrapolation_cases import CASES, ExtrapolationCase, Problem, initial_params  # noqa: E402
+from jax_checkpoints import load, save  # noqa: E402
 
 KEY = 11
 """The noise key's seed."""
@@ -67,14 +68,7 @@ def base_transformation(case: ExtrapolationCase) -> optax.GradientTransformation
             return optax.inject_hyperparams(optax.sgd)(**kwargs)
         return optax.sgd(**kwargs)
     assert isinstance(config, AliGConfig)
-    return alig(
-        max_lr=config.max_lr,
-        momentum=config.momentum,
-        adjusted_momentum=config.adjusted_momentum,
-        eps=config.eps,
-        f_star=config.f_star,
-        max_norm=config.max_norm,
-    )
+    return alig(**asdict(config))
 
 
 def wrapper(case: ExtrapolationCase, **options: Any) -> optax.GradientTransformationExtraArgs:
@@ -168,20 +162,6 @@ def base_buffers(state) -> list[np.ndarray]:
         if isinstance(s, optax.TraceState)
     ]
     return [np.asarray(b) for b in traces[0].trace]
-
-
-def save(params, state, path: str) -> None:
-    leaves = {f"params_{i}": np.asarray(p) for i, p in enumerate(params)}
-    leaves |= {f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
-    np.savez(path, **leaves)
-
-
-def load(tx, params, path: str):
-    saved = np.load(path)
-    params = [jnp.asarray(saved[f"params_{i}"]) for i in range(len(params))]
-    structure = jax.tree.structure(tx.init(params))
-    leaves = [jnp.asarray(saved[f"state_{i}"]) for i in range(structure.num_leaves)]
-    return params, jax.tree.unflatten(structure, leaves)
 
 
 def problem_at(calls_made: int) -> Problem:

@@ -4,7 +4,7 @@ Usage: python resume_worker.py CASE CHECKPOINT OUT. Builds fresh parameters (zer
 fresh ``alig`` for the configuration CASE of alig_cases, restores the params and the
 optimizer state from CHECKPOINT (an .npz of their leaves, restored into the structure of
 ``tx.init``), continues the shared sequence from SPLIT to TOTAL under ``jax.jit`` and
-writes the parameters to OUT (.npz).
+writes the parameters and the state's leaves to OUT (.npz).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 
 from alig_cases import CASES, initial_params, make_sequence  # noqa: E402
 from alig_jax import alig  # noqa: E402
+from jax_checkpoints import load, save  # noqa: E402
+from jax_driver import apply  # noqa: E402
 
 TOTAL, SPLIT = 60, 27
 """Steps in all, and where the run is cut (after skipped steps, before the frozen layer)."""
@@ -37,22 +39,8 @@ def run(tx, params, state, start: int, stop: int):
     for step in make_sequence(TOTAL)[start:stop]:
         grads = [None if g is None else jnp.asarray(g) for g in step.grads]
         updates, state = update(grads, state, params, value=step.loss)
-        params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
+        params = apply(params, updates)
     return params, state
-
-
-def save(params, state, path: str) -> None:
-    leaves = {f"params_{i}": np.asarray(p) for i, p in enumerate(params)}
-    leaves |= {f"state_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
-    np.savez(path, **leaves)
-
-
-def load(tx, params, path: str):
-    saved = np.load(path)
-    params = [jnp.asarray(saved[f"params_{i}"]) for i in range(len(params))]
-    structure = jax.tree.structure(tx.init(params))
-    leaves = [jnp.asarray(saved[f"state_{i}"]) for i in range(structure.num_leaves)]
-    return params, jax.tree.unflatten(structure, leaves)
 
 
 if __name__ == "__main__":
@@ -60,4 +48,4 @@ if __name__ == "__main__":
     tx, params, _ = build(case_name, fresh=True)
     params, state = load(tx, params, checkpoint)
     params, state = run(tx, params, state, SPLIT, TOTAL)
-    np.savez(out, *[np.asarray(p) for p in params])
+    save(params, state, out)

@@ -17,8 +17,6 @@ import optax
 import pytest
 
 from alig_cases import initial_params, make_sequence, max_relative_deviation
-from alig_core import AliGConfig
-from alig_core.oracle import OracleState, oracle_step
 from alig_jax import AccumulationState, alig, multi_steps
 
 OUTER_STEPS = 8
@@ -208,52 +206,6 @@ def test_multi_steps_needs_the_value() -> None:
         tx.update(grads, state, params)
     with pytest.raises(ValueError, match=r"got an array of shape \(2,\)"):
         tx.update(grads, state, params, value=jnp.ones(2))
-
-
-# ---------------------------------------------------------------- the convention of optax.sgd
-
-
-def test_optax_sgd_nesterov_with_lr_gamma_is_the_adjusted_convention() -> None:
-    """``optax.inject_hyperparams(optax.sgd)(momentum=mu, nesterov=True)`` with its
-    ``learning_rate`` set to each step's gamma follows ``alig(adjusted_momentum=True)``
-    (1e-10, gamma moving), not the standard convention."""
-    sequence = [
-        s for s in make_sequence(50) if s.event in (None, "zero_grads", "loss_below_f_star")
-    ]
-    config = AliGConfig(max_lr=0.05, momentum=0.9, adjusted_momentum=True)
-    oracle_params = [np.array(p) for p in initial_params()]
-    oracle_state = OracleState.zeros(len(oracle_params))
-    gammas = []
-    for step in sequence:
-        oracle_params, oracle_state = oracle_step(
-            oracle_params, step.grads, step.loss, oracle_state, config
-        )
-        gammas.append(oracle_state.gamma)
-    assert len(set(gammas)) > 20  # gamma moves: capped on some steps, below the cap on others
-    assert 0.05 in gammas
-    assert min(gammas) < 0.05
-
-    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9, nesterov=True)
-    sgd_params = [jnp.asarray(p) for p in initial_params()]
-    sgd_state = sgd.init(sgd_params)
-    runs = {}
-    for adjusted in (False, True):
-        tx = alig(max_lr=0.05, momentum=0.9, adjusted_momentum=adjusted)
-        params = [jnp.asarray(p) for p in initial_params()]
-        state = tx.init(params)
-        for t, step in enumerate(sequence):
-            grads = [jnp.asarray(g) for g in step.grads]
-            updates, state = tx.update(grads, state, params, value=step.loss)
-            params = optax.apply_updates(params, updates)
-            if adjusted:
-                assert float(state.gamma) == pytest.approx(gammas[t], rel=1e-12)
-                sgd_state.hyperparams["learning_rate"] = jnp.asarray(gammas[t])
-                sgd_updates, sgd_state = sgd.update(grads, sgd_state, sgd_params)
-                sgd_params = optax.apply_updates(sgd_params, sgd_updates)
-        runs[adjusted] = params
-    assert max_relative_deviation(sgd_params, runs[True]) <= 1e-10
-    assert max_relative_deviation(sgd_params, oracle_params) <= 1e-10
-    assert max_relative_deviation(sgd_params, runs[False]) > 1e-3
 
 
 # ---------------------------------------------------------------- other wrappers

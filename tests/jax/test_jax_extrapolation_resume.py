@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from worker_scripts import import_script, run_script
+from jax_checkpoints import assert_bitwise_equal, leaves, resume_in_a_new_process
+from worker_scripts import import_script
 
 WORKER = Path(__file__).with_name("extrapolation_worker.py")
 
@@ -28,23 +28,11 @@ WORKER = Path(__file__).with_name("extrapolation_worker.py")
 def test_resume_in_a_new_process_is_the_uninterrupted_run(case_name: str, tmp_path: Path) -> None:
     worker = import_script(WORKER)
     tx, params, state = worker.build(case_name)
-    uninterrupted = worker.run(tx, params, state, worker.problem_at(0), 0, worker.TOTAL)
-    worker.save(*uninterrupted, str(tmp_path / "uninterrupted.npz"))
+    uninterrupted = leaves(*worker.run(tx, params, state, worker.problem_at(0), 0, worker.TOTAL))
 
     tx, params, state = worker.build(case_name)
     params, state = worker.run(tx, params, state, worker.problem_at(0), 0, worker.SPLIT)
     assert int(state.phase) == 1  # the params hold w~: the anchor comes from the checkpoint
     assert int(state.skipped) >= 1
-    worker.save(params, state, str(tmp_path / "checkpoint.npz"))
-    run_script(
-        WORKER,
-        case_name,
-        tmp_path / "checkpoint.npz",
-        tmp_path / "resumed.npz",
-        env={"XLA_FLAGS": ""},  # one device is enough here
-    )
-    expected, resumed = np.load(tmp_path / "uninterrupted.npz"), np.load(tmp_path / "resumed.npz")
-    assert sorted(resumed.files) == sorted(expected.files)
-    for name in expected.files:
-        assert resumed[name].dtype == expected[name].dtype, name
-        assert resumed[name].tobytes() == expected[name].tobytes(), name
+    resumed = resume_in_a_new_process(WORKER, case_name, params, state, tmp_path)
+    assert_bitwise_equal(resumed, uninterrupted)

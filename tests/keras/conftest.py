@@ -24,3 +24,11 @@ def floatx():
 
     yield set_floatx
     keras.config.set_floatx(previous)
+
+
+@pytest.fixture
+def dtype_policy():
+    """Sets keras.config.dtype_policy for one test and restores it."""
+    previous = keras.config.dtype_policy()
+    yield keras.config.set_dtype_policy
+    keras.config.set_dtype_policy(previous)

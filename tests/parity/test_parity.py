@@ -12,7 +12,7 @@ import pytest
 
 from _parity_runners import RUNNERS, StepRecord
 from _parity_setup import batches, initial_weights, load_digits_split
-from alig_cases import CASES, Case, tolerance
+from alig_cases import CASES, Case, max_relative_deviation, tolerance
 
 FRAMEWORKS = ("torch", "keras", "jax")
 PARITY_CASES = (
@@ -39,11 +39,6 @@ def _train(name: str, kwargs: dict, dtype: str, steps: int) -> list[StepRecord]:
     ]
 
 
-def _deviation(params: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    scale = max(float(np.max(np.abs(r))) for r in reference)
-    return max(float(np.max(np.abs(p - r))) for p, r in zip(params, reference, strict=True)) / scale
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", PARITY_CASES, ids=lambda case: case.name)
 def test_every_framework_follows_the_oracle_step_by_step(case: Case, dtype: str) -> None:
@@ -57,7 +52,7 @@ def test_every_framework_follows_the_oracle_step_by_step(case: Case, dtype: str)
         records = _train(name, case.kwargs, dtype, steps)
         for t, (ours, theirs) in enumerate(zip(records, oracle, strict=True)):
             where = f"{name}, step {t}"
-            assert _deviation(ours.params, theirs.params) <= tol, where
+            assert max_relative_deviation(ours.params, theirs.params) <= tol, where
             # gamma = loss / |g|^2: in float32 it carries the relative error of both.
             gamma_tol = tol if dtype == "float64" else 10 * tol
             assert ours.gamma == pytest.approx(theirs.gamma, rel=gamma_tol, abs=tol), where
@@ -84,7 +79,7 @@ def test_a_perturbed_configuration_is_detected(name: str) -> None:
     standard, adjusted = PARITY_CASES[-2], PARITY_CASES[-1]
     oracle = _train("oracle", standard.kwargs, "float64", 50)
     perturbed = _train(name, adjusted.kwargs, "float64", 50)
-    assert _deviation(perturbed[-1].params, oracle[-1].params) > 1e-6
+    assert max_relative_deviation(perturbed[-1].params, oracle[-1].params) > 1e-6
 
 
 def test_the_growth_is_the_dynamics_not_an_adapter() -> None:
@@ -98,9 +93,9 @@ def test_the_growth_is_the_dynamics_not_an_adapter() -> None:
         runner.step(DATA.x_train[index], DATA.y_train[index])
         for index in batches(len(DATA.x_train), 64, 200)
     ]
-    early = _deviation(nudged[MAIN_JOB_FLOAT64_STEPS - 1].params, reference[59].params)
-    late = _deviation(nudged[-1].params, reference[-1].params)
-    torch_late = _deviation(
+    early = max_relative_deviation(nudged[MAIN_JOB_FLOAT64_STEPS - 1].params, reference[59].params)
+    late = max_relative_deviation(nudged[-1].params, reference[-1].params)
+    torch_late = max_relative_deviation(
         _train("torch", kwargs, "float64", 200)[-1].params, reference[-1].params
     )
     assert early < 1e-10
@@ -130,7 +125,7 @@ def test_the_extrapolated_main_job_follows_the_extrapolation_oracle(dtype: str) 
         records = _train(name, EXTRAPOLATED, dtype, steps)
         for t, (ours, theirs) in enumerate(zip(records, oracle, strict=True)):
             where = f"{name}, step {t}"
-            assert _deviation(ours.params, theirs.params) <= tol, where
+            assert max_relative_deviation(ours.params, theirs.params) <= tol, where
             gamma_tol = tol if dtype == "float64" else 10 * tol
             assert ours.gamma == pytest.approx(theirs.gamma, rel=gamma_tol, abs=tol), where
 
@@ -139,4 +134,4 @@ def test_the_extrapolated_run_is_not_the_plain_run() -> None:
     """Guard: the extrapolation really changes the trajectory the test above compares."""
     plain = _train("oracle", PARITY_CASES[-2].kwargs, "float64", 30)
     extrapolated = _train("oracle", EXTRAPOLATED, "float64", 30)
-    assert _deviation(extrapolated[-1].params, plain[-1].params) > 1e-3
+    assert max_relative_deviation(extrapolated[-1].params, plain[-1].params) > 1e-3

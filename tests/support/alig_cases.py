@@ -29,6 +29,7 @@ __all__ = [
     "PARAM_SHAPES",
     "Case",
     "Step",
+    "apply_event",
     "initial_params",
     "make_sequence",
     "max_relative_deviation",
@@ -127,25 +128,40 @@ def make_sequence(
         ]
         if t >= FROZEN_FROM and not pinned:
             grads[2] = None
-        if event == "missing_grad":
-            grads[1] = None
-        elif event == "zero_grads":
-            grads = [None if g is None else np.zeros_like(g) for g in grads]
-        elif event == "nan_loss":
-            loss = float("nan")
-        elif event == "loss_below_f_star":
-            loss = -0.5
-        elif event == "inf_grad":
-            grads[0] = grads[0].copy()
-            grads[0][1, 2] = np.inf
-        elif event == "neg_inf_loss":
-            loss = float("-inf")
-        elif event == "nan_grad":
-            grads[1] = grads[1].copy()
-            grads[1][0] = np.nan
+        loss, grads = apply_event(event, loss, grads)
         loss = float(np.asarray(loss, dtype=dtype))
         sequence.append(Step(loss=loss, grads=tuple(grads), event=event))
     return sequence
+
+
+def apply_event(
+    event: str | None, loss: float, grads: list[np.ndarray | None]
+) -> tuple[float, list[np.ndarray | None]]:
+    """The loss and gradients of a step at which ``event`` (a value of ``EVENTS``) happens.
+
+    Parameter 0 must be a matrix of at least 2 x 3 and parameter 1 a vector (as in
+    ``PARAM_SHAPES``, and in the extrapolation table's problem); ``grads`` is not changed.
+    """
+    grads = list(grads)
+    if event == "missing_grad":
+        grads[1] = None
+    elif event == "zero_grads":
+        grads = [None if g is None else np.zeros_like(g) for g in grads]
+    elif event == "nan_loss":
+        loss = float("nan")
+    elif event == "loss_below_f_star":
+        loss = -0.5
+    elif event == "inf_grad":
+        grads[0] = np.array(grads[0])
+        grads[0][1, 2] = np.inf
+    elif event == "neg_inf_loss":
+        loss = float("-inf")
+    elif event == "nan_grad":
+        grads[1] = np.array(grads[1])
+        grads[1][0] = np.nan
+    else:
+        assert event is None, f"unknown event {event!r}"
+    return loss, grads
 
 
 def run_oracle(

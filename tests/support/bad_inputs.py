@@ -92,7 +92,12 @@ class Driver(Protocol):
 
     def state(self) -> dict[str, np.ndarray]:
         """Every piece of optimizer state (buffers, recorded step sizes, counters), by a
-        name; must hold ``steps_taken``, ``steps_skipped`` and ``gamma``."""
+        name; must hold the records ``gamma``, ``gamma_hat``, ``capped``, ``steps_taken``
+        and ``steps_skipped``."""
+
+    def buffers(self) -> list[np.ndarray | None]:
+        """The momentum buffer of each parameter, in the order of :meth:`build`; ``None``
+        where the adapter holds none (momentum 0, or never a gradient)."""
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytest
 
-from alig_core import AliGConfig, ExtrapolationConfig
+from alig_cases import apply_event
+from alig_core import EXTRAPOLATION_MODES, AliGConfig, ExtrapolationConfig
 from alig_core.oracle_extrapolation import (
     OracleCallRecord,
     SGDNesterov,
@@ -32,6 +34,7 @@ from alig_core.oracle_extrapolation import (
 
 __all__ = [
     "BASES",
+    "CALL_FORMS",
     "CASES",
     "EVENTS",
     "ITERATIONS",
@@ -41,7 +44,9 @@ __all__ = [
     "Problem",
     "initial_params",
     "make_noise",
+    "every_mode_base_and_form",
     "run_case_oracle",
+    "zero_displacement",
 ]
 
 ITERATIONS = 100
@@ -120,11 +125,16 @@ class ExtrapolationCase:
         return ITERATIONS * (2 if two else 1)
 
 
+CALL_FORMS = ("alternating", "same_batch")
+"""How the loss reaches the wrapper: a fresh batch per call, or a closure that evaluates
+the same batch at the anchor and at the extrapolated point."""
+
+
 def _table() -> tuple[ExtrapolationCase, ...]:
     cases = []
-    for mode in ("gradient", "past", "noise"):
+    for mode in EXTRAPOLATION_MODES:
         for base in BASES:
-            for call_form in ("alternating", "same_batch"):
+            for call_form in CALL_FORMS:
                 sigma = 0.05 if mode == "noise" else None
                 cases.append(ExtrapolationCase(mode, base, call_form, sigma=sigma))
     cases += [
@@ -210,23 +220,7 @@ class Problem:
         loss = 0.5 * float(np.sum(residual * residual)) / BATCH
         grad_out = residual / BATCH
         grads: list[np.ndarray | None] = [x.T @ grad_out, grad_out.sum(axis=0), grad_out.sum()]
-        if event == "missing_grad":
-            grads[1] = None
-        elif event == "zero_grads":
-            grads = [np.zeros_like(g) for g in grads]
-        elif event == "nan_loss":
-            loss = float("nan")
-        elif event == "loss_below_f_star":
-            loss = -0.5
-        elif event == "inf_grad":
-            grads[0] = grads[0].copy()
-            grads[0][1, 2] = np.inf
-        elif event == "neg_inf_loss":
-            loss = float("-inf")
-        elif event == "nan_grad":
-            grads[1] = grads[1].copy()
-            grads[1][0] = np.nan
-        return loss, grads
+        return apply_event(event, loss, grads)
 
 
 def run_case_oracle(
@@ -243,3 +237,22 @@ def run_case_oracle(
         call_form=case.call_form,
         noise=make_noise(),
     )
+
+
+every_mode_base_and_form = pytest.mark.parametrize(
+    ("mode", "base", "call_form"),
+    [
+        pytest.param(mode, base, call_form, id=f"{mode}-{base}-{call_form}")
+        for mode in EXTRAPOLATION_MODES
+        for base in BASES
+        for call_form in CALL_FORMS
+    ],
+)
+"""Parametrizes a test over every mode, base and call form (the table's plain rows)."""
+
+
+def zero_displacement(mode: str) -> ExtrapolationConfig:
+    """The wrapper that never leaves the anchor: ``lr_x=0`` (``sigma=0`` in "noise" mode)."""
+    if mode == "noise":
+        return ExtrapolationConfig(mode="noise", sigma=0.0)
+    return ExtrapolationConfig(mode=mode, lr_x=0.0)

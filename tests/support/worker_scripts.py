@@ -2,19 +2,21 @@
 
 A checkpoint must resume in a *new* process, and data-parallel ranks are processes of
 their own: such tests run ``tests/<group>/*_worker.py`` with :func:`run_script` and use
-its functions in-process through :func:`import_script` (for the reference run).
+its functions in-process through :func:`import_script` (for the reference run). What an
+import statement loads is only seen in a fresh interpreter: :func:`modules_loaded_by`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["SUPPORT", "import_script", "run_script"]
+__all__ = ["SUPPORT", "import_script", "modules_loaded_by", "run_script"]
 
 SUPPORT = Path(__file__).parent
 """This folder: on the workers' PYTHONPATH, so that they import alig_cases too."""
@@ -45,3 +47,15 @@ def run_script(
     )
     assert result.returncode == 0, f"{path.name} {args} failed:\n{result.stderr[-3000:]}"
     return result
+
+
+def modules_loaded_by(statement: str) -> list[str]:
+    """The top-level packages a fresh interpreter has loaded after running ``statement``."""
+    code = (
+        f"import sys, json; {statement}; "
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])

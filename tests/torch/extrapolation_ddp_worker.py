@@ -13,14 +13,14 @@ at the update of another: the ranks must skip together.
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from torch_training import batches, mlp, run_ranks, share
 
 CALLS = 12
 GLOBAL_BATCH = 16
@@ -39,18 +39,15 @@ NAN_AT = {(4, "anchor"), (8, "update")}
 """(call, pass) where rank 1 (in one process: the whole batch) hands over a NaN loss."""
 
 
+CLASSES = 4
+
+
 def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
-    ).double()
+    return mlp(CLASSES)
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(CALLS, GLOBAL_BATCH, 6, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 4, (CALLS, GLOBAL_BATCH), generator=generator)
-    return x, y
+    return batches(CALLS, GLOBAL_BATCH, CLASSES)
 
 
 def make_base(kind: str, params: Any) -> torch.optim.Optimizer:
@@ -79,13 +76,11 @@ def train(model: torch.nn.Module, rank: int, world: int, name: str) -> dict[str,
         make_base(config["base"], model.parameters()), anchor_gradient=config["anchor_gradient"]
     )
     x, y = make_data()
-    per_rank = GLOBAL_BATCH // world
     anchors, points = [], []
 
     def evaluate(t: int) -> torch.Tensor:
         kind = "anchor" if opt.anchor_pass else "update"
-        xs = x[t, rank * per_rank : (rank + 1) * per_rank]
-        ys = y[t, rank * per_rank : (rank + 1) * per_rank]
+        xs, ys = share(x, y, t, rank, world)
         local = config["anchor_gradient"] == "local" and kind == "anchor" and world > 1
         opt.zero_grad()
         with model.no_sync() if local else contextlib.nullcontext():  # type: ignore[operator]
@@ -111,8 +106,7 @@ def train(model: torch.nn.Module, rank: int, world: int, name: str) -> dict[str,
     }
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def worker(rank: int, world: int, out_dir: str) -> None:
     model = torch.nn.parallel.DistributedDataParallel(make_model())
     results = {}
     for name in CONFIGS:
@@ -122,13 +116,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results[name] = gathered
     if rank == 0:
         torch.save(results, Path(out_dir) / "extrapolation_ddp.pt")
-    # Tear down in step (see ddp_worker.py): no rank leaves while another still talks to it.
-    dist.barrier()
-    del model
-    gc.collect()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     out = sys.argv[1]
-    mp.spawn(worker, args=(2, str(Path(out) / "init"), out), nprocs=2, join=True)
+    run_ranks(worker, 2, out, out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -42,15 +43,7 @@ def make_base(config: SGDNesterov | AliGConfig, params: Sequence[torch.Tensor]) 
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0
         )
-    return AliG(
-        params,
-        max_lr=config.max_lr,
-        momentum=config.momentum,
-        adjusted_momentum=config.adjusted_momentum,
-        eps=config.eps,
-        f_star=config.f_star,
-        max_norm=config.max_norm,
-    )
+    return AliG(params, **asdict(config))
 
 
 def wrapper_options(config: ExtrapolationConfig) -> dict[str, Any]:

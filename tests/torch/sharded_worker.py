@@ -19,16 +19,15 @@ Each training rank takes its share of every global batch; rank 0 writes OUT_DIR/
 from __future__ import annotations
 
 import functools
-import gc
 import sys
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from torch_training import batches, cross_entropy_closure, mlp, run_ranks, share
 
 STEPS = 12
 GLOBAL_BATCH = 12
@@ -48,19 +47,14 @@ reached within the run (the test checks)."""
 
 def make_model(single_tensor: bool = False) -> torch.nn.Module:
     """A float64 MLP of 163 entries (odd: FSDP1 pads its flat parameter), or one tensor."""
-    torch.manual_seed(0)
     if single_tensor:
+        torch.manual_seed(0)
         return torch.nn.Linear(6, 3, bias=False).double()
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
-    ).double()
+    return mlp(classes=3)
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(STEPS, GLOBAL_BATCH, 6, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 3, (STEPS, GLOBAL_BATCH), generator=generator)
-    return x, y
+    return batches(STEPS, GLOBAL_BATCH, classes=3)
 
 
 def alig_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -78,18 +72,9 @@ def train(
 ) -> list[float]:
     """``STEPS`` steps on this rank's share of each global batch; the gammas taken."""
     x, y = make_data()
-    per_rank = GLOBAL_BATCH // world
     gammas = []
     for t in range(STEPS):
-        xs = x[t, rank * per_rank : (rank + 1) * per_rank]
-        ys = y[t, rank * per_rank : (rank + 1) * per_rank]
-
-        def closure(xs: torch.Tensor = xs, ys: torch.Tensor = ys) -> torch.Tensor:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xs), ys)
-            loss.backward()
-            return loss
-
+        closure = cross_entropy_closure(model, opt, *share(x, y, t, rank, world))
         if form == "closure":
             opt.step(closure)
         elif form == "add_loss":  # ZeRO's own AliG takes the loss, ZeRO steps without one
@@ -271,8 +256,7 @@ def _attempt(step: Callable[[], Any], params: list[torch.Tensor]) -> dict[str, A
 def run_refusals(rank: int, world: int) -> dict[str, Any]:
     from alig_torch import AliG
 
-    x, y = make_data()
-    xs, ys = x[0, rank * 6 : (rank + 1) * 6], y[0, rank * 6 : (rank + 1) * 6]
+    xs, ys = share(*make_data(), 0, rank, world)
     config = {"momentum": 0.9, "max_norm": None, "foreach": None}
     outcomes: dict[str, Any] = {}
 
@@ -349,29 +333,17 @@ SETUPS = {
 }
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, setup: str) -> None:
+def worker(rank: int, world: int, out_dir: str, setup: str) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # FSDP1's deprecation notice
     warnings.filterwarnings("ignore", category=UserWarning)
-    # A short timeout: a rank left waiting in a collective fails within a minute, not 30.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
     result = SETUPS[setup][0](rank, world)
     if rank == 0:
         torch.save(result, Path(out_dir) / f"{setup}.pt")
-    # Tear down in step (see ddp_worker.py): no rank leaves while another still talks to it.
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     out, setup = sys.argv[1], sys.argv[2]
-    world = SETUPS[setup][1]
-    mp.spawn(worker, args=(world, str(Path(out) / "init"), out, setup), nprocs=world, join=True)
+    # A short timeout: a rank left waiting in a collective fails within a minute, not 30.
+    run_ranks(worker, SETUPS[setup][1], out, out, setup, timeout_s=60)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from alig_cases import CASES, initial_params, make_sequence, max_relative_deviation
+from alig_cases import CASES
 from alig_torch import AliG, project_onto_ball
+from torch_training import cross_entropy_closure
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
@@ -28,16 +29,6 @@ def _data(seed: int = 1, dtype: torch.dtype = torch.float64) -> tuple[torch.Tens
     )
 
 
-def _closure(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y):
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 # ---------------------------------------------------------------- how the loss arrives
 
 
@@ -48,7 +39,7 @@ def test_closure_and_loss_keyword_give_the_same_step() -> None:
         model = _model()
         opt = AliG(model.parameters(), max_lr=0.5, momentum=0.9)
         for _ in range(5):
-            closure = _closure(model, opt, x, y)
+            closure = cross_entropy_closure(model, opt, x, y)
             if use_closure:
                 returned = opt.step(closure)
             else:
@@ -68,7 +59,7 @@ def test_closure_is_called_with_grad_enabled() -> None:
 
     def closure() -> torch.Tensor:
         seen.append(torch.is_grad_enabled())
-        return _closure(model, opt, x, y)()
+        return cross_entropy_closure(model, opt, x, y)()
 
     with torch.no_grad():
         opt.step(closure)
@@ -102,7 +93,7 @@ def test_bad_loss_is_a_clear_error(bad_loss: object, message: str) -> None:
     model = _model()
     opt = AliG(model.parameters(), max_lr=0.1)
     x, y = _data()
-    _closure(model, opt, x, y)()
+    cross_entropy_closure(model, opt, x, y)()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=message):
         opt.step(loss=bad_loss)
@@ -118,22 +109,25 @@ def test_bad_loss_is_a_clear_error(bad_loss: object, message: str) -> None:
 def test_skipped_step_leaves_params_buffers_and_records_untouched(
     bad: str, foreach: bool, adjusted: bool
 ) -> None:
+    def make_opt(model: torch.nn.Module) -> AliG:
+        return AliG(
+            model.parameters(),
+            max_lr=0.5,
+            momentum=0.9,
+            adjusted_momentum=adjusted,
+            max_norm=3.0,
+            foreach=foreach,
+        )
+
     model = _model()
-    opt = AliG(
-        model.parameters(),
-        max_lr=0.5,
-        momentum=0.9,
-        adjusted_momentum=adjusted,
-        max_norm=3.0,
-        foreach=foreach,
-    )
+    opt = make_opt(model)
     x, y = _data()
     for _ in range(3):
-        opt.step(_closure(model, opt, x, y))
+        opt.step(cross_entropy_closure(model, opt, x, y))
     snapshot = copy.deepcopy(opt.state_dict())
     params_before = [p.detach().clone() for p in model.parameters()]
 
-    loss = _closure(model, opt, x, y)()
+    loss = cross_entropy_closure(model, opt, x, y)()
     first = next(iter(model.parameters()))
     if bad == "nan_loss":
         loss = torch.tensor(math.nan)
@@ -156,18 +150,11 @@ def test_skipped_step_leaves_params_buffers_and_records_untouched(
 
     # The next normal step trains as if the bad one never happened.
     reference = _model()
-    reference_opt = AliG(
-        reference.parameters(),
-        max_lr=0.5,
-        momentum=0.9,
-        adjusted_momentum=adjusted,
-        max_norm=3.0,
-        foreach=foreach,
-    )
+    reference_opt = make_opt(reference)
     reference.load_state_dict(model.state_dict())
     reference_opt.load_state_dict(snapshot)
-    opt.step(_closure(model, opt, x, y))
-    reference_opt.step(_closure(reference, reference_opt, x, y))
+    opt.step(cross_entropy_closure(model, opt, x, y))
+    reference_opt.step(cross_entropy_closure(reference, reference_opt, x, y))
     for a, b in zip(reference.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -184,41 +171,6 @@ def test_zero_and_missing_gradients_are_no_ops() -> None:
     opt.zero_grad(set_to_none=True)
     opt.step(loss=1.0)  # no gradient at all: nothing to update
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-
-
-# ---------------------------------------------------------------- conventions, SGD
-
-
-@pytest.mark.parametrize("adjusted", [False, True])
-def test_pinned_at_the_cap_both_conventions_equal_nesterov_sgd(adjusted: bool) -> None:
-    sequence = make_sequence(100, pinned=True)
-    ours = [torch.nn.Parameter(torch.tensor(p)) for p in initial_params()]
-    sgd_params = [torch.nn.Parameter(torch.tensor(p)) for p in initial_params()]
-    opt = AliG(ours, max_lr=1e-3, momentum=0.9, adjusted_momentum=adjusted)
-    sgd = torch.optim.SGD(sgd_params, lr=1e-3, momentum=0.9, nesterov=True)
-    for step in sequence:
-        for p, q, g in zip(ours, sgd_params, step.grads, strict=True):
-            p.grad, q.grad = torch.tensor(g), torch.tensor(g)
-        opt.step(loss=step.loss)
-        sgd.step()
-        assert bool(opt.capped)
-    deviation = max_relative_deviation(
-        [p.detach().numpy() for p in ours], [q.detach().numpy() for q in sgd_params]
-    )
-    assert deviation <= 1e-12
-
-
-def test_the_two_conventions_differ_when_gamma_moves() -> None:
-    runs = []
-    for adjusted in (False, True):
-        params = [torch.nn.Parameter(torch.tensor(p)) for p in initial_params()]
-        opt = AliG(params, max_lr=0.05, momentum=0.9, adjusted_momentum=adjusted)
-        for step in make_sequence(30):
-            for p, g in zip(params, step.grads, strict=True):
-                p.grad = None if g is None else torch.tensor(g)
-            opt.step(loss=step.loss)
-        runs.append([p.detach().numpy() for p in params])
-    assert max_relative_deviation(runs[0], runs[1]) > 1e-3
 
 
 # ---------------------------------------------------------------- param groups, schedulers
@@ -268,7 +220,7 @@ def test_lr_schedulers_drive_the_cap(make_scheduler) -> None:
     scheduler = make_scheduler(opt)
     x, y = _data()
     for _ in range(6):
-        loss = opt.step(_closure(model, opt, x, y))
+        loss = opt.step(cross_entropy_closure(model, opt, x, y))
         cap = opt.param_groups[0]["lr"]
         assert float(opt.gamma) <= cap + 1e-15  # the cap in force for that step
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -294,7 +246,7 @@ def test_max_lr_none_means_no_cap_stored_as_inf() -> None:
 
 def _train(model, opt, steps, x, y) -> None:
     for _ in range(steps):
-        opt.step(_closure(model, opt, x, y))
+        opt.step(cross_entropy_closure(model, opt, x, y))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.kwargs.get("momentum")], ids=str)
@@ -481,7 +433,7 @@ def test_projection_helper_and_step_keep_params_in_the_ball() -> None:
     opt = AliG(model.parameters(), max_lr=1.0, momentum=0.9, max_norm=1.0)
     x, y = _data()
     for _ in range(5):
-        opt.step(_closure(model, opt, x, y))
+        opt.step(cross_entropy_closure(model, opt, x, y))
         norm = math.sqrt(sum(float(p.detach().square().sum()) for p in model.parameters()))
         assert norm <= 1.0 + 1e-12
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from alig_cases import max_relative_deviation
 from worker_scripts import import_script, run_script
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -24,13 +25,6 @@ SHARDED = Path(__file__).with_name("sharded_worker.py")
 @pytest.fixture(scope="module")
 def sharded() -> ModuleType:
     return import_script(SHARDED)
-
-
-def _relative_deviation(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
-    scale = max(float(p.detach().abs().max()) for p in theirs)
-    return max(
-        float((a - b.detach()).abs().max()) / scale for a, b in zip(ours, theirs, strict=True)
-    )
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-single-tensor"])
@@ -48,7 +42,8 @@ def test_two_ranks_equal_the_single_process_run(mode: str, tmp_path: Path) -> No
     assert ddp["gammas"][0] == ddp["gammas"][1]
     assert max(abs(a - b) for a, b in zip(ddp["gammas"][0], gammas, strict=True)) <= 1e-10
     assert len(set(gammas)) > 1  # gamma moved: the loss really mattered
-    assert _relative_deviation(ddp["params"], list(model.parameters())) <= 1e-10
+    expected = [p.detach() for p in model.parameters()]
+    assert max_relative_deviation(ddp["params"], expected) <= 1e-10
 
 
 def _assert_equals_reference(
@@ -63,7 +58,7 @@ def _assert_equals_reference(
     first = result["gammas"][0]
     assert all(other == first for other in result["gammas"])
     assert max(abs(a - b) for a, b in zip(first, gammas, strict=True)) <= 1e-10
-    assert _relative_deviation(result["params"], reference["params"]) <= 1e-10
+    assert max_relative_deviation(result["params"], reference["params"]) <= 1e-10
 
 
 def test_zero_redundancy_optimizer_equals_one_process(sharded: ModuleType, tmp_path: Path) -> None:

@@ -20,11 +20,12 @@ from alig_cases import max_relative_deviation, tolerance
 from alig_core import ExtrapolationConfig
 from alig_core.oracle_extrapolation import OracleCallRecord, run_extrapolation_oracle
 from extrapolation_cases import (
-    BASES,
     CASES,
     ITERATIONS,
     ExtrapolationCase,
     Problem,
+    every_mode_base_and_form,
+    zero_displacement,
 )
 from worker_scripts import import_script
 
@@ -182,12 +183,6 @@ def test_a_perturbed_wrapper_is_detected() -> None:
 # ---------------------------------------------------------------- d = 0 is the base
 
 
-def _zero_displacement(mode: str) -> ExtrapolationConfig:
-    if mode == "noise":
-        return ExtrapolationConfig(mode="noise", sigma=0.0)
-    return ExtrapolationConfig(mode=mode, lr_x=0.0)
-
-
 def _bits(tensors: list[Any]) -> list[bytes]:
     return [np.asarray(t.detach() if isinstance(t, torch.Tensor) else t).tobytes() for t in tensors]
 
@@ -198,9 +193,7 @@ def _alig_records(opt: Any) -> list[bytes]:
     return [opt.param_groups[0][k].numpy().tobytes() for k in keys if k in opt.param_groups[0]]
 
 
-@pytest.mark.parametrize("call_form", ["alternating", "same_batch"])
-@pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("mode", ["gradient", "past", "noise"])
+@every_mode_base_and_form
 def test_zero_displacement_equals_the_bare_base_bit_for_bit(
     mode: str, base: str, call_form: str
 ) -> None:
@@ -212,7 +205,7 @@ def test_zero_displacement_equals_the_bare_base_bit_for_bit(
     """
     case = ExtrapolationCase(mode, base, call_form, sigma=0.05 if mode == "noise" else None)
     run = HARNESS.TorchRun(
-        case, config=_zero_displacement(mode), problem=Problem(finite=not case.is_alig)
+        case, config=zero_displacement(mode), problem=Problem(finite=not case.is_alig)
     )
     bare_params = [torch.nn.Parameter(p.detach().clone()) for p in run.params]
     bare = HARNESS.make_base(case.base_config, bare_params)

@@ -19,10 +19,13 @@ from typing import Any
 import pytest
 import torch
 
+from alig_cases import max_relative_deviation
+from torch_training import share
 from worker_scripts import import_script, run_script
 
 WORKER = Path(__file__).with_name("extrapolation_ddp_worker.py")
 TOL = 1e-10
+pytestmark = pytest.mark.slow  # the worker runs every configuration on two processes
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+    return max_relative_deviation([a], [b])
 
 
 def local_reference(name: str) -> dict[str, Any]:
@@ -48,14 +51,13 @@ def local_reference(name: str) -> dict[str, Any]:
     base = worker.make_base(config["base"], params)
     evaluator = worker.make_model()
     x, y = worker.make_data()
-    half = worker.GLOBAL_BATCH // 2
 
     def loss_grad(point: list[torch.Tensor], t: int, r: int) -> tuple[float, list[torch.Tensor]]:
         with torch.no_grad():
             for q, value in zip(evaluator.parameters(), point, strict=True):
                 q.copy_(value)
         evaluator.zero_grad()
-        xs, ys = x[t, r * half : (r + 1) * half], y[t, r * half : (r + 1) * half]
+        xs, ys = share(x, y, t, r, 2)
         loss = torch.nn.functional.cross_entropy(evaluator(xs), ys)
         loss.backward()
         return float(loss.detach()), [q.grad.clone() for q in evaluator.parameters()]
@@ -122,48 +124,44 @@ def local_reference(name: str) -> dict[str, Any]:
     }
 
 
-def check_ranks_agree(ranks: list[dict[str, Any]]) -> None:
-    """The anchor is the same on both ranks after every call, and so are the counters."""
+def check_ranks_follow(
+    ranks: list[dict[str, Any]], anchors: list[torch.Tensor], points: list[list[torch.Tensor]]
+) -> None:
+    """The anchor is the same on both ranks after every call, and so are the counters; the
+    anchors follow ``anchors``, and rank r's extrapolated points follow ``points[r]``."""
     for a, b in zip(ranks[0]["anchors"], ranks[1]["anchors"], strict=True):
         assert torch.equal(a, b)
     assert ranks[0]["counters"] == ranks[1]["counters"]
     assert ranks[0]["counters"][1] == 2  # both NaN events skipped, on both ranks
+    for ours, theirs in zip(ranks[0]["anchors"], anchors, strict=True):
+        assert relative(ours, theirs) <= TOL
+    for r in (0, 1):
+        assert len(ranks[r]["points"]) == len(points[r])
+        for ours, theirs in zip(ranks[r]["points"], points[r], strict=True):
+            assert relative(ours, theirs) <= TOL
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["alig-all_reduced", "sgd-all_reduced"])
 def test_the_all_reduced_anchor_gradient_equals_one_process_on_the_whole_batch(
     ddp: dict[str, Any], name: str
 ) -> None:
-    ranks = ddp[name]
-    check_ranks_agree(ranks)
     worker = import_script(WORKER)
     single = worker.train(worker.make_model(), rank=0, world=1, name=name)
-    assert ranks[0]["counters"] == single["counters"]
-    for ours, theirs in zip(ranks[0]["anchors"], single["anchors"], strict=True):
-        assert relative(ours, theirs) <= TOL
     # every rank extrapolated to the same point, the one-process one
-    for r in (0, 1):
-        for ours, theirs in zip(ranks[r]["points"], single["points"], strict=True):
-            assert relative(ours, theirs) <= TOL
+    check_ranks_follow(ddp[name], single["anchors"], [single["points"], single["points"]])
+    assert ddp[name][0]["counters"] == single["counters"]
     assert relative(single["params"], single["anchors"][0]) > 1e-2  # training moved
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["alig-local", "sgd-local"])
 def test_the_local_anchor_gradient_equals_its_one_process_simulation(
     ddp: dict[str, Any], name: str
 ) -> None:
-    ranks = ddp[name]
-    check_ranks_agree(ranks)
     reference = local_reference(name)
+    ranks = ddp[name]
+    # each rank evaluated the update at its own w~_r
+    check_ranks_follow(ranks, reference["anchors"], reference["points"])
     assert ranks[0]["counters"][1] == reference["skipped"]
-    for ours, theirs in zip(ranks[0]["anchors"], reference["anchors"], strict=True):
-        assert relative(ours, theirs) <= TOL
-    for r in (0, 1):  # each rank evaluated the update at its own w~_r
-        assert len(ranks[r]["points"]) == len(reference["points"][r])
-        for ours, theirs in zip(ranks[r]["points"], reference["points"][r], strict=True):
-            assert relative(ours, theirs) <= TOL
     # the ranks' extrapolated points differ: the anchor gradient was local
     assert any(
         relative(a, b) > 1e-3 for a, b in zip(ranks[0]["points"], ranks[1]["points"], strict=True)
