@@ -308,7 +308,6 @@ class Extrapolation(keras.optimizers.Optimizer):
         self.sigma = sigma
         self.linearized = config.linearized
         self.seed = seed
-        self._config = config
         self._core_config = ExtrapolationConfig(
             mode=config.mode,
             lr_x=self._float_schedule if callable(lr_x) else lr_x,
