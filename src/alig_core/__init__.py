@@ -4,12 +4,13 @@
 generically over an array namespace (see :mod:`alig_core._math` for the design), and, in
 :mod:`alig_core.oracle`, a plain NumPy float64 implementation that is the ground truth of
 every test. The adapters ``alig_torch``, ``alig_tf`` and ``alig_jax`` call these functions.
-The extrapolation wrapper (SPEC.md, "Extrapolation"; Lin, Kong, Stich, Jaggi, ICML 2020,
-arXiv:2006.05720) has its options in :class:`ExtrapolationConfig`, its math in
+The extrapolation wrapper (docs/specification.md, section 8; Lin, Kong, Stich, Jaggi,
+ICML 2020, arXiv:2006.05720) has its options in :class:`ExtrapolationConfig`, its math in
 :mod:`alig_core._extrapolation` and its oracle in :mod:`alig_core.oracle_extrapolation`
 (``docs/extrapolation.md``).
 
-Update rule (SPEC.md), with ``S`` the squared global gradient norm and ``l`` the loss::
+Update rule (docs/specification.md), with ``S`` the squared global gradient norm and ``l``
+the loss::
 
     gamma = min(max((l - f_star) / (S + eps), 0), max_lr)      # skipped if l or S not finite
     standard:  b <- mu*b - gamma*g;  p <- p - gamma*g + mu*b

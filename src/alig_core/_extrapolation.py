@@ -1,6 +1,6 @@
 r"""Extrapolation around any base optimizer, written once and generic over ``xp``.
 
-SPEC.md, "Extrapolation" (seed: Lin, Kong, Stich, Jaggi, ICML 2020, arXiv:2006.05720):
+docs/specification.md, "Extrapolation" (seed: Lin, Kong, Stich, Jaggi, ICML 2020, arXiv:2006.05720):
 with ``w_t`` the anchor, a displacement ``d_t`` gives the extrapolated point
 ``w~_t = w_t + d_t``; the loop evaluates the loss and the gradient there, and the base
 optimizer steps *from the anchor* with ``g(w~_t)``. See ``docs/extrapolation.md`` for which

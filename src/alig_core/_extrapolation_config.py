@@ -2,7 +2,7 @@
 
 Every adapter's extrapolation wrapper builds an :class:`ExtrapolationConfig` from its
 constructor arguments, so an invalid ``mode``, ``lr_x``, ``sigma`` or ``linearized`` raises
-the same ``ValueError`` in every framework (SPEC.md, "Extrapolation").
+the same ``ValueError`` in every framework (docs/specification.md, "Extrapolation").
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def validate_linearized(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class ExtrapolationConfig:
-    """The options of the extrapolation wrapper (SPEC.md, "Extrapolation"), validated.
+    """The options of the extrapolation wrapper (docs/specification.md, "Extrapolation"), validated.
 
     Attributes:
       mode: ``"gradient"`` (EXTRAP-SGD: ``d_t = -lr_x * g(w_t)``), ``"past"``

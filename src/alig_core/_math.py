@@ -78,7 +78,7 @@ class MomentumCoefficients(NamedTuple):
 def accumulation_dtype(param_dtype: str) -> str:
     """Returns the dtype in which to accumulate norms and compute gamma for ``param_dtype``.
 
-    SPEC: at least float32, float64 for float64 parameters.
+    docs/specification.md: at least float32, float64 for float64 parameters.
 
     >>> accumulation_dtype("bfloat16"), accumulation_dtype("float64")
     ('float32', 'float64')

@@ -1,6 +1,6 @@
-"""The ground truth of the extrapolation wrapper, in plain NumPy float64, from SPEC.md alone.
+"""The ground truth of the extrapolation wrapper, in plain NumPy float64, from the contract alone.
 
-SPEC.md, "Extrapolation" (seed: Lin, Kong, Stich, Jaggi, "Extrapolation for Large-batch
+docs/specification.md, section 8 (seed: Lin, Kong, Stich, Jaggi, "Extrapolation for Large-batch
 Training in Deep Learning", ICML 2020, arXiv:2006.05720), written out call by call as a
 driver of (loss, gradient)-at-a-point callbacks. Like :mod:`alig_core.oracle`, it is
 deliberately naive and shares no code with the generic functions of

@@ -1,4 +1,4 @@
-"""Extrapolation around any optax transformation (SPEC.md, "Extrapolation").
+"""Extrapolation around any optax transformation (docs/specification.md, "Extrapolation").
 
 The numbers come from :mod:`alig_core` (``extrapolate``, ``update_inputs``,
 ``finish_update``, ``select_call``), called with ``jax.numpy``. This module flattens the

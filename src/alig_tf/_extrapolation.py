@@ -1,4 +1,4 @@
-"""Extrapolation around any Keras 3 optimizer (SPEC.md, "Extrapolation").
+"""Extrapolation around any Keras 3 optimizer (docs/specification.md, "Extrapolation").
 
 A thin adapter of :mod:`alig_core._extrapolation`, called with ``keras.ops``: this module
 receives the loss (as :class:`~alig_tf.AliG` does), gathers the variables and gradients,

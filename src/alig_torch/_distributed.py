@@ -1,7 +1,7 @@
 """AliG under ``torch.distributed``: what is added over the ranks, and the check that they agree.
 
-Under data parallelism every rank must take the step of the global batch (SPEC.md, "The loss
-and the gradient belong together"): the loss is the mean over the ranks; the squared gradient
+Under data parallelism every rank must take the step of the global batch (docs/specification.md,
+section 6): the loss is the mean over the ranks; the squared gradient
 norm adds the parts that ranks hold *alone* (a ZeroRedundancyOptimizer partition, an FSDP1
 flat-parameter shard) and counts once the parts that every rank holds (the all-reduced
 gradients of DDP). DTensors (FSDP2, tensor parallel) say where their entries are themselves:

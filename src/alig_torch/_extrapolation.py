@@ -1,4 +1,4 @@
-"""Extrapolation around any ``torch.optim.Optimizer`` (SPEC.md, "Extrapolation").
+"""Extrapolation around any ``torch.optim.Optimizer`` (docs/specification.md, "Extrapolation").
 
 A thin adapter of :mod:`alig_core._extrapolation`: this module gathers the parameters and
 gradients, computes the squared gradient norm, converts the loss, calls one phase function

@@ -247,7 +247,7 @@ def _loss_as_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> torc
 
 
 def _accumulation_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
-    """At least float32; float64 when any tensor is float64 (SPEC: the norm's accumulation)."""
+    """At least float32; float64 when any tensor is float64 (docs/specification.md, section 3)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 

@@ -1,6 +1,6 @@
 """alig with optax's wrappers: accumulation that equals the big batch, and which wrappers are safe.
 
-SPEC.md, "The loss and the gradient belong together": k micro-batches then one step equal
+docs/specification.md, section 6: k micro-batches then one step equal
 one step on their union (float64, 1e-10, gamma moving). ``optax.MultiSteps(alig(...))``
 does not (it hands alig the last micro-batch's loss): :func:`alig_jax.multi_steps` does.
 The README's table of wrappers cites the tests below.

@@ -1,5 +1,5 @@
 """``AliG(gradient_accumulation_steps=k)``: k micro-batches then one step equal one step on
-their union (SPEC.md, "The loss and the gradient belong together"), on every backend.
+their union (docs/specification.md, "The loss and the gradient belong together"), on every backend.
 
 Keras averages the k micro-batches' gradients inside the optimizer; AliG averages their
 losses in step (an optimizer variable, ``accumulated_loss``). Before, the k-th

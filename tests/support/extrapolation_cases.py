@@ -1,6 +1,6 @@
 """The extrapolation table (mode x base x call form) and the problem every suite runs it on.
 
-SPEC.md, "Extrapolation", numerical equality: every implementation of the wrapper is checked
+docs/specification.md, section 8, numerical equality: every implementation of the wrapper is checked
 against :mod:`alig_core.oracle_extrapolation` over 100 iterations for every mode, base (SGD
 Nesterov, ALI-G in both conventions, with projection) and call form. ``CASES`` is that
 table; :class:`Problem` gives the (loss, gradient)-at-a-point callbacks (NumPy float64), so a

@@ -3,7 +3,7 @@
 One small float64 classifier, one data set and the reference run: each step takes one
 "union" batch of ``BATCH`` rows with ``AliG.step(loss=mean loss)``. A loop that splits
 each union batch into k micro-batches and accumulates must land on the same parameters
-and gammas (SPEC.md, "The loss and the gradient belong together"): relative 1e-10 in
+and gammas (docs/specification.md, "The loss and the gradient belong together"): relative 1e-10 in
 float64, with gamma moving and below the cap (asserted, so that a wrong loss shows).
 """
 

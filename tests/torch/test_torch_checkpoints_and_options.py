@@ -1,6 +1,6 @@
 """Foreign checkpoints and other optimizers' options: refused clearly, or made right.
 
-SPEC.md, "The loss and the gradient belong together": a checkpoint of another optimizer,
+docs/specification.md, section 6: a checkpoint of another optimizer,
 or one whose momentum convention cannot be read, is refused on load; a framework option
 that changes the step is refused with what to use instead. And the claim of the docs that
 ``torch.optim.SGD(nesterov=True)`` driven with ``lr = gamma`` is the *adjusted*
