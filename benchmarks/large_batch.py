@@ -201,6 +201,9 @@ class Method:
     """Step decay x0.1 at ``DECAY_AT`` after the warm-up (the SGD methods)."""
     epoch_fraction: float = 1.0
     """The share of the task's epoch budget this row trains for."""
+    role: str = "tuned"
+    """For the plot: ``"tuned"`` (its own grid), ``"matched"`` (fewer epochs, the gradient
+    evaluations of SGD) or ``"control"`` (a base optimizer at an extrapolated row's setting)."""
 
 
 def sgd_lrs(task: Task) -> list[Hyperparameters]:
@@ -232,6 +235,14 @@ METHODS: tuple[Method, ...] = (
         inherits="EXTRAP-SGD",
         decay=True,
         epoch_fraction=0.5,
+        role="matched",
+    ),
+    Method(
+        "SGD at EXTRAP-SGD's lr",
+        lambda p, hp, seed: nesterov_sgd(p, hp),
+        inherits="EXTRAP-SGD",
+        decay=True,
+        role="control",
     ),
     Method(
         "SGD + noise",
@@ -253,6 +264,13 @@ METHODS: tuple[Method, ...] = (
         lambda p, hp, seed: Extrapolation(alig(p, hp), mode="gradient"),
         inherits="ALI-G + extrap. (linearised)",
         epoch_fraction=0.5,
+        role="matched",
+    ),
+    Method(
+        "ALI-G at the linearised row's cap",
+        lambda p, hp, seed: alig(p, hp),
+        inherits="ALI-G + extrap. (linearised)",
+        role="control",
     ),
     Method(
         "ALI-G + extrap. (plain)",
@@ -260,7 +278,10 @@ METHODS: tuple[Method, ...] = (
         alig_caps,
     ),
 )
-"""The rows, in the order of the tables. A method is one entry; one it inherits from comes first."""
+"""The rows, in the order of the tables. A method is one entry; one it inherits from comes first.
+
+The control rows run the base optimizer alone at the setting the extrapolated row chose,
+so that a difference at large batches can be told apart from a difference of setting."""
 
 
 def step_key(hp: Hyperparameters) -> str:
@@ -369,7 +390,7 @@ def train(
         for index in order[: per_epoch * batch].view(per_epoch, batch):
             x, y = split.x_train[index], split.y_train[index]
 
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> Any:  # -> the loss
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
@@ -626,19 +647,22 @@ def plot(
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.6), squeeze=False)
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab20")
+    linestyles = {"tuned": "-", "matched": "--", "control": ":"}
+    roles = {method.name: method.role for method in METHODS}
     for axis, task in zip(axes[0], tasks, strict=True):
         for index, (name, result) in enumerate(all_results[task.name].items()):
             values = 100 * np.asarray(
                 [[r.test_at_best_val for r in result.runs[b]] for b in task.batch_sizes]
             )
+            alig_family = result.runs[task.batch_sizes[0]][0].capped_fraction is not None  # AliG
             axis.errorbar(
                 task.batch_sizes,
                 values.mean(axis=1),
                 yerr=values.std(axis=1),
                 color=colors(index),
-                linestyle="--" if "half epochs" in name else "-",
-                marker="o" if "ALI-G" in name else "s",
+                linestyle=linestyles[roles.get(name, "tuned")],
+                marker="o" if alig_family else "s",
                 markersize=4,
                 capsize=3,
                 label=name,

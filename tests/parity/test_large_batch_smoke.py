@@ -29,7 +29,13 @@ QUICK_BATCHES = ("32", "256")
 GRADIENT_MODE = ("EXTRAP-SGD", "ALI-G + extrap. (linearised)", "ALI-G + extrap. (plain)")
 """Extrapolation in "gradient" mode at the full epoch budget: two evaluations an iteration."""
 HALF_EPOCHS = ("EXTRAP-SGD, half epochs", "ALI-G + extrap. (linearised), half epochs")
-ONE_EVALUATION = ("SGD", "SGD + noise", "ALI-G")
+ONE_EVALUATION = (
+    "SGD",
+    "SGD + noise",
+    "SGD at EXTRAP-SGD's lr",
+    "ALI-G",
+    "ALI-G at the linearised row's cap",
+)
 
 
 def _run(out_dir: Path, *extra: str) -> dict[str, Any]:
