@@ -62,6 +62,8 @@ WARMUP_FRACTION = 0.15
 DECAY_AT = (0.5, 0.75)
 """Where the SGD methods' step size is multiplied by 0.1 (fractions of the steps)."""
 SPLIT_SEED = 0
+TIMING_ROUNDS = 7
+"""Interleaved rounds of the separate per-iteration timing (the median is reported)."""
 TUNE_SEED = 0
 """The seed whose runs at the base batch choose each method's setting (then reused)."""
 
@@ -183,6 +185,11 @@ def alig(params: list[torch.Tensor], hp: Hyperparameters) -> AliG:
     return AliG(params, max_lr=hp["max_lr"], momentum=MOMENTUM)
 
 
+FAMILIES = ("SGD", "ALI-G")
+"""The base optimizers. The SGD family's step size decays x0.1 at ``DECAY_AT``; ALI-G's cap
+stays constant after the warm-up (ALI-G needs no schedule, its paper says)."""
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of the benchmark: how to build its optimizer and how to choose its setting.
@@ -193,17 +200,22 @@ class Method:
     """
 
     name: str
+    family: str
+    """``"SGD"`` or ``"ALI-G"``: the base optimizer, which sets the schedule."""
     build: Callable[[list[torch.Tensor], Hyperparameters, int], torch.optim.Optimizer]
     """The optimizer from the parameters, the setting (at the base batch) and the seed."""
     grid: Callable[[Task], Sequence[Hyperparameters]] = lambda task: ()
     inherits: str | None = None
-    decay: bool = False
-    """Step decay x0.1 at ``DECAY_AT`` after the warm-up (the SGD methods)."""
     epoch_fraction: float = 1.0
     """The share of the task's epoch budget this row trains for."""
     role: str = "tuned"
-    """For the plot: ``"tuned"`` (its own grid), ``"matched"`` (fewer epochs, the gradient
-    evaluations of SGD) or ``"control"`` (a base optimizer at an extrapolated row's setting)."""
+    """``"tuned"`` (its own grid), ``"matched"`` (fewer epochs: the gradient evaluations of
+    its base) or ``"control"`` (the base alone at an extrapolated row's setting)."""
+
+    @property
+    def decay(self) -> bool:
+        """Whether the step size decays x0.1 at ``DECAY_AT`` (the SGD family)."""
+        return self.family == "SGD"
 
 
 def sgd_lrs(task: Task) -> list[Hyperparameters]:
@@ -221,63 +233,45 @@ def sigmas(task: Task) -> list[Hyperparameters]:
     return [{"sigma": sigma} for sigma in (0.003, 0.01, 0.03)]
 
 
+def extrap_sgd(params: list[torch.Tensor], hp: Hyperparameters, seed: int) -> Extrapolation:
+    """EXTRAP-SGD: Nesterov SGD stepping with the gradient at ``w - lr * g(w)``."""
+    return Extrapolation(nesterov_sgd(params, hp), mode="gradient")
+
+
+def extrap_alig(params: list[torch.Tensor], hp: Hyperparameters, seed: int) -> Extrapolation:
+    """ALI-G stepping with the gradient at ``w - gamma * g(w)``, its linearised step."""
+    return Extrapolation(alig(params, hp), mode="gradient")
+
+
 METHODS: tuple[Method, ...] = (
-    Method("SGD", lambda p, hp, seed: nesterov_sgd(p, hp), sgd_lrs, decay=True),
-    Method(
-        "EXTRAP-SGD",
-        lambda p, hp, seed: Extrapolation(nesterov_sgd(p, hp), mode="gradient"),
-        sgd_lrs,
-        decay=True,
-    ),
-    Method(
-        "EXTRAP-SGD, half epochs",
-        lambda p, hp, seed: Extrapolation(nesterov_sgd(p, hp), mode="gradient"),
-        inherits="EXTRAP-SGD",
-        decay=True,
-        epoch_fraction=0.5,
-        role="matched",
-    ),
-    Method(
-        "SGD at EXTRAP-SGD's lr",
-        lambda p, hp, seed: nesterov_sgd(p, hp),
-        inherits="EXTRAP-SGD",
-        decay=True,
-        role="control",
-    ),
+    Method("SGD", "SGD", lambda p, hp, seed: nesterov_sgd(p, hp), sgd_lrs),
+    Method("EXTRAP-SGD", "SGD", extrap_sgd, sgd_lrs),
+    Method("EXTRAP-SGD, half epochs", "SGD", extrap_sgd, inherits="EXTRAP-SGD",
+           epoch_fraction=0.5, role="matched"),
+    Method("SGD at EXTRAP-SGD's lr", "SGD", lambda p, hp, seed: nesterov_sgd(p, hp),
+           inherits="EXTRAP-SGD", role="control"),
     Method(
         "SGD + noise",
+        "SGD",
         lambda p, hp, seed: Extrapolation(
             nesterov_sgd(p, hp), mode="noise", sigma=hp["sigma"], seed=seed
         ),
         sigmas,
         inherits="SGD",
-        decay=True,
     ),
-    Method("ALI-G", lambda p, hp, seed: alig(p, hp), alig_caps),
-    Method(
-        "ALI-G + extrap. (linearised)",
-        lambda p, hp, seed: Extrapolation(alig(p, hp), mode="gradient"),
-        alig_caps,
-    ),
-    Method(
-        "ALI-G + extrap. (linearised), half epochs",
-        lambda p, hp, seed: Extrapolation(alig(p, hp), mode="gradient"),
-        inherits="ALI-G + extrap. (linearised)",
-        epoch_fraction=0.5,
-        role="matched",
-    ),
-    Method(
-        "ALI-G at the linearised row's cap",
-        lambda p, hp, seed: alig(p, hp),
-        inherits="ALI-G + extrap. (linearised)",
-        role="control",
-    ),
+    Method("ALI-G", "ALI-G", lambda p, hp, seed: alig(p, hp), alig_caps),
+    Method("ALI-G + extrap. (linearised)", "ALI-G", extrap_alig, alig_caps),
+    Method("ALI-G + extrap. (linearised), half epochs", "ALI-G", extrap_alig,
+           inherits="ALI-G + extrap. (linearised)", epoch_fraction=0.5, role="matched"),
+    Method("ALI-G at the linearised row's cap", "ALI-G", lambda p, hp, seed: alig(p, hp),
+           inherits="ALI-G + extrap. (linearised)", role="control"),
     Method(
         "ALI-G + extrap. (plain)",
+        "ALI-G",
         lambda p, hp, seed: Extrapolation(alig(p, hp), mode="gradient", linearized=False),
         alig_caps,
     ),
-)
+)  # fmt: skip
 """The rows, in the order of the tables. A method is one entry; one it inherits from comes first.
 
 The control rows run the base optimizer alone at the setting the extrapolated row chose,
@@ -356,6 +350,30 @@ def _evaluate_at_anchor(model: nn.Module, split: Split, opt: torch.optim.Optimiz
     return evaluate(model, split)
 
 
+def one_iteration(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    counts: dict[str, int],
+) -> None:
+    """One ``opt.step(closure)`` on the minibatch ``(x, y)``, counting the closure's calls.
+
+    The closure runs once (SGD, ALI-G, ``"noise"`` mode) or twice (``"gradient"`` mode: at
+    the anchor, then at the extrapolated point, on the same minibatch).
+    """
+
+    def closure() -> Any:  # returns the loss
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        counts["passes"] += 1
+        counts["examples"] += len(y)
+        return loss
+
+    opt.step(closure)
+
+
 def train(
     task: Task, split: Split, method: Method, hp: Hyperparameters, batch: int, seed: int
 ) -> Run:
@@ -388,20 +406,10 @@ def train(
         model.train()
         order = torch.from_numpy(order_rng.permutation(num_train))
         for index in order[: per_epoch * batch].view(per_epoch, batch):
-            x, y = split.x_train[index], split.y_train[index]
-
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> Any:  # -> the loss
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                counts["passes"] += 1
-                counts["examples"] += len(y)
-                return loss
-
             value = step_size_at(step, total_steps, hp[key], batch / BASE_BATCH, method.decay)
             for group in opt.param_groups:  # an Extrapolation shares its base's groups
                 group["lr"] = value  # AliG keeps its cap max_lr in "lr"
-            opt.step(closure)
+            one_iteration(model, opt, split.x_train[index], split.y_train[index], counts)
             if isinstance(base, AliG) and base.capped is not None:
                 capped += bool(base.capped)
             step += 1
@@ -430,6 +438,41 @@ def train(
         skipped=skipped,
         capped_fraction=capped / step if isinstance(base, AliG) and step else None,
     )
+
+
+def time_iterations(
+    task: Task,
+    split: Split,
+    settings: Sequence[tuple[Method, Hyperparameters]],
+    batch: int,
+    iterations: int,
+    rounds: int,
+) -> dict[str, float]:
+    """Median milliseconds per iteration of each method, timed interleaved in this process.
+
+    Every round runs each method once, in a fresh shuffled order (the machine is shared and
+    noisy: what runs just before a row matters), from a fresh model, over the same
+    ``iterations`` minibatches, at the base setting (the cost does not depend on it); the
+    first 3 iterations of each are not timed.
+    """
+    rng = np.random.default_rng(0)
+    num_train = len(split.y_train)
+    batches = [torch.from_numpy(rng.permutation(num_train)[:batch]) for _ in range(iterations + 3)]
+    samples: dict[str, list[float]] = {method.name: [] for method, _ in settings}
+    for _ in range(rounds):
+        for position in rng.permutation(len(settings)):
+            method, hp = settings[position]
+            torch.manual_seed(0)
+            model = mlp(task.sizes)
+            opt = method.build(list(model.parameters()), hp, 0)
+            counts = {"passes": 0, "examples": 0}
+            for index in batches[:3]:
+                one_iteration(model, opt, split.x_train[index], split.y_train[index], counts)
+            start = time.perf_counter()
+            for index in batches[3:]:
+                one_iteration(model, opt, split.x_train[index], split.y_train[index], counts)
+            samples[method.name].append(1e3 * (time.perf_counter() - start) / iterations)
+    return {name: float(np.median(values)) for name, values in samples.items()}
 
 
 # ---------------------------------------------------------------------------- selection
@@ -609,7 +652,30 @@ def alig_cap_table(task: Task, results: dict[str, MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def task_report(task: Task, results: dict[str, MethodResult], split: Split) -> str:
+Timing = dict[int, dict[str, float]]
+"""Per batch size, the median milliseconds per iteration of each method."""
+
+
+def timing_table(timing: Timing) -> str:
+    """Milliseconds per iteration, and the ratio to the method's base (SGD or ALI-G)."""
+    batches = sorted(timing)
+    families = {method.name: method.family for method in METHODS}
+    header = "| method | " + " | ".join(f"ms/iteration B={b} | x base" for b in batches) + " |"
+    lines = [header, "|---|" + "---:|---:|" * len(batches)]
+    for name in timing[batches[0]]:
+        cells = []
+        for b in batches:
+            ms = timing[b][name]
+            base = timing[b].get(families[name])
+            cells.append(f"{ms:.2f} | {ms / base:.2f}x" if base else f"{ms:.2f} | ")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_report(
+    task: Task, results: dict[str, MethodResult], split: Split, timing: Timing, rounds: int
+) -> str:
+    """The markdown section of one task: accuracy, cost, the ALI-G cap, timing, the grid."""
     size = len(split.y_train)
     return "\n".join(
         [
@@ -633,6 +699,11 @@ def task_report(task: Task, results: dict[str, MethodResult], split: Split) -> s
             "",
             alig_cap_table(task, results),
             "",
+            f"Wall time per iteration, timed apart from the runs (interleaved rounds: {rounds}, "
+            "median; the base of a row is SGD or ALI-G):",
+            "",
+            timing_table(timing),
+            "",
             "The grid at B=32 (seed 0):",
             "",
             grid_table(results),
@@ -643,38 +714,49 @@ def task_report(task: Task, results: dict[str, MethodResult], split: Split) -> s
 def plot(
     tasks: Sequence[Task], all_results: dict[str, dict[str, MethodResult]], path: Path
 ) -> None:
-    """Test accuracy (at the best-validation epoch) against the batch size, one panel a task."""
+    """Test accuracy (best-validation epoch) against the batch size: a column per task, a
+    row per family (SGD-based, ALI-G-based)."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.6), squeeze=False)
-    colors = plt.get_cmap("tab20")
+    figure, axes = plt.subplots(
+        len(FAMILIES), len(tasks), figsize=(6.2 * len(tasks), 4.2 * len(FAMILIES)), squeeze=False
+    )
     linestyles = {"tuned": "-", "matched": "--", "control": ":"}
-    roles = {method.name: method.role for method in METHODS}
-    for axis, task in zip(axes[0], tasks, strict=True):
-        for index, (name, result) in enumerate(all_results[task.name].items()):
-            values = 100 * np.asarray(
-                [[r.test_at_best_val for r in result.runs[b]] for b in task.batch_sizes]
-            )
-            alig_family = result.runs[task.batch_sizes[0]][0].capped_fraction is not None  # AliG
-            axis.errorbar(
-                task.batch_sizes,
-                values.mean(axis=1),
-                yerr=values.std(axis=1),
-                color=colors(index),
-                linestyle=linestyles[roles.get(name, "tuned")],
-                marker="o" if alig_family else "s",
-                markersize=4,
-                capsize=3,
-                label=name,
-            )
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(task.batch_sizes, [str(b) for b in task.batch_sizes])
-        axis.set_xlabel("batch size (same epoch budget at every size)")
-        axis.set_ylabel("test accuracy % (at the best validation epoch)")
-        axis.set_title(f"{task.title}, {task.epochs} epochs")
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    figure.suptitle("Large-batch recipe (lr / cap x B/32, warm-up): mean ± std over seeds")
+    by_name = {method.name: method for method in METHODS}
+    for column, task in enumerate(tasks):
+        for row, family in enumerate(FAMILIES):
+            axis = axes[row][column]
+            members = [n for n in all_results[task.name] if by_name[n].family == family]
+            for index, name in enumerate(members):
+                runs = all_results[task.name][name].runs
+                values = 100 * np.asarray(
+                    [[r.test_at_best_val for r in runs[b]] for b in task.batch_sizes]
+                )
+                axis.errorbar(
+                    task.batch_sizes,
+                    values.mean(axis=1),
+                    yerr=values.std(axis=1),
+                    color=f"C{index}",
+                    linestyle=linestyles[by_name[name].role],
+                    marker="os^vD"[index % 5],
+                    markersize=4,
+                    capsize=3,
+                    label=name,
+                )
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(task.batch_sizes, [str(b) for b in task.batch_sizes])
+            axis.set_ylim(0, 100)
+            axis.set_xlabel("batch size (the same epoch budget at every size)")
+            axis.set_ylabel("test accuracy % (best-validation epoch)")
+            axis.set_title(f"{task.title}, {task.epochs} epochs: {family}-based", fontsize=10)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7, loc="best")
+    figure.suptitle(
+        "Step size (lr or ALI-G's cap) chosen at B=32, scaled x B/32, warmed up; mean ± std "
+        "over seeds\ndashed: half the epochs (the gradient evaluations of the base); dotted: "
+        "the base alone at the extrapolated row's setting",
+        fontsize=10,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -716,13 +798,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     all_results: dict[str, dict[str, MethodResult]] = {}
+    timings: dict[str, Timing] = {}
+    rounds = 1 if args.quick else TIMING_ROUNDS
     reports = []
     for task in tasks:
         split = task.load(args.quick)
         all_results[task.name] = run_task(
             task, split, METHODS, seeds, args.quick, lambda line: print(line, flush=True)
         )
-        reports.append(task_report(task, all_results[task.name], split))
+        timed = [(m, all_results[task.name][m.name].selected) for m in METHODS if m.role == "tuned"]
+        timings[task.name] = {
+            batch: time_iterations(
+                task,
+                split,
+                timed,
+                batch,
+                iterations=(10 if args.quick else max(20, 6400 // batch)),
+                rounds=rounds,
+            )
+            for batch in (task.batch_sizes[0], task.batch_sizes[-1])
+        }
+        reports.append(task_report(task, all_results[task.name], split, timings[task.name], rounds))
     plot(tasks, all_results, args.out_dir / "accuracy_vs_batch.png")
     wall = time.perf_counter() - start
 
@@ -756,6 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "title": task.title,
                 "epochs": task.epochs,
                 "batch_sizes": task.batch_sizes,
+                "ms_per_iteration": {str(b): t for b, t in timings[task.name].items()},
                 "methods": {
                     name: {
                         "selected": result.selected,

@@ -75,6 +75,13 @@ def test_writes_the_tables_the_json_and_the_plot(quick_run: tuple[dict[str, Any]
         for method in METHODS:
             assert f"| {method.name} |" in text, method.name
     assert (out_dir / "accuracy_vs_batch.png").stat().st_size > 10_000
+    timing_header = "| method | ms/iteration B=32 | x base | ms/iteration B=256 | x base |"
+    timed = [m.name for m in METHODS if m.role == "tuned"]
+    sections = report.split(timing_header)[1:]
+    assert len(sections) == len(TASKS)
+    for section in sections:  # the separator line, then a row per timed method
+        rows = section.strip().splitlines()[1 : 1 + len(timed)]
+        assert [row.split(" | ")[0] for row in rows] == [f"| {name}" for name in timed]
     for task in TASKS:
         methods = output["json"]["tasks"][task]["methods"]
         assert list(methods) == [m.name for m in METHODS]
