@@ -835,6 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Marks: † a seed diverged (non-finite training loss); s a seed had iterations "
         "skipped by the skip rule.",
         "",
+        "",
     ]
     (args.out_dir / "results.md").write_text("\n".join(header) + text + "\n", encoding="utf-8")
     payload = {
