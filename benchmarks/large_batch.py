@@ -23,7 +23,10 @@ follows the schedule); ALI-G's is its own step size at the anchor (the default).
 **Cost**: every closure call (a forward and a backward pass on one minibatch) is counted.
 Extrapolation in ``"gradient"`` mode makes two per iteration, so the same epoch budget
 costs it twice the gradient evaluations; the ``half epochs`` rows give it half the epochs,
-the same gradient evaluations as SGD (and half its updates).
+the same gradient evaluations as SGD (and half its updates). The control rows run the base
+optimizer alone at the setting an extrapolated row chose, to tell the effect of the
+extrapolation from that of the setting. The wall time of an iteration is timed apart,
+interleaved (``time_iterations``).
 
 Run: ``python benchmarks/large_batch.py [--quick] [--seeds N] [--tasks mnist1d,digits]
 [--out-dir DIR] [--threads N]``. Writes ``results.md``, ``results.json`` and
@@ -98,9 +101,10 @@ class Task:
     batch_sizes: tuple[int, ...]
     epochs: int
     lrs: tuple[float, ...]
-    """The grid of SGD's base lr (at batch 32): three values around the best one."""
+    """The grid of SGD's base lr at batch 32 (set after a one-seed trial run, so that SGD's
+    and ALI-G's choices fall inside their grids)."""
     caps: tuple[float, ...]
-    """The grid of ALI-G's base cap max_lr (at batch 32)."""
+    """The grid of ALI-G's base cap max_lr at batch 32."""
 
 
 def _tensors(*arrays: np.ndarray) -> Split:
