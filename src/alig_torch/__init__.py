@@ -17,6 +17,7 @@ Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
 from alig_torch._extrapolation import Extrapolation
-from alig_torch._optimizer import AliG, alig, project_onto_ball
+from alig_torch._functional import alig, project_onto_ball
+from alig_torch._optimizer import AliG
 
 __all__ = ["AliG", "Extrapolation", "alig", "project_onto_ball"]

@@ -519,7 +519,8 @@ def test_the_branch_free_accelerator_path_equals_the_reference(momentum, adjuste
     zeroed gradients and identity coefficients) runs on CPU tensors too: it must equal the
     single-tensor reference on a taken step and change nothing on a skipped one."""
     from alig_core import step_size
-    from alig_torch._optimizer import _device_multi_tensor_alig, _single_tensor_alig
+    from alig_torch._functional import _foreach_update as _device_multi_tensor_alig
+    from alig_torch._functional import _single_tensor_update as _single_tensor_alig
 
     generator = torch.Generator().manual_seed(0)
     shapes = [(4, 3), (5,), ()]
