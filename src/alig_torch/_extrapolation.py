@@ -249,7 +249,7 @@ class Extrapolation(Optimizer):
       >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
       >>> def closure():
       ...     opt.zero_grad()
-      ...     loss = torch.nn.functional.mse_loss(model(x), y)
+      ...     loss = (model(x) - y).square().mean()
       ...     loss.backward()
       ...     return loss
       >>> loss = opt.step(closure)  # at the anchor, then at the extrapolated point
@@ -529,7 +529,7 @@ class Extrapolation(Optimizer):
           >>> opt = Extrapolation(AliG(model.parameters(), max_lr=0.1), mode="past")
           >>> opt.zero_grad()
           >>> for x, y in [(torch.randn(4, 3), torch.randn(4, 1))] * 2:  # 2 micro-batches
-          ...     loss = torch.nn.functional.mse_loss(model(x), y) / 2
+          ...     loss = (model(x) - y).square().mean() / 2
           ...     loss.backward()
           ...     opt.add_loss(loss)
           >>> _ = opt.step()

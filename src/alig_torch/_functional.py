@@ -42,10 +42,30 @@ from alig_torch._norms import (
     loop_sum_of_squares,
 )
 
-__all__ = ["STEP_PATHS", "StepPath", "alig", "project", "project_onto_ball", "select_path"]
+__all__ = [
+    "STEP_PATHS",
+    "GroupTensors",
+    "StepPath",
+    "alig",
+    "project",
+    "project_onto_ball",
+    "select_path",
+]
+
+
+class GroupTensors(NamedTuple):
+    """The tensors of one group's step, aligned: what a path's update writes in place."""
+
+    params: list[torch.Tensor]
+    """The parameters that have a gradient."""
+    grads: list[torch.Tensor]
+    """Their gradients."""
+    buffers: list[torch.Tensor]
+    """Their momentum buffers (empty without momentum)."""
+
 
 Update = Callable[..., None]
-"""``(params, grads, buffers, size, *, momentum, adjusted) -> None``: the in-place update."""
+"""``(tensors: GroupTensors, size: StepSize, *, momentum, adjusted) -> None``."""
 
 
 class StepPath(NamedTuple):
@@ -79,13 +99,7 @@ class StepPath(NamedTuple):
 
 
 def _host_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    size: alig_core.StepSize,
-    *,
-    momentum: float,
-    adjusted: bool,
+    tensors: GroupTensors, size: alig_core.StepSize, *, momentum: float, adjusted: bool
 ) -> None:
     """``p`` and ``b`` updated in place with the core's coefficients as Python floats.
 
@@ -95,6 +109,7 @@ def _host_update(
     """
     if size.skipped:
         return
+    params, grads, buffers = tensors
     c = momentum_coefficients(size.gamma, momentum=momentum, adjusted_momentum=adjusted)
     small = [i for i, p in enumerate(params) if p.numel() < _SMALL_TENSOR]
     large = [i for i, p in enumerate(params) if p.numel() >= _SMALL_TENSOR]
@@ -123,15 +138,10 @@ _SMALL_TENSOR = 1 << 16
 
 
 def _single_tensor_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    size: alig_core.StepSize,
-    *,
-    momentum: Any,
-    adjusted: bool,
+    tensors: GroupTensors, size: alig_core.StepSize, *, momentum: Any, adjusted: bool
 ) -> None:
     """The reference: one parameter at a time, out of place, then written back."""
+    params, grads, buffers = tensors
     coefficients = momentum_coefficients(size.gamma, momentum=momentum, adjusted_momentum=adjusted)
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         skipped = size.skipped.to(p.device)
@@ -151,13 +161,7 @@ def _like(value: Any, like: torch.Tensor) -> Any:
 
 
 def _foreach_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    size: alig_core.StepSize,
-    *,
-    momentum: Any,
-    adjusted: bool,
+    tensors: GroupTensors, size: alig_core.StepSize, *, momentum: Any, adjusted: bool
 ) -> None:
     """Foreach kernels per (device, dtype): branch-free, no host synchronisation.
 
@@ -166,7 +170,7 @@ def _foreach_update(
     NaN gradient would poison any multiplication), and the coefficients become the
     identity (buffer decay 1, every other coefficient 0).
     """
-    tensor_lists = [params, grads] + ([buffers] if momentum != 0 else [])
+    tensor_lists = [tensors.params, tensors.grads] + ([tensors.buffers] if momentum != 0 else [])
     for (device, dtype), lists in by_device_and_dtype(tensor_lists).items():
         device_params, device_grads = lists[0], lists[1]
         skipped = size.skipped.to(device)
@@ -332,9 +336,7 @@ def alig(
             "each parameter at the start (torch.zeros_like(p)), then the same buffers."
         )
     chosen.update(
-        params,
-        grads,
-        momentum_buffers,
+        GroupTensors(params, grads, momentum_buffers),
         size,
         momentum=chosen.hyperparameter(momentum),
         adjusted=adjusted_momentum,
