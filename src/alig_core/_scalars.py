@@ -17,41 +17,39 @@ Example:
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from typing import Any
 
 __all__ = ["python_scalars"]
 
 
-def _where(condition: bool, if_true: float, if_false: float) -> float:
-    return if_true if condition else if_false
+class _PythonScalars:
+    """The members of an array namespace that :mod:`alig_core._math` uses, on Python numbers."""
+
+    @staticmethod
+    def where(condition: bool, if_true: Any, if_false: Any) -> Any:
+        return if_true if condition else if_false
+
+    @staticmethod
+    def isfinite(value: float) -> bool:
+        return math.isfinite(value)
+
+    @staticmethod
+    def logical_and(a: bool, b: bool) -> bool:
+        return bool(a) and bool(b)
+
+    @staticmethod
+    def logical_or(a: bool, b: bool) -> bool:
+        return bool(a) or bool(b)
+
+    @staticmethod
+    def logical_not(a: bool) -> bool:
+        return not a
+
+    @staticmethod
+    def sqrt(value: float) -> float:
+        return math.sqrt(value) if value >= 0 else math.nan
 
 
-def _isfinite(value: float) -> bool:
-    return math.isfinite(value)
-
-
-def _logical_and(a: bool, b: bool) -> bool:
-    return bool(a) and bool(b)
-
-
-def _logical_or(a: bool, b: bool) -> bool:
-    return bool(a) or bool(b)
-
-
-def _logical_not(a: bool) -> bool:
-    return not a
-
-
-def _sqrt(value: float) -> float:
-    return math.sqrt(value) if value >= 0 else math.nan
-
-
-python_scalars = SimpleNamespace(
-    where=_where,
-    isfinite=_isfinite,
-    logical_and=_logical_and,
-    logical_or=_logical_or,
-    logical_not=_logical_not,
-    sqrt=_sqrt,
-)
-"""The members of an array namespace that :mod:`alig_core._math` uses, on Python numbers."""
+python_scalars = _PythonScalars()
+"""The array namespace of Python numbers: ``where``, ``isfinite``, ``logical_and``,
+``logical_or``, ``logical_not`` and ``sqrt`` (every member :mod:`alig_core._math` uses)."""
