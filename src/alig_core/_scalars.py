@@ -1,11 +1,12 @@
 """An array namespace over plain Python numbers, for the step size on the host.
 
-:func:`alig_core.step_size` and :func:`alig_core.projection_scale` take the array
-namespace ``xp`` as an argument; ``python_scalars`` is that namespace for Python floats
-and bools. An adapter whose numbers already live on the host (torch on the CPU: reading a
-0-d CPU tensor costs no device synchronisation) computes the step size with it in a few
-microseconds, where a dozen 0-d tensor operations would cost a dozen kernel launches.
-The formulas are the same lines of :mod:`alig_core._math`; the values are float64.
+:func:`alig_core.step_size`, :func:`alig_core.projection_scale` and
+:func:`alig_core.record_step` take the array namespace ``xp`` as an argument;
+``python_scalars`` is that namespace for Python floats and bools. An adapter whose numbers
+already live on the host (torch on the CPU: reading a 0-d CPU tensor costs no device
+synchronisation) computes the step with it in plain Python arithmetic, where 0-d tensors
+would cost a dozen tensor operations. The formulas are the same lines of
+:mod:`alig_core._math`; the values are float64.
 
 Example:
   >>> from alig_core import python_scalars, step_size

@@ -326,8 +326,9 @@ class AliG(Optimizer):
     fullgraph=True)`` traces a step. When every tensor is on the CPU (and ``foreach`` is
     not ``False``), where reading a number back costs no synchronisation, the step size is
     computed on Python floats (float64) and the update runs with scalar coefficients, as
-    ``torch.optim.SGD`` does: a few microseconds of bookkeeping per step instead of a
-    dozen 0-d tensor operations.
+    ``torch.optim.SGD`` does: Python arithmetic instead of a dozen 0-d tensor operations.
+    These are the step paths of :mod:`alig_torch._functional` (``"foreach"``,
+    ``"host"``, ``"single_tensor"`` for ``foreach=False``), picked in one place.
 
     **Monitoring.** After each step, every param group holds 0-d tensors ``gamma``,
     ``gamma_hat`` and ``capped`` (of the last step taken; kept as they were on a skipped
