@@ -159,7 +159,7 @@ def step_size(
       >>> float(s.gamma), float(s.gamma_hat), bool(s.capped), bool(s.skipped)
       (0.1, 0.25, True, False)
     """
-    skipped = xp.logical_not(xp.logical_and(xp.isfinite(loss), xp.isfinite(sq_grad_norm)))
+    finite = xp.logical_and(xp.isfinite(loss), xp.isfinite(sq_grad_norm))
     denominator = sq_grad_norm + eps
     has_denominator = denominator > 0
     safe_denominator = xp.where(has_denominator, denominator, 1.0)
@@ -170,10 +170,13 @@ def step_size(
     gamma = xp.where(hits_cap, cap, clamped)
     # Finite loss and norm whose quotient overflows (a denominator near zero, e.g. zero
     # gradients with a subnormal eps) give, with no cap, an infinite step: skipped.
-    skipped = xp.logical_or(skipped, xp.logical_not(xp.isfinite(gamma)))
-    capped = xp.logical_and(hits_cap, xp.logical_not(skipped))
-    gamma = xp.where(skipped, 0.0, gamma)
-    return StepSize(gamma=gamma, gamma_hat=gamma_hat, capped=capped, skipped=skipped)
+    finite = xp.logical_and(finite, xp.isfinite(gamma))
+    return StepSize(
+        gamma=xp.where(finite, gamma, 0.0),
+        gamma_hat=gamma_hat,
+        capped=xp.logical_and(hits_cap, finite),
+        skipped=xp.logical_not(finite),
+    )
 
 
 def momentum_coefficients(
@@ -302,8 +305,9 @@ def record_step(xp: Any, records: Records, size: StepSize) -> Records:
     docs/specification.md, "One step" 6: a skipped step keeps ``gamma``, ``gamma_hat``
     and ``capped`` of the last step taken and counts one more in ``steps_skipped``; a
     taken step records its own and counts one more in ``steps_taken``. The counters keep
-    their dtype (the increments are made from them), so the adapter only casts the three
-    numbers to its records' dtypes and writes the five back.
+    their dtype (``counter + 1``), so the adapter only casts the three numbers to its
+    records' dtypes and writes the five back. Where a value is kept, it is the very object
+    given (with :data:`alig_core.python_scalars` too): an adapter may skip writing it.
 
     Args:
       xp: the array namespace (:data:`alig_core.python_scalars` with Python numbers).
@@ -317,17 +321,13 @@ def record_step(xp: Any, records: Records, size: StepSize) -> Records:
       Records(gamma=0.1, gamma_hat=0.25, capped=True, steps_taken=4, steps_skipped=1)
     """
     skipped = size.skipped
-
-    def add_one_if(condition: Array, counter: Array) -> Array:
-        zero = counter * 0
-        return counter + xp.where(condition, zero + 1, zero)
-
+    taken, skips = records.steps_taken, records.steps_skipped
     return Records(
         gamma=keep_if_skipped(xp, skipped, records.gamma, size.gamma),
         gamma_hat=keep_if_skipped(xp, skipped, records.gamma_hat, size.gamma_hat),
         capped=keep_if_skipped(xp, skipped, records.capped, size.capped),
-        steps_taken=add_one_if(xp.logical_not(skipped), records.steps_taken),
-        steps_skipped=add_one_if(skipped, records.steps_skipped),
+        steps_taken=keep_if_skipped(xp, skipped, taken, taken + 1),
+        steps_skipped=xp.where(skipped, skips + 1, skips),
     )
 
 

@@ -894,18 +894,23 @@ def _record(
 ) -> None:
     """Moves ``group``'s records (:class:`alig_core.Records`) with the core's ``record_step``.
 
-    On the host path the records are read and written as Python numbers (what did not
-    change is not written); elsewhere the 1-element tensors are the core's arrays, written
-    back with ``copy_`` (no host synchronisation).
+    Off the host path the 1-element tensors are the core's arrays, written back with
+    ``copy_`` (no host synchronisation). On the host path the core picks between the step's
+    Python numbers and the stored tensors themselves (handed back untouched where the step
+    is skipped, and then not written); ``capped`` and the counters are read as Python
+    numbers (no synchronisation on the CPU) and written only where they changed.
     """
     _ensure_records(group, device, dtype)
-    stored = [group[key] for key in Records._fields]
-    old = Records(*(t.item() for t in stored)) if path.on_host else Records(*stored)
+    gamma, gamma_hat, capped, taken, skips = (group[key] for key in Records._fields)
+    if path.on_host:
+        old = Records(gamma, gamma_hat, capped.item(), taken.item(), skips.item())
+    else:
+        old = Records(gamma, gamma_hat, capped, taken, skips)
     new = record_step(path.xp, old, size)
-    for tensor, before, after in zip(stored, old, new, strict=True):
+    for key, before, after in zip(Records._fields, old, new, strict=True):
         if after is before:
             continue
         if isinstance(after, torch.Tensor):
-            tensor.copy_(after)
+            group[key].copy_(after)
         else:
-            tensor.fill_(after)
+            group[key].fill_(after)
