@@ -4,7 +4,7 @@ Design: every function that needs more than arithmetic takes the array namespace
 as its first argument: ``numpy``, ``jax.numpy``, ``torch``, ``keras.ops`` or
 :data:`alig_core.python_scalars`. Only these members of ``xp`` are used, and all of them
 provide them with the same meaning: ``where``, ``isfinite``, ``logical_and``,
-``logical_or``, ``logical_not`` and ``sqrt``. Everything else is Python arithmetic
+``logical_not`` and ``sqrt``. Everything else is Python arithmetic
 (``+ - * /`` and comparisons) on the framework's own arrays, so the same lines run
 eagerly, under ``torch.compile``, ``jax.jit`` and ``tf.function``: there is no Python
 branch on an array value, no ``float()``, no host synchronisation.

@@ -39,10 +39,6 @@ class _PythonScalars:
         return bool(a) and bool(b)
 
     @staticmethod
-    def logical_or(a: bool, b: bool) -> bool:
-        return bool(a) or bool(b)
-
-    @staticmethod
     def logical_not(a: bool) -> bool:
         return not a
 
@@ -53,4 +49,4 @@ class _PythonScalars:
 
 python_scalars = _PythonScalars()
 """The array namespace of Python numbers: ``where``, ``isfinite``, ``logical_and``,
-``logical_or``, ``logical_not`` and ``sqrt`` (every member :mod:`alig_core._math` uses)."""
+``logical_not`` and ``sqrt`` (every member :mod:`alig_core._math` uses)."""
