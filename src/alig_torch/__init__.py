@@ -1,7 +1,8 @@
 """ALI-G for PyTorch: :class:`AliG`, and :class:`Extrapolation` around any optimizer.
 
-:class:`AliG` is a drop-in ``torch.optim.Optimizer``; :class:`Extrapolation` takes extrapolated
-steps around any optimizer, AliG included (Lin, Kong, Stich, Jaggi, ICML 2020).
+:class:`AliG` is a drop-in ``torch.optim.Optimizer``, :func:`alig` its functional form (one
+step over lists of tensors, as ``torch.optim.sgd``'s ``sgd()``); :class:`Extrapolation` takes
+extrapolated steps around any optimizer, AliG included (Lin, Kong, Stich, Jaggi, ICML 2020).
 
 Example:
   >>> import torch
