@@ -19,18 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+import alig_cases as table
 import alig_core
 import alig_torch
-from alig_cases import (
-    CASES,
-    Case,
-    Step,
-    initial_params,
-    make_sequence,
-    max_relative_deviation,
-    run_oracle,
-    tolerance,
-)
+from alig_cases import CASES, Case, Step
 from alig_core import Records, python_scalars, record_step
 from alig_torch import AliG
 from alig_torch._functional import STEP_PATHS, project, select_path
@@ -128,16 +120,18 @@ def _check_against_oracle(
     case: Case, dtype_name: str, make_runner: Callable[..., Runner], path: str
 ) -> None:
     dtype, numpy_dtype = DTYPES[dtype_name]
-    steps, tol = tolerance(numpy_dtype)
-    sequence = make_sequence(steps, numpy_dtype, pinned=case.pinned_at_cap)
-    history = run_oracle(case.config, initial_params(numpy_dtype), sequence)
-    params = [torch.nn.Parameter(torch.tensor(p, dtype=dtype)) for p in initial_params(numpy_dtype)]
+    steps, tol = table.tolerance(numpy_dtype)
+    sequence = table.make_sequence(steps, numpy_dtype, pinned=case.pinned_at_cap)
+    history = table.run_oracle(case.config, table.initial_params(numpy_dtype), sequence)
+    params = [
+        torch.nn.Parameter(torch.tensor(p, dtype=dtype)) for p in table.initial_params(numpy_dtype)
+    ]
     run = make_runner(case, path, params)
     gammas = set()
     for t, (step, (expected, state)) in enumerate(zip(sequence, history, strict=True)):
         seen = run(params, step)
         actual = [p.detach().numpy() for p in params]
-        assert max_relative_deviation(actual, expected) <= tol, f"step {t} ({step.event})"
+        assert table.max_relative_deviation(actual, expected) <= tol, f"step {t} ({step.event})"
         assert seen.records.gamma == pytest.approx(state.gamma, rel=tol, abs=tol), f"step {t}"
         assert seen.records.gamma_hat == pytest.approx(state.gamma_hat, rel=tol, abs=tol)
         assert seen.records.capped == state.capped, f"step {t}"
@@ -147,32 +141,25 @@ def _check_against_oracle(
             if theirs is None:  # never had a gradient, or momentum 0: no buffer in use
                 assert ours is None or not np.any(ours)
             else:
-                assert max_relative_deviation([ours], [theirs]) <= max(tol, 1e-12) * 10
+                assert table.max_relative_deviation([ours], [theirs]) <= max(tol, 1e-12) * 10
         gammas.add(state.gamma)
     if not case.pinned_at_cap:
         assert state.steps_skipped > 0  # the sequence's skipped steps were taken through
         assert len(gammas) > steps // 4, "gamma must move (not pinned at the cap)"
 
 
+RUNNERS = {"optimizer": _optimizer_runner, "functional": _functional_runner}
+
+
+@pytest.mark.parametrize("form", list(RUNNERS))
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_every_path_of_the_optimizer_follows_the_oracle(
-    case: Case, dtype_name: str, path: str
-) -> None:
-    """AliG with its path forced: float64 within 1e-10 over 100 steps, float32 within 1e-5
-    over 20, records and buffers included, on every path (the accelerator's on CPU tensors)."""
-    _check_against_oracle(case, dtype_name, _optimizer_runner, path)
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_every_path_of_the_functional_form_follows_the_oracle(
-    case: Case, dtype_name: str, path: str
-) -> None:
-    """The public ``alig_torch.alig`` (and ``project``), driven step by step, on every path."""
-    _check_against_oracle(case, dtype_name, _functional_runner, path)
+def test_every_path_follows_the_oracle(case: Case, dtype_name: str, path: str, form: str) -> None:
+    """Every path, forced, through AliG and through the public ``alig_torch.alig`` (with
+    ``project``): float64 within 1e-10 over 100 steps, float32 within 1e-5 over 20, records
+    and buffers included (the accelerator's path on CPU tensors)."""
+    _check_against_oracle(case, dtype_name, RUNNERS[form], path)
 
 
 def test_each_situation_picks_one_path(monkeypatch: pytest.MonkeyPatch) -> None:
