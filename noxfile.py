@@ -179,8 +179,6 @@ def demo(session: nox.Session) -> None:
         "matplotlib",
     )
     script = ROOT / "benchmarks" / "parity.py"
-    if not script.exists():  # until the cross-framework demo exists: the oracle alone
-        script = ROOT / "benchmarks" / "oracle_demo.py"
     session.run(
         "python", str(script), *session.posargs, env={"KERAS_BACKEND": "tensorflow", **QUIET_TF}
     )

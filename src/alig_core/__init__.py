@@ -4,13 +4,12 @@
 generically over an array namespace (see :mod:`alig_core._math` for the design), and, in
 :mod:`alig_core.oracle`, a plain NumPy float64 implementation that is the ground truth of
 every test. The adapters ``alig_torch``, ``alig_tf`` and ``alig_jax`` call these functions.
-The extrapolation wrapper (docs/specification.md, section 8; Lin, Kong, Stich, Jaggi,
-ICML 2020, arXiv:2006.05720) has its options in :class:`ExtrapolationConfig`, its math in
-:mod:`alig_core._extrapolation` and its oracle in :mod:`alig_core.oracle_extrapolation`
-(``docs/extrapolation.md``).
+The extrapolation wrapper (``docs/extrapolation.md``; Lin, Kong, Stich, Jaggi, ICML 2020,
+arXiv:2006.05720) has its options in :class:`ExtrapolationConfig`, its math in
+:mod:`alig_core._extrapolation` and its oracle in :mod:`alig_core.oracle_extrapolation`.
 
-Update rule (docs/specification.md), with ``S`` the squared global gradient norm and ``l``
-the loss::
+Update rule (``docs/specification.md``), with ``S`` the squared global gradient norm and
+``l`` the loss::
 
     gamma = min(max((l - f_star) / (S + eps), 0), max_lr)      # skipped if l or S not finite
     standard:  b <- mu*b - gamma*g;  p <- p - gamma*g + mu*b
@@ -72,6 +71,7 @@ from alig_core._extrapolation_config import (
 )
 from alig_core._math import (
     MomentumCoefficients,
+    Records,
     StepSize,
     accumulation_dtype,
     keep_if_skipped,
@@ -80,6 +80,7 @@ from alig_core._math import (
     momentum_param_update,
     momentum_update,
     projection_scale,
+    record_step,
     sgd_update,
     step_size,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "ExtrapolationConfig",
     "ExtrapolationState",
     "MomentumCoefficients",
+    "Records",
     "StepSize",
     "UpdateInputs",
     "accumulation_dtype",
@@ -117,6 +119,7 @@ __all__ = [
     "noise_displacement",
     "projection_scale",
     "python_scalars",
+    "record_step",
     "resolve_lr_x",
     "select_call",
     "sgd_update",

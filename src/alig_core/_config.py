@@ -52,6 +52,30 @@ def _concrete_float(name: str, value: Any, expected: str, fix: str) -> float | N
     raise ValueError(f"Invalid {name}: got {_describe(value)}; expected {expected}. {fix}")
 
 
+def _checked_number(
+    name: str, value: Any, expected: str, fix: str, valid: Callable[[float], bool]
+) -> Any:
+    """Returns ``value`` if it is a finite number for which ``valid`` holds (or abstract).
+
+    Raises:
+      ValueError: naming the argument, the value given, what was expected and the fix.
+    """
+    number = _concrete_float(name, value, expected, fix)
+    if number is not None and not (math.isfinite(number) and valid(number)):
+        raise ValueError(f"Invalid {name}: got {_describe(value)}; expected {expected}. {fix}")
+    return value
+
+
+def _checked_bool(name: str, value: Any, fix: str) -> bool:
+    """Returns ``value`` as a Python bool if it is one (Python or 0-d NumPy), else raises."""
+    if isinstance(value, bool):
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy.bool_
+        return bool(value)
+    raise ValueError(f"Invalid {name}: got {_describe(value)}; expected True or False. {fix}")
+
+
 def validate_max_lr(value: Any, *, allow_schedule: bool = False) -> Any:
     """Checks ``max_lr``: ``None`` (no cap) or a finite number > 0.
 
@@ -74,54 +98,37 @@ def validate_max_lr(value: Any, *, allow_schedule: bool = False) -> Any:
         ", or a schedule" if allow_schedule else ""
     )
     fix = "Pass e.g. max_lr=0.1 (the largest step size ALI-G may take), or None for no cap."
-    number = _concrete_float("max_lr", value, expected, fix)
-    if number is not None and not (math.isfinite(number) and number > 0.0):
-        raise ValueError(f"Invalid max_lr: got {_describe(value)}; expected {expected}. {fix}")
-    return value
+    return _checked_number("max_lr", value, expected, fix, lambda x: x > 0.0)
 
 
 def validate_momentum(value: Any) -> Any:
     """Checks ``momentum``: a finite number with 0 <= momentum < 1; returns it unchanged."""
     expected = "a finite number with 0 <= momentum < 1"
     fix = "Pass e.g. momentum=0.9, or momentum=0.0 for plain ALI-G without momentum."
-    number = _concrete_float("momentum", value, expected, fix)
-    if number is not None and not (math.isfinite(number) and 0.0 <= number < 1.0):
-        raise ValueError(f"Invalid momentum: got {_describe(value)}; expected {expected}. {fix}")
-    return value
+    return _checked_number("momentum", value, expected, fix, lambda x: 0.0 <= x < 1.0)
 
 
 def validate_adjusted_momentum(value: Any) -> bool:
     """Checks ``adjusted_momentum``: a bool (Python or 0-d NumPy); returns a Python bool."""
-    if isinstance(value, bool):
-        return value
-    kind = type(value)
-    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy.bool_
-        return bool(value)
-    raise ValueError(
-        f"Invalid adjusted_momentum: got {_describe(value)}; expected True or False. "
+    return _checked_bool(
+        "adjusted_momentum",
+        value,
         "Pass adjusted_momentum=False for the standard convention of the paper's code, "
-        "or True for the convention of torch.optim.SGD(nesterov=True)."
+        "or True for the convention of torch.optim.SGD(nesterov=True).",
     )
 
 
 def validate_eps(value: Any) -> Any:
     """Checks ``eps``: a finite number >= 0; returns it unchanged."""
-    expected = "a finite number >= 0"
     fix = "Pass e.g. eps=1e-5 (the default); it is added to the squared gradient norm."
-    number = _concrete_float("eps", value, expected, fix)
-    if number is not None and not (math.isfinite(number) and number >= 0.0):
-        raise ValueError(f"Invalid eps: got {_describe(value)}; expected {expected}. {fix}")
-    return value
+    return _checked_number("eps", value, "a finite number >= 0", fix, lambda x: x >= 0.0)
 
 
 def validate_f_star(value: Any) -> Any:
     """Checks ``f_star``: a finite number; returns it unchanged."""
     expected = "a finite number (a lower bound of the loss)"
     fix = "Pass f_star=0.0 (the default) for a non-negative loss such as cross-entropy."
-    number = _concrete_float("f_star", value, expected, fix)
-    if number is not None and not math.isfinite(number):
-        raise ValueError(f"Invalid f_star: got {_describe(value)}; expected {expected}. {fix}")
-    return value
+    return _checked_number("f_star", value, expected, fix, lambda x: True)
 
 
 def validate_max_norm(value: Any) -> Any:
@@ -130,10 +137,7 @@ def validate_max_norm(value: Any) -> Any:
         return value
     expected = "None (no projection) or a finite number > 0"
     fix = "Pass the radius of the l2 ball that constrains the parameters, e.g. max_norm=100.0."
-    number = _concrete_float("max_norm", value, expected, fix)
-    if number is not None and not (math.isfinite(number) and number > 0.0):
-        raise ValueError(f"Invalid max_norm: got {_describe(value)}; expected {expected}. {fix}")
-    return value
+    return _checked_number("max_norm", value, expected, fix, lambda x: x > 0.0)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 r"""Extrapolation around any base optimizer, written once and generic over ``xp``.
 
-docs/specification.md, "Extrapolation" (seed: Lin, Kong, Stich, Jaggi, ICML 2020, arXiv:2006.05720):
+``docs/extrapolation.md`` (seed: Lin, Kong, Stich, Jaggi, ICML 2020, arXiv:2006.05720):
 with ``w_t`` the anchor, a displacement ``d_t`` gives the extrapolated point
 ``w~_t = w_t + d_t``; the loop evaluates the loss and the gradient there, and the base
 optimizer steps *from the anchor* with ``g(w~_t)``. See ``docs/extrapolation.md`` for which
@@ -47,26 +47,26 @@ from typing import Any, NamedTuple
 from alig_core._extrapolation_config import ExtrapolationConfig
 from alig_core._math import StepSize, keep_if_skipped, step_size
 
-__all__ = [
-    "ExtrapolationCall",
+__all__ = [  # in the order of this module: the state, the pieces, the calls of one phase
     "ExtrapolationState",
+    "ExtrapolationCall",
     "UpdateInputs",
-    "anchor_params",
-    "anchor_step_size",
-    "current_anchor",
-    "evaluation_skipped",
-    "extrapolate",
-    "extrapolated_point",
-    "extrapolated_step_size",
-    "finish_update",
-    "gradient_displacement",
     "initial_extrapolation_state",
+    "evaluation_skipped",
+    "resolve_lr_x",
+    "anchor_step_size",
+    "gradient_displacement",
+    "noise_displacement",
+    "extrapolated_point",
+    "current_anchor",
+    "anchor_params",
     "linearization_term",
     "linearized_loss",
-    "noise_displacement",
-    "resolve_lr_x",
-    "select_call",
+    "extrapolated_step_size",
+    "extrapolate",
     "update_inputs",
+    "finish_update",
+    "select_call",
 ]
 
 Array = Any
@@ -186,20 +186,13 @@ def resolve_lr_x(lr_x: Any, iteration: Array, default: Array | float | None) -> 
     return lr_x
 
 
-def anchor_step_size(
-    xp: Any,
-    loss: Array,
-    sq_grad_norm: Array,
-    *,
-    max_lr: Array | float | None,
-    eps: Array | float,
-    f_star: Array | float,
-) -> Array:
+def anchor_step_size(xp: Any, loss: Array, sq_grad_norm: Array, **hyperparameters: Any) -> Array:
     """ALI-G's step size at the anchor, the default ``lr_x`` of ALI-G in ``"gradient"`` mode.
 
     The core's formula (:func:`alig_core.step_size`) on ``l(w_t)`` and ``S(w_t)``, a pure
     function: ALI-G's counters and records do not move for it. 0 where the evaluation is
-    not finite (that iteration is skipped anyway).
+    not finite (that iteration is skipped anyway). ``hyperparameters`` are
+    :func:`alig_core.step_size`'s: ``max_lr``, ``eps`` and ``f_star``.
 
     Example:
       >>> import numpy as np
@@ -207,7 +200,7 @@ def anchor_step_size(
       ...                        f_star=0.0))
       0.5
     """
-    return step_size(xp, loss, sq_grad_norm, max_lr=max_lr, eps=eps, f_star=f_star).gamma
+    return step_size(xp, loss, sq_grad_norm, **hyperparameters).gamma
 
 
 def gradient_displacement(grad: Array, lr_x: Array | float) -> Array:
@@ -276,7 +269,7 @@ def linearization_term(xp: Any, grad: Array, displacement: Array) -> Array:
 def linearized_loss(loss: Array, correction: Array, *, linearized: bool) -> Array:
     """The loss ALI-G takes at ``w~``: ``l(w~) + <g(w~), w - w~>``, or ``l(w~)`` if not linearised.
 
-    Handing this to ALI-G's step size gives exactly the SPEC's
+    Handing this to ALI-G's step size gives exactly the contract's
     ``gamma_hat = (l(w~) - f_star + <g(w~), w - w~>) / (||g(w~)||^2 + eps)``.
 
     >>> linearized_loss(0.125, 0.25, linearized=True)

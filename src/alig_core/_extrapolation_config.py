@@ -2,17 +2,16 @@
 
 Every adapter's extrapolation wrapper builds an :class:`ExtrapolationConfig` from its
 constructor arguments, so an invalid ``mode``, ``lr_x``, ``sigma`` or ``linearized`` raises
-the same ``ValueError`` in every framework (docs/specification.md, "Extrapolation").
+the same ``ValueError`` in every framework (``docs/extrapolation.md``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alig_core._config import _concrete_float, _describe
+from alig_core._config import _checked_bool, _checked_number, _describe
 
 __all__ = [
     "EXTRAPOLATION_MODES",
@@ -74,10 +73,7 @@ def validate_lr_x(value: Any, *, mode: str = "gradient") -> Any:
         "Pass e.g. lr_x=0.1, lr_x=None for the base optimizer's step size, or a callable of "
         "the iteration count."
     )
-    number = _concrete_float("lr_x", value, expected, fix)
-    if number is not None and not (math.isfinite(number) and number >= 0.0):
-        raise ValueError(f"Invalid lr_x: got {_describe(value)}; expected {expected}. {fix}")
-    return value
+    return _checked_number("lr_x", value, expected, fix, lambda x: x >= 0.0)
 
 
 def validate_sigma(value: Any, *, mode: str = "noise") -> Any:
@@ -98,29 +94,22 @@ def validate_sigma(value: Any, *, mode: str = "noise") -> Any:
         )
     expected = "a finite number >= 0 (the standard deviation of the noise displacement)"
     fix = "Pass e.g. sigma=0.01 with mode='noise'."
-    number = _concrete_float("sigma", value, expected, fix)
-    if number is not None and not (math.isfinite(number) and number >= 0.0):
-        raise ValueError(f"Invalid sigma: got {_describe(value)}; expected {expected}. {fix}")
-    return value
+    return _checked_number("sigma", value, expected, fix, lambda x: x >= 0.0)
 
 
 def validate_linearized(value: Any) -> bool:
     """Checks ``linearized``: a bool (Python or 0-d NumPy); returns a Python bool."""
-    if isinstance(value, bool):
-        return value
-    kind = type(value)
-    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
-        return bool(value)
-    raise ValueError(
-        f"Invalid linearized: got {_describe(value)}; expected True or False. Pass "
-        "linearized=True (the default: ALI-G's Polyak step for the linear model at the "
-        "extrapolated point, seen from the anchor) or False for the plain loss there."
+    return _checked_bool(
+        "linearized",
+        value,
+        "Pass linearized=True (the default: ALI-G's Polyak step for the linear model at the "
+        "extrapolated point, seen from the anchor) or False for the plain loss there.",
     )
 
 
 @dataclass(frozen=True)
 class ExtrapolationConfig:
-    """The options of the extrapolation wrapper (docs/specification.md, "Extrapolation"), validated.
+    """The options of the extrapolation wrapper (``docs/extrapolation.md``), validated.
 
     Attributes:
       mode: ``"gradient"`` (EXTRAP-SGD: ``d_t = -lr_x * g(w_t)``), ``"past"``

@@ -1,11 +1,12 @@
 """An array namespace over plain Python numbers, for the step size on the host.
 
-:func:`alig_core.step_size` and :func:`alig_core.projection_scale` take the array
-namespace ``xp`` as an argument; ``python_scalars`` is that namespace for Python floats
-and bools. An adapter whose numbers already live on the host (torch on the CPU: reading a
-0-d CPU tensor costs no device synchronisation) computes the step size with it in a few
-microseconds, where a dozen 0-d tensor operations would cost a dozen kernel launches.
-The formulas are the same lines of :mod:`alig_core._math`; the values are float64.
+:func:`alig_core.step_size`, :func:`alig_core.projection_scale` and
+:func:`alig_core.record_step` take the array namespace ``xp`` as an argument;
+``python_scalars`` is that namespace for Python floats and bools. An adapter whose numbers
+already live on the host (torch on the CPU: reading a 0-d CPU tensor costs no device
+synchronisation) computes the step with it in plain Python arithmetic, where 0-d tensors
+would cost a dozen tensor operations. The formulas are the same lines of
+:mod:`alig_core._math`; the values are float64.
 
 Example:
   >>> from alig_core import python_scalars, step_size
@@ -17,41 +18,35 @@ Example:
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from typing import Any
 
 __all__ = ["python_scalars"]
 
 
-def _where(condition: bool, if_true: float, if_false: float) -> float:
-    return if_true if condition else if_false
+class _PythonScalars:
+    """The members of an array namespace that :mod:`alig_core._math` uses, on Python numbers."""
+
+    @staticmethod
+    def where(condition: bool, if_true: Any, if_false: Any) -> Any:
+        return if_true if condition else if_false
+
+    @staticmethod
+    def isfinite(value: float) -> bool:
+        return math.isfinite(value)
+
+    @staticmethod
+    def logical_and(a: bool, b: bool) -> bool:
+        return bool(a) and bool(b)
+
+    @staticmethod
+    def logical_not(a: bool) -> bool:
+        return not a
+
+    @staticmethod
+    def sqrt(value: float) -> float:
+        return math.sqrt(value) if value >= 0 else math.nan
 
 
-def _isfinite(value: float) -> bool:
-    return math.isfinite(value)
-
-
-def _logical_and(a: bool, b: bool) -> bool:
-    return bool(a) and bool(b)
-
-
-def _logical_or(a: bool, b: bool) -> bool:
-    return bool(a) or bool(b)
-
-
-def _logical_not(a: bool) -> bool:
-    return not a
-
-
-def _sqrt(value: float) -> float:
-    return math.sqrt(value) if value >= 0 else math.nan
-
-
-python_scalars = SimpleNamespace(
-    where=_where,
-    isfinite=_isfinite,
-    logical_and=_logical_and,
-    logical_or=_logical_or,
-    logical_not=_logical_not,
-    sqrt=_sqrt,
-)
-"""The members of an array namespace that :mod:`alig_core._math` uses, on Python numbers."""
+python_scalars = _PythonScalars()
+"""The array namespace of Python numbers: ``where``, ``isfinite``, ``logical_and``,
+``logical_not`` and ``sqrt`` (every member :mod:`alig_core._math` uses)."""

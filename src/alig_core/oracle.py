@@ -1,4 +1,4 @@
-"""The ground truth: one ALI-G step in plain NumPy float64, from docs/specification.md.
+"""The ground truth: one ALI-G step in plain NumPy float64, written from docs/specification.md.
 
 This module is deliberately naive and shares no code with :mod:`alig_core`'s generic
 functions: Python ``if`` statements on Python floats, one loop over the parameters, every
@@ -80,7 +80,7 @@ def oracle_step(
     state: OracleState,
     config: AliGConfig,
 ) -> tuple[list[np.ndarray], OracleState]:
-    """One ALI-G step, exactly as docs/specification.md states it, in float64.
+    """One ALI-G step, exactly as ``docs/specification.md`` states it, in float64.
 
     Args:
       params: every managed parameter.

@@ -1,6 +1,6 @@
-"""The ground truth of the extrapolation wrapper, in plain NumPy float64, from the contract alone.
+"""The ground truth of the extrapolation wrapper, in plain NumPy float64, from the docs alone.
 
-docs/specification.md, section 8 (seed: Lin, Kong, Stich, Jaggi, "Extrapolation for Large-batch
+``docs/extrapolation.md`` (seed: Lin, Kong, Stich, Jaggi, "Extrapolation for Large-batch
 Training in Deep Learning", ICML 2020, arXiv:2006.05720), written out call by call as a
 driver of (loss, gradient)-at-a-point callbacks. Like :mod:`alig_core.oracle`, it is
 deliberately naive and shares no code with the generic functions of
@@ -190,7 +190,7 @@ class ExtrapolationOracle:
         loss, grads = self._evaluate(evaluate, self.w, batch)
         sq_norm = _sum_of_squares(grads)
         if not (math.isfinite(loss) and math.isfinite(sq_norm)):
-            self.skipped += 1  # SPEC 7: the whole iteration; nothing else moves
+            self.skipped += 1  # a skip is the whole iteration; nothing else moves
             return False
         if isinstance(self.base, AliGConfig):
             default = self._alig_gamma_at_anchor(loss, sq_norm)  # no record moves
@@ -211,7 +211,7 @@ class ExtrapolationOracle:
         if not (math.isfinite(loss) and math.isfinite(sq_norm)) or not self._base_step(
             grads, loss, point
         ):
-            self.skipped += 1  # SPEC 7: base untouched, the parameters back at the anchor
+            self.skipped += 1  # skipped: base untouched, the parameters back at the anchor
             self.tilde = None
             return
         self.iterations += 1
@@ -244,7 +244,7 @@ class ExtrapolationOracle:
         import numpy as np
 
         if isinstance(self.base, AliGConfig) and self.alig_state is not None:
-            if self.config.linearized:  # SPEC 5: l(w~) + <g(w~), w_t - w~>
+            if self.config.linearized:  # the linearised loss: l(w~) + <g(w~), w_t - w~>
                 loss = loss + sum(
                     float(np.sum(g * (w - p)))
                     for w, g, p in zip(self.w, grads, point, strict=True)
@@ -282,7 +282,7 @@ class ExtrapolationOracle:
         return float(loss), [None if g is None else np.asarray(g, dtype=np.float64) for g in grads]
 
     def _alig_gamma_at_anchor(self, loss: float, sq_norm: float) -> float:
-        """SPEC "One step" 3, from l(w_t) and g(w_t): the clamp at 0 and the cap."""
+        """ALI-G's step size (docs/specification.md, "One step" 3) from l(w_t), g(w_t)."""
         c = self.base
         assert isinstance(c, AliGConfig)
         denominator = sq_norm + float(c.eps)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import alig_core
+from alig_jax._leaves import accumulation_dtype, loss_value
 
 __all__ = ["AccumulationState", "multi_steps"]
 
@@ -36,38 +36,6 @@ class AccumulationState(NamedTuple):
     value: jax.Array
     """() float32 (float64 for float64 params): the mean (``use_grad_mean=True``) or sum of
     the ``value`` of this accumulation's mini-steps so far; 0 after the k-th."""
-
-
-def _dtype_name(params: optax.Params) -> str:
-    """float64 if any leaf is float64, else float32 (the core's accumulation rule)."""
-    names = {
-        alig_core.accumulation_dtype(str(getattr(leaf, "dtype", jnp.asarray(leaf).dtype)))
-        for leaf in jax.tree.leaves(params)
-    }
-    return "float64" if "float64" in names else "float32"
-
-
-def _value_as_array(value: Any, dtype: Any) -> jax.Array:
-    if value is None:
-        raise ValueError(
-            f"alig_jax.multi_steps accumulates the loss with the gradients, and got no "
-            f"value=. {_VALUE_HELP}"
-        )
-    if isinstance(value, str | bytes | bool):
-        raise ValueError(
-            f"alig_jax.multi_steps's value= must be the loss as a real scalar, got {value!r} "
-            f"(type {type(value).__name__}). {_VALUE_HELP}"
-        )
-    array = jnp.asarray(value)
-    if array.shape != () or not (
-        jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
-    ):
-        raise ValueError(
-            f"alig_jax.multi_steps's value= must be the scalar loss, got an array of shape "
-            f"{array.shape} and dtype {array.dtype}. Reduce it first (e.g. loss.mean()) and "
-            "pass the real value that was differentiated."
-        )
-    return array.astype(dtype)
 
 
 def multi_steps(
@@ -135,7 +103,7 @@ def multi_steps(
     }
 
     def init_fn(params: optax.Params) -> AccumulationState:
-        dtype = _dtype_name(params)
+        dtype = str(accumulation_dtype(jax.tree.leaves(params)))
         return AccumulationState(
             multi_steps=by_dtype[dtype].init(params), value=jnp.zeros((), dtype)
         )
@@ -144,12 +112,17 @@ def multi_steps(
         updates: optax.Updates,
         state: AccumulationState,
         params: optax.Params | None = None,
-        *,
-        value: Any = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AccumulationState]:
         dtype = state.value.dtype
-        loss = _value_as_array(value, dtype)
+        loss = loss_value(
+            extra_args.pop("value", None),
+            dtype,
+            who="alig_jax.multi_steps",
+            missing="alig_jax.multi_steps accumulates the loss with the gradients, and got no "
+            f"value=. {_VALUE_HELP}",
+            value_help=_VALUE_HELP,
+        )
         inner = state.multi_steps
         if use_grad_mean:  # Welford's running mean, as optax.MultiSteps does for the grads
             accumulated = state.value + (loss - state.value) / (inner.mini_step + 1).astype(dtype)

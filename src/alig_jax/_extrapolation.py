@@ -1,4 +1,4 @@
-"""Extrapolation around any optax transformation (docs/specification.md, "Extrapolation").
+"""Extrapolation around any optax transformation (``docs/extrapolation.md``).
 
 The numbers come from :mod:`alig_core` (``extrapolate``, ``update_inputs``,
 ``finish_update``, ``select_call``), called with ``jax.numpy``. This module flattens the
@@ -18,11 +18,25 @@ import optax
 
 import alig_core
 from alig_core import ExtrapolationConfig
-from alig_jax._transform import AliGState, _accumulation_dtype, _is_missing, _sum_of_squares
+from alig_jax._leaves import (
+    accumulation_dtype,
+    check_params,
+    is_missing,
+    loss_value,
+    sum_of_squares,
+)
+from alig_jax._transform import AliGState
 
 __all__ = ["ExtrapolationState", "extrapolation", "extrapolation_anchor"]
 
 _INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+_HELP = (
+    "Pass the loss of the minibatch whose gradients you pass, at the point the params hold: "
+    "tx.update(grads, state, params, value=loss) (with flax.nnx: optimizer.update(model, "
+    "grads, value=loss))."
+)
+_MISSING = f"extrapolation(alig(...)) needs the loss of the minibatch it steps with. {_HELP}"
 
 
 class ExtrapolationState(NamedTuple):
@@ -130,47 +144,6 @@ def draw_noise(
     key = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=impl), iteration)
     keys = jax.random.split(key, len(like))
     return [jax.random.normal(k, jnp.shape(x), x.dtype) for k, x in zip(keys, like, strict=True)]
-
-
-def _check_params(params: optax.Params) -> None:
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    if not leaves:
-        raise ValueError(
-            "extrapolation got a parameter tree with no arrays in it. Pass the model's "
-            "trainable parameters to tx.init (with flax.nnx: nnx.Optimizer(model, tx, "
-            "wrt=nnx.Param))."
-        )
-    for path, leaf in leaves:
-        dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"extrapolation displaces real floating-point parameters; the leaf "
-                f"{jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}. Leave integer "
-                "leaves out of the optimized tree (e.g. with a flax filter), and optimize a "
-                "complex parameter as its real and imaginary parts."
-            )
-
-
-def _loss(value: Any, dtype: jnp.dtype, required: bool) -> jax.Array | None:
-    """The loss as a 0-d array of ``dtype`` (``None`` where none is given and none needed)."""
-    if value is None:
-        if required:
-            raise ValueError(
-                "extrapolation(alig(...)) needs the loss of the minibatch whose gradients "
-                "you pass, at the point the params hold: tx.update(grads, state, params, "
-                "value=loss) (with flax.nnx: optimizer.update(model, grads, value=loss))."
-            )
-        return None
-    array = jnp.asarray(value)
-    if array.shape != () or not (
-        jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
-    ):
-        raise ValueError(
-            f"extrapolation's value= must be the scalar real loss that was differentiated, "
-            f"got shape {array.shape} and dtype {array.dtype}. Reduce it first (e.g. "
-            "loss.mean()) and pass that value."
-        )
-    return array.astype(dtype)
 
 
 def _apply(param: jax.Array, update: jax.Array | None) -> jax.Array:
@@ -336,7 +309,7 @@ def extrapolation(
     reads_lr_x = config.mode != "noise" and config.lr_x is None
 
     def init_fn(params: optax.Params) -> ExtrapolationState:
-        _check_params(params)
+        check_params(params, who="extrapolation", verb="displaces")
         base_state = tx.init(params)
         if reads_lr_x and _base_step_size(base_state)[0] is None:
             _refuse_missing_lr_x(_base_step_size(base_state)[1])
@@ -354,10 +327,9 @@ def extrapolation(
         updates: optax.Updates,
         state: ExtrapolationState,
         params: optax.Params | None = None,
-        *,
-        value: Any = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, ExtrapolationState]:
+        value = extra_args.pop("value", None)  # the base gets its own (base_kwargs)
         if params is None:
             raise ValueError(
                 "extrapolation steps from the anchor and needs the params: call "
@@ -367,9 +339,9 @@ def extrapolation(
         if reads_lr_x and _base_step_size(state.base_state)[0] is None:
             _refuse_missing_lr_x(_base_step_size(state.base_state)[1])
         treedef: Any  # a jax PyTreeDef (flatten_up_to, unflatten: not in jax's stubs)
-        grads, treedef = jax.tree.flatten(updates, is_leaf=_is_missing)
+        grads, treedef = jax.tree.flatten(updates, is_leaf=is_missing)
         leaves = treedef.flatten_up_to(params)
-        dtype = _accumulation_dtype(leaves)
+        dtype = accumulation_dtype(leaves)
 
         def up(x: jax.Array) -> jax.Array:  # the core computes in the accumulation dtype
             return jnp.asarray(x).astype(dtype)
@@ -385,8 +357,10 @@ def extrapolation(
             iteration=state.iteration,
             skipped=state.skipped,
         )
-        loss = _loss(value, dtype, required=is_alig)
-        sq_grad_norm = _sum_of_squares([g for g in gradients if g is not None], dtype)
+        loss = None
+        if value is not None or is_alig:
+            loss = loss_value(value, dtype, who="extrapolation", missing=_MISSING, value_help=_HELP)
+        sq_grad_norm = sum_of_squares([g for g in gradients if g is not None], dtype)
 
         def base_kwargs(base_value: Any) -> dict[str, Any]:
             return extra_args if base_value is None else {**extra_args, "value": base_value}
@@ -456,7 +430,7 @@ def extrapolation(
             lambda old, new: _keep_unless_stepped(call.base_stepped, old, new),
             state.base_state,
             new_base_state,
-            is_leaf=_is_missing,
+            is_leaf=is_missing,
         )
         targets = down(call.params)
         new_state = ExtrapolationState(

@@ -6,16 +6,33 @@ the trees, keeps the state and turns the new parameters into optax updates.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import alig_core
-from alig_core import AliGConfig, momentum_coefficients, momentum_update, projection_scale
+from alig_core import (
+    AliGConfig,
+    Records,
+    momentum_coefficients,
+    momentum_update,
+    projection_scale,
+    record_step,
+)
+from alig_jax._leaves import (
+    accumulation_dtype,
+    check_params,
+    is_missing,
+    loss_value,
+    sum_of_squares,
+)
 
-__all__ = ["AliGState", "alig", "project_onto_ball", "scale_by_alig"]
+if TYPE_CHECKING:
+    from typing import Unpack
+
+__all__ = ["AliGState", "StepOptions", "alig", "project_onto_ball", "scale_by_alig"]
 
 _VALUE_HELP = (
     "Pass the loss of the minibatch whose gradients you pass as a keyword argument: "
@@ -48,94 +65,24 @@ class AliGState(NamedTuple):
     conventions hold different quantities)."""
 
 
-def _is_missing(leaf: Any) -> bool:
-    return leaf is None
+class StepOptions(TypedDict, total=False):
+    """The keyword options of :func:`scale_by_alig`: :func:`alig`'s, but ``max_norm``."""
+
+    adjusted_momentum: bool
+    eps: float
+    f_star: float
 
 
-def _accumulation_dtype(leaves: list[jax.Array]) -> jnp.dtype:
-    names = {alig_core.accumulation_dtype(str(jnp.asarray(x).dtype)) for x in leaves}
-    return jnp.float64 if "float64" in names else jnp.float32
-
-
-def _sum_of_squares(leaves: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
-    total = jnp.zeros((), dtype)
-    for leaf in leaves:
-        total = total + jnp.sum(jnp.square(leaf.astype(dtype)))
-    return total
-
-
-def _check_params(params: optax.Params) -> None:
-    """Refuses a tree ALI-G cannot step: no leaf at all, or a leaf that is not real floating."""
-    with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    if not with_paths:
-        raise ValueError(
-            "alig got a parameter tree with no arrays in it (an empty parameter list). "
-            "Pass the model's trainable parameters to tx.init, e.g. tx.init(params) with the "
-            "params of model.init(...), or nnx.state(model, nnx.Param) with flax.nnx."
-        )
-    for path, leaf in with_paths:
-        # .dtype first: abstract leaves (jax.eval_shape, ShapeDtypeStruct) have no value.
-        dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"alig optimizes real floating-point parameters; the leaf "
-                f"{jax.tree_util.keystr(path) or '(root)'} has dtype {dtype} and shape "
-                f"{tuple(getattr(leaf, 'shape', ()))}. Leave integer leaves out of the "
-                "optimized tree (e.g. with optax.masked or a flax filter), and optimize a "
-                "complex parameter as its real and imaginary parts (a float array with a "
-                "trailing axis of 2)."
-            )
-
-
-def _loss_value(value: Any, dtype: jnp.dtype) -> jax.Array:
-    if value is None:
-        raise ValueError(f"ALI-G's update needs the loss as value=, and got none. {_VALUE_HELP}")
-    if isinstance(value, str | bytes | bool):
-        raise ValueError(
-            f"ALI-G's value= must be the loss as a real scalar, got {value!r} "
-            f"(type {type(value).__name__}). {_VALUE_HELP}"
-        )
-    array = jnp.asarray(value)
-    if array.shape != ():
-        raise ValueError(
-            f"ALI-G's value= must be the scalar loss, got an array of shape {array.shape}. "
-            "Reduce it first (e.g. loss.mean()) and pass the value that was differentiated."
-        )
-    if not jnp.issubdtype(array.dtype, jnp.floating) and not jnp.issubdtype(
-        array.dtype, jnp.integer
-    ):
-        raise ValueError(
-            f"ALI-G's value= must be the loss as a real scalar, got dtype {array.dtype}. "
-            "Pass the real-valued scalar that was differentiated (e.g. jnp.real(loss) if "
-            "it was computed in complex arithmetic)."
-        )
-    return array.astype(dtype)
-
-
-def _alig_transform(
-    max_lr: float | optax.Schedule | None,
-    momentum: float,
-    adjusted_momentum: bool,
-    eps: float,
-    f_star: float,
-    max_norm: float | None,
-) -> optax.GradientTransformationExtraArgs:
-    config = AliGConfig(
-        max_lr=max_lr,
-        momentum=momentum,
-        adjusted_momentum=adjusted_momentum,
-        eps=eps,
-        f_star=f_star,
-        max_norm=max_norm,
-    )
+def _alig_transform(config: AliGConfig) -> optax.GradientTransformationExtraArgs:
+    """The transformation of a validated configuration (:func:`alig` builds it)."""
+    momentum = config.momentum
     # A traced momentum (inside inject_hyperparams) keeps buffers: only a literal 0 drops them.
     keeps_buffers = not (isinstance(momentum, int | float) and momentum == 0)
     convention = alig_core.momentum_convention(keeps_buffers, config.adjusted_momentum)
 
     def init_fn(params: optax.Params) -> AliGState:
-        _check_params(params)
-        leaves = jax.tree.leaves(params)
-        dtype = _accumulation_dtype(leaves) if leaves else jnp.float32
+        check_params(params, who="alig", verb="optimizes")
+        dtype = accumulation_dtype(jax.tree.leaves(params))
         buffers = jax.tree.map(jnp.zeros_like, params) if keeps_buffers else None
         return AliGState(
             momentum=buffers,
@@ -173,11 +120,17 @@ def _alig_transform(
                 "settings (momentum and adjusted_momentum) to resume from it."
             )
         treedef: Any  # a jax PyTreeDef (flatten_up_to, unflatten: not in jax's stubs)
-        grads, treedef = jax.tree.flatten(updates, is_leaf=_is_missing)
+        grads, treedef = jax.tree.flatten(updates, is_leaf=is_missing)
         present = [g for g in grads if g is not None]
         dtype = state.gamma.dtype
-        loss = _loss_value(value, dtype)
-        sq_grad_norm = _sum_of_squares(present, dtype)
+        loss = loss_value(
+            value,
+            dtype,
+            who="ALI-G",
+            missing=f"ALI-G's update needs the loss as value=, and got none. {_VALUE_HELP}",
+            value_help=_VALUE_HELP,
+        )
+        sq_grad_norm = sum_of_squares(present, dtype)
         cap = config.max_lr(state.steps_taken) if callable(config.max_lr) else config.max_lr
         size = alig_core.step_size(
             jnp, loss, sq_grad_norm, max_lr=cap, eps=config.eps, f_star=config.f_star
@@ -211,21 +164,24 @@ def _alig_transform(
         if config.max_norm is not None:
             param_leaves = treedef.flatten_up_to(params)
             moved = [p if d is None else p + d for p, d in zip(param_leaves, deltas, strict=True)]
-            sq_param_norm = _sum_of_squares(moved, dtype)
-            scale = projection_scale(jnp, sq_param_norm, config.max_norm)
-            scale = jnp.where(skipped, 1.0, scale)
+            sq_param_norm = sum_of_squares(moved, dtype)
+            scale = projection_scale(jnp, sq_param_norm, config.max_norm, skipped=skipped)
             deltas = [
                 jnp.where(skipped, -0.0, (m * scale.astype(m.dtype)) - p).astype(p.dtype)
                 for p, m in zip(param_leaves, moved, strict=True)
             ]
 
+        old = Records(
+            state.gamma, state.gamma_hat, state.capped, state.steps_taken, state.steps_skipped
+        )
+        records = record_step(jnp, old, size)
         new_state = AliGState(
             momentum=treedef.unflatten(new_buffers) if keeps_buffers else None,
-            gamma=jnp.where(skipped, state.gamma, size.gamma.astype(dtype)),
-            gamma_hat=jnp.where(skipped, state.gamma_hat, size.gamma_hat.astype(dtype)),
-            capped=jnp.where(skipped, state.capped, size.capped),
-            steps_taken=state.steps_taken + jnp.where(skipped, 0, 1).astype(jnp.int32),
-            steps_skipped=state.steps_skipped + jnp.where(skipped, 1, 0).astype(jnp.int32),
+            gamma=records.gamma.astype(dtype),
+            gamma_hat=records.gamma_hat.astype(dtype),
+            capped=records.capped,
+            steps_taken=records.steps_taken.astype(jnp.int32),
+            steps_skipped=records.steps_skipped.astype(jnp.int32),
             momentum_convention=state.momentum_convention,
         )
         return treedef.unflatten(deltas), new_state
@@ -236,13 +192,14 @@ def _alig_transform(
 def scale_by_alig(
     max_lr: float | optax.Schedule | None = None,
     momentum: float = 0.0,
-    *,
-    adjusted_momentum: bool = False,
-    eps: float = 1e-5,
-    f_star: float = 0.0,
+    **options: Unpack[StepOptions],
 ) -> optax.GradientTransformationExtraArgs:
-    """The ALI-G step without the l2-ball projection; see :func:`alig`."""
-    return _alig_transform(max_lr, momentum, adjusted_momentum, eps, f_star, None)
+    """The ALI-G step without the l2-ball projection: :func:`alig` with ``max_norm=None``.
+
+    Takes :func:`alig`'s arguments but ``max_norm`` (``adjusted_momentum``, ``eps`` and
+    ``f_star`` by keyword, with the same defaults); see there.
+    """
+    return alig(max_lr, momentum, max_norm=None, **options)
 
 
 def alig(
@@ -321,7 +278,16 @@ def alig(
       L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for and by
       Interpolation", ICML 2020, arXiv:1906.05661.
     """
-    return _alig_transform(max_lr, momentum, adjusted_momentum, eps, f_star, max_norm)
+    return _alig_transform(
+        AliGConfig(
+            max_lr=max_lr,
+            momentum=momentum,
+            adjusted_momentum=adjusted_momentum,
+            eps=eps,
+            f_star=f_star,
+            max_norm=max_norm,
+        )
+    )
 
 
 def project_onto_ball(params: optax.Params, max_norm: float) -> optax.Params:
@@ -338,6 +304,6 @@ def project_onto_ball(params: optax.Params, max_norm: float) -> optax.Params:
     leaves = jax.tree.leaves(params)
     if not leaves:
         return params
-    sq_norm = _sum_of_squares(leaves, _accumulation_dtype(leaves))
+    sq_norm = sum_of_squares(leaves, accumulation_dtype(leaves))
     scale = projection_scale(jnp, sq_norm, max_norm)
     return jax.tree.map(lambda p: (p * scale.astype(p.dtype)).astype(p.dtype), params)

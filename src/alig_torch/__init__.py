@@ -1,7 +1,8 @@
 """ALI-G for PyTorch: :class:`AliG`, and :class:`Extrapolation` around any optimizer.
 
-:class:`AliG` is a drop-in ``torch.optim.Optimizer``; :class:`Extrapolation` takes extrapolated
-steps around any optimizer, AliG included (Lin, Kong, Stich, Jaggi, ICML 2020).
+:class:`AliG` is a drop-in ``torch.optim.Optimizer``, :func:`alig` its functional form (one
+step over lists of tensors, as ``torch.optim.sgd``'s ``sgd()``); :class:`Extrapolation` takes
+extrapolated steps around any optimizer, AliG included (Lin, Kong, Stich, Jaggi, ICML 2020).
 
 Example:
   >>> import torch
@@ -17,6 +18,7 @@ Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
 from alig_torch._extrapolation import Extrapolation
-from alig_torch._optimizer import AliG, alig, project_onto_ball
+from alig_torch._functional import alig, project_onto_ball
+from alig_torch._optimizer import AliG
 
 __all__ = ["AliG", "Extrapolation", "alig", "project_onto_ball"]

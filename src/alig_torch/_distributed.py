@@ -252,7 +252,11 @@ def _same(a: float, b: float, rtol: float) -> bool:
     return abs(a - b) <= rtol * max(abs(a), abs(b))
 
 
-def _listed(values: list[float]) -> str:
+def _differing(rows: list[list[float]], column: int, rtol: float) -> str | None:
+    """The ranks' values of ``column``, listed, where they differ; ``None`` where they agree."""
+    values = [row[column] for row in rows]
+    if all(_same(v, values[0], rtol) for v in values):
+        return None
     return "[" + ", ".join(f"{v:.17g}" for v in values) + "]"
 
 
@@ -280,24 +284,23 @@ def disagreement(rows: list[list[float]], *, all_reduce_loss: bool) -> str | Non
         )
     codes = {row[_DTYPE] for row in rows} - {_NO_DTYPE}
     rtol = _RTOL[_FLOAT32] if _FLOAT32 in codes else _RTOL[_FLOAT64]
-    replicated = [row[_REPLICATED] for row in rows]
-    if not all(_same(v, replicated[0], rtol) for v in replicated):
+    replicated = _differing(rows, _REPLICATED, rtol)
+    if replicated is not None:
         return (
             "The ranks hold different gradients for the parameters AliG takes as replicated "
-            f"(held whole by every rank): squared norms {_listed(replicated)} in rank order. "
+            f"(held whole by every rank): squared norms {replicated} in rank order. "
             "Under DistributedDataParallel every rank holds the same all-reduced gradient. "
             f"{_PARTITIONED_HELP} Otherwise the gradients are not all-reduced: wrap the model "
             "in DistributedDataParallel (or all-reduce the gradients before step)."
         )
-    if not all_reduce_loss:
-        losses = [row[_LOSS] for row in rows]
-        if not all(_same(v, losses[0], rtol) for v in losses):
-            return (
-                "AliG(all_reduce_loss=False) got different losses on different ranks: "
-                f"{_listed(losses)} in rank order. With all_reduce_loss=False every rank must "
-                "pass the mean loss of the global batch, the same on every rank; leave "
-                "all_reduce_loss=True (the default) to have AliG average the ranks' losses."
-            )
+    losses = None if all_reduce_loss else _differing(rows, _LOSS, rtol)
+    if losses is not None:
+        return (
+            f"AliG(all_reduce_loss=False) got different losses on different ranks: {losses} in "
+            "rank order. With all_reduce_loss=False every rank must pass the mean loss of the "
+            "global batch, the same on every rank; leave all_reduce_loss=True (the default) "
+            "to have AliG average the ranks' losses."
+        )
     seen: dict[tuple[float, float], int] = {}
     for r, row in enumerate(rows):
         part = row[_PARTITIONED]

@@ -1,4 +1,4 @@
-"""Extrapolation around any ``torch.optim.Optimizer`` (docs/specification.md, "Extrapolation").
+"""Extrapolation around any ``torch.optim.Optimizer`` (``docs/extrapolation.md``).
 
 A thin adapter of :mod:`alig_core._extrapolation`: this module gathers the parameters and
 gradients, computes the squared gradient norm, converts the loss, calls one phase function
@@ -31,6 +31,9 @@ from alig_core import (
     finish_update,
     update_inputs,
 )
+from alig_torch._functional import select_path
+from alig_torch._loss import loss_as_tensor, summed_losses
+from alig_torch._norms import accumulation_dtype, as_0d
 from alig_torch._optimizer import AliG
 
 __all__ = ["ANCHOR_GRADIENTS", "Extrapolation"]
@@ -46,9 +49,6 @@ _LOSS_HELP = (
     "(which refuses closures): scaler.unscale_(opt); scaler.step(opt, loss=loss) with the "
     "unscaled loss."
 )
-
-_NO_CAP = float("inf")
-"""How AliG stores ``max_lr=None`` in a group's ``lr``."""
 
 
 class _Guard:
@@ -249,7 +249,7 @@ class Extrapolation(Optimizer):
       >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
       >>> def closure():
       ...     opt.zero_grad()
-      ...     loss = torch.nn.functional.mse_loss(model(x), y)
+      ...     loss = (model(x) - y).square().mean()
       ...     loss.backward()
       ...     return loss
       >>> loss = opt.step(closure)  # at the anchor, then at the extrapolated point
@@ -529,7 +529,7 @@ class Extrapolation(Optimizer):
           >>> opt = Extrapolation(AliG(model.parameters(), max_lr=0.1), mode="past")
           >>> opt.zero_grad()
           >>> for x, y in [(torch.randn(4, 3), torch.randn(4, 1))] * 2:  # 2 micro-batches
-          ...     loss = torch.nn.functional.mse_loss(model(x), y) / 2
+          ...     loss = (model(x) - y).square().mean() / 2
           ...     loss.backward()
           ...     opt.add_loss(loss)
           >>> _ = opt.step()
@@ -694,22 +694,20 @@ class Extrapolation(Optimizer):
                     f"{tuple(p.shape)} has one). Use a dense embedding (sparse=False)."
                 )
             grads.append(None if p.grad is None else p.grad.detach())
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        device = params[0].device
-        sq = torch.zeros((), dtype=dtype, device=device)
-        for g in grads:
-            if g is not None:
-                flat = g.reshape(-1).to(dtype)
-                sq = sq + torch.dot(flat, flat).to(device)
+        dtype, device = accumulation_dtype(params), params[0].device
+        # S as AliG takes it, on the path an AliG of these parameters would take.
+        path = select_path(params, foreach=True)
+        present = [g for g in grads if g is not None]
+        sq = as_0d(path.sum_of_squares(present, dtype, device), device, dtype)
         if isinstance(loss, list | tuple):
-            if not loss:
-                raise ValueError(
-                    "Extrapolation.step(loss=[]) got an empty list; pass the loss of every "
-                    f"backward pass that accumulated the gradient. {_LOSS_HELP}"
-                )
-            total = self._loss_tensor(loss[0], device, dtype)
-            for item in loss[1:]:
-                total = total + self._loss_tensor(item, device, dtype)
+            total = summed_losses(
+                loss,
+                device,
+                dtype,
+                who="Extrapolation",
+                step_name="Extrapolation.step",
+                loss_help=_LOSS_HELP,
+            )
             return params, grads, total, sq
         return params, grads, self._loss_tensor(loss, device, dtype), sq
 
@@ -717,20 +715,7 @@ class Extrapolation(Optimizer):
     def _loss_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> Any:
         if loss is None:
             return None
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1 or loss.is_complex() or loss.dtype == torch.bool:
-                raise ValueError(
-                    f"Extrapolation needs the loss as a real scalar; got a tensor of shape "
-                    f"{tuple(loss.shape)} and dtype {loss.dtype}. Reduce it first (e.g. "
-                    "loss.mean()) and pass the value that was differentiated."
-                )
-            return loss.detach().reshape(()).to(device=device, dtype=dtype)
-        if isinstance(loss, bool) or not isinstance(loss, int | float):
-            raise ValueError(
-                f"Extrapolation needs the loss as a real scalar, a float or a 0-d tensor; got "
-                f"{_describe(loss)}. {_LOSS_HELP}"
-            )
-        return torch.tensor(float(loss), device=device, dtype=dtype)
+        return loss_as_tensor(loss, device, dtype, who="Extrapolation", loss_help=_LOSS_HELP)
 
     def _group_value(self, key: str) -> Any:
         """A hyperparameter the core takes once: the same in every param group."""
@@ -750,12 +735,11 @@ class Extrapolation(Optimizer):
         if not self._is_alig:
             return self._group_value("lr")
         assert loss is not None
-        cap = self._group_value("lr")
         return anchor_step_size(
             torch,
             loss,
             sq,
-            max_lr=None if cap == _NO_CAP else cap,
+            max_lr=self._group_value("lr"),  # inf (no cap) as AliG stores it: the same step
             eps=self._group_value("eps"),
             f_star=self._group_value("f_star"),
         )

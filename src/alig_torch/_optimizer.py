@@ -1,40 +1,45 @@
-"""ALI-G as a ``torch.optim.Optimizer``.
+"""ALI-G as a ``torch.optim.Optimizer``: the class :class:`AliG`.
 
-Three layers, as in ``torch/optim/sgd.py``: the :class:`AliG` class (validates, keeps
-param groups and state), the functional form :func:`alig` (one step over lists of
-tensors), and two private implementations that must agree: a readable single-tensor loop
-(the reference) and a foreach path over tensors grouped by device and dtype. The numbers
-come from :mod:`alig_core`; this module gathers tensors and writes results back.
+As in ``torch/optim/sgd.py``, the class validates, keeps the param groups and the state,
+resolves the loss of a step and calls the functional form once per group
+(:func:`alig_torch._functional.alig`, which picks how the step runs). The sums of squares
+are :mod:`alig_torch._norms`' (and, over the ranks, :mod:`alig_torch._distributed`'s);
+the numbers and the records' transitions come from :mod:`alig_core`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, overload
 
 import torch
 from torch.optim.optimizer import Optimizer
 
 import alig_core
-from alig_core import (
-    AliGConfig,
-    momentum_coefficients,
-    momentum_update,
-    projection_scale,
-    python_scalars,
-    step_size,
-    validate_max_lr,
-    validate_momentum,
-)
+from alig_core import AliGConfig, Records, record_step, validate_max_lr, validate_momentum
 from alig_torch import _distributed
 from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation, count_mismatch_message
-from alig_torch._distributed import sharded_sum_of_squares, split_sharded
+from alig_torch._functional import StepPath, alig, project, select_path
+from alig_torch._loss import loss_as_tensor, summed_losses
+from alig_torch._norms import Norms, accumulation_dtype
 
-__all__ = ["AliG", "alig", "project_onto_ball"]
+__all__ = ["AliG"]
 
 _NO_CAP = math.inf
-"""How ``max_lr=None`` is stored in a group's ``lr`` (so LR schedulers keep working)."""
+"""How ``max_lr=None`` is stored in a group's ``lr`` (so LR schedulers keep working); the
+core's :func:`alig_core.step_size` takes ``inf`` as no cap, so the step reads it as it is."""
+
+
+def _stored_cap(max_lr: Any) -> Any:
+    """A ``max_lr`` as a group's ``lr`` holds it: ``None`` (no cap) becomes ``inf``."""
+    return _NO_CAP if max_lr is None else max_lr
+
+
+def _given_cap(lr: Any) -> Any:
+    """A group's ``lr`` as ``max_lr`` was given (``inf`` is ``None``), for validation."""
+    return None if isinstance(lr, float) and lr == _NO_CAP else lr
+
 
 _LOSS_HELP = (
     "ALI-G computes its step size from the loss of the gradient it applies. Hand it over in "
@@ -138,8 +143,7 @@ def _check_group_keys(group: dict[str, Any], where: str) -> None:
 
 def _check_group_hyperparameters(group: dict[str, Any]) -> None:
     """The core's validation of a group's ALI-G hyperparameters (``lr = inf``: no cap)."""
-    if not (isinstance(group["lr"], float) and group["lr"] == _NO_CAP):
-        validate_max_lr(group["lr"])
+    validate_max_lr(_given_cap(group["lr"]))
     validate_momentum(group["momentum"])
     AliGConfig(
         momentum=group["momentum"],
@@ -223,82 +227,6 @@ def _check_saved_group(index: int, saved: Any, saved_state: Any) -> None:
         )
 
 
-def _loss_as_tensor(loss: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Checks the loss and returns it as a detached 0-d tensor, without a host sync."""
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(
-                f"ALI-G needs the loss as a scalar, got a tensor of shape {tuple(loss.shape)}. "
-                "Reduce it first (e.g. loss.mean()) and pass the value that was "
-                "differentiated."
-            )
-        if loss.is_complex() or loss.dtype == torch.bool:
-            raise ValueError(
-                f"ALI-G needs a real-valued loss, got a tensor of dtype {loss.dtype}. "
-                "Pass the real scalar that was differentiated."
-            )
-        return loss.detach().reshape(()).to(device=device, dtype=dtype)
-    if isinstance(loss, bool) or not isinstance(loss, int | float):
-        raise ValueError(
-            f"ALI-G needs the loss as a real scalar, a float or a 0-d tensor; got {loss!r} "
-            f"(type {type(loss).__name__}). {_LOSS_HELP}"
-        )
-    return torch.tensor(float(loss), device=device, dtype=dtype)
-
-
-def _accumulation_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
-    """At least float32; float64 when any tensor is float64 (docs/specification.md, section 3)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _sum_of_squares(
-    tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device, foreach: bool
-) -> torch.Tensor:
-    """Sum of squared entries of ``tensors``, accumulated in ``dtype`` on ``device``."""
-    total = torch.zeros((), dtype=dtype, device=device)
-    if not tensors:
-        return total
-    tensors, sharded = split_sharded(tensors)
-    if sharded:
-        total = total + sharded_sum_of_squares(sharded, dtype).to(device)
-        if not tensors:
-            return total
-    # Compiled, tensor by tensor (below): inductor fuses those reductions, and a compiled
-    # _foreach_norm came out 7e-5 off on ResNet-18-sized float32 gradients (torch 2.13).
-    if foreach and not torch.compiler.is_compiling():
-        for (_, _), (group, *_) in _by_device_and_dtype([tensors]).items():
-            norms = torch._foreach_norm(group, 2, dtype=dtype)
-            total = total + torch.stack(norms).to(device).square().sum()
-        return total
-    for tensor in tensors:
-        total = total + tensor.to(dtype).square().sum().to(device)
-    return total
-
-
-def project_onto_ball(params: Iterable[torch.Tensor], max_norm: float) -> None:
-    """Projects ``params`` in place onto the l2 ball of radius ``max_norm`` (all of them at once).
-
-    ALI-G never changes parameters at construction: call this once on the initial
-    parameters when training with ``max_norm``, so that training starts inside the ball.
-
-    Example:
-      >>> w = torch.tensor([3.0, 4.0])
-      >>> project_onto_ball([w], max_norm=1.0)
-      >>> w
-      tensor([0.6000, 0.8000])
-    """
-    alig_core.validate_max_norm(max_norm)
-    params = [p for p in params]
-    if not params:
-        return
-    with torch.no_grad():
-        dtype = _accumulation_dtype(params)
-        sq_norm = _sum_of_squares(params, dtype, params[0].device, foreach=False)
-        scale = projection_scale(torch, sq_norm, max_norm)
-        for p in params:
-            p.mul_(scale.to(p.device))
-
-
 def _check_group_params(group: dict[str, Any]) -> None:
     """Refuses parameters ALI-G cannot step (complex or not floating point)."""
     for p in group["params"]:
@@ -309,6 +237,38 @@ def _check_group_params(group: dict[str, Any]) -> None:
                 "torch.view_as_real(p) (its real and imaginary parts) instead; leave integer "
                 "buffers out of the optimizer."
             )
+
+
+_RECORD_DOCS = {
+    "gamma": "The step size of the last step taken (first group), a 0-d tensor.",
+    "gamma_hat": "The Polyak step before clamp and cap, of the last step taken (first group).",
+    "capped": "Whether the last step taken hit the cap (first group), a 0-d bool tensor.",
+    "steps_taken": "How many steps were taken (not skipped), a 0-d int64 tensor.",
+    "steps_skipped": "How many steps were skipped (non-finite loss or gradient), 0-d int64.",
+}
+
+
+class _Record:
+    """An optimizer property: a record of the first param group, as a 0-d view (no copy).
+
+    ``None`` before the first step. The records live in each group (:func:`_record`).
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+        self.__doc__ = _RECORD_DOCS[name]
+
+    @overload
+    def __get__(self, optimizer: None, owner: type) -> _Record: ...
+
+    @overload
+    def __get__(self, optimizer: Optimizer, owner: type | None = None) -> torch.Tensor | None: ...
+
+    def __get__(self, optimizer: Optimizer | None, owner: type | None = None) -> Any:
+        if optimizer is None:
+            return self
+        value = optimizer.param_groups[0].get(self.key) if optimizer.param_groups else None
+        return None if value is None else value.view(())
 
 
 class AliG(Optimizer):
@@ -366,8 +326,9 @@ class AliG(Optimizer):
     fullgraph=True)`` traces a step. When every tensor is on the CPU (and ``foreach`` is
     not ``False``), where reading a number back costs no synchronisation, the step size is
     computed on Python floats (float64) and the update runs with scalar coefficients, as
-    ``torch.optim.SGD`` does: a few microseconds of bookkeeping per step instead of a
-    dozen 0-d tensor operations.
+    ``torch.optim.SGD`` does: Python arithmetic instead of a dozen 0-d tensor operations.
+    These are the step paths of :mod:`alig_torch._functional` (``"foreach"``,
+    ``"host"``, ``"single_tensor"`` for ``foreach=False``), picked in one place.
 
     **Monitoring.** After each step, every param group holds 0-d tensors ``gamma``,
     ``gamma_hat`` and ``capped`` (of the last step taken; kept as they were on a skipped
@@ -481,7 +442,7 @@ class AliG(Optimizer):
         self.partitioned = partitioned
         self.process_group = process_group
         defaults = {
-            "lr": _NO_CAP if max_lr is None else max_lr,
+            "lr": _stored_cap(max_lr),
             "momentum": config.momentum,
             "adjusted_momentum": config.adjusted_momentum,
             "eps": config.eps,
@@ -518,11 +479,10 @@ class AliG(Optimizer):
                 )
             param_group = dict(param_group)
             max_lr = param_group.pop("max_lr")
-            param_group["lr"] = _NO_CAP if max_lr is None else max_lr
+            param_group["lr"] = _stored_cap(max_lr)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group["lr"] is None:
-            group["lr"] = _NO_CAP
+        group["lr"] = _stored_cap(group["lr"])
         try:
             _check_group_hyperparameters(group)
             _check_group_params(group)
@@ -629,33 +589,15 @@ class AliG(Optimizer):
 
     # ------------------------------------------------------------------ monitoring
 
-    def _first_group_value(self, key: str) -> torch.Tensor | None:
-        return self.param_groups[0].get(key) if self.param_groups else None
+    gamma = _Record()
+    gamma_hat = _Record()
+    capped = _Record()
+    steps_taken = _Record()
+    steps_skipped = _Record()
 
-    @property
-    def gamma(self) -> torch.Tensor | None:
-        """The step size of the last step taken (first group), a 0-d tensor."""
-        return _scalar(self._first_group_value("gamma"))
-
-    @property
-    def gamma_hat(self) -> torch.Tensor | None:
-        """The Polyak step before clamp and cap, of the last step taken (first group)."""
-        return _scalar(self._first_group_value("gamma_hat"))
-
-    @property
-    def capped(self) -> torch.Tensor | None:
-        """Whether the last step taken hit the cap (first group), a 0-d bool tensor."""
-        return _scalar(self._first_group_value("capped"))
-
-    @property
-    def steps_taken(self) -> torch.Tensor | None:
-        """How many steps were taken (not skipped), a 0-d int64 tensor."""
-        return _scalar(self._first_group_value("steps_taken"))
-
-    @property
-    def steps_skipped(self) -> torch.Tensor | None:
-        """How many steps were skipped (non-finite loss or gradient), a 0-d int64 tensor."""
-        return _scalar(self._first_group_value("steps_skipped"))
+    _step_path: str | None = None
+    """Forces a path of :data:`alig_torch._functional.STEP_PATHS` (tests: every path on CPU
+    tensors); ``None`` lets :func:`alig_torch._functional.select_path` choose."""
 
     # ------------------------------------------------------------------ the step
 
@@ -730,15 +672,10 @@ class AliG(Optimizer):
                     f"give one. {_LOSS_HELP}"
                 )
             if isinstance(loss, list | tuple):
-                if not loss:
-                    raise ValueError(
-                        "AliG.step(loss=[]) got an empty list of losses; pass the loss of every "
-                        f"backward pass that accumulated the gradient. {_LOSS_HELP}"
-                    )
                 device, dtype = self._loss_device_and_dtype()
-                total = _loss_as_tensor(loss[0], device, dtype)
-                for item in loss[1:]:
-                    total = total + _loss_as_tensor(item, device, dtype)
+                total = summed_losses(
+                    loss, device, dtype, who="ALI-G", step_name="AliG.step", loss_help=_LOSS_HELP
+                )
                 return total, len(loss), "as a list, loss=[...]"
             return loss, 1, "loss="
         if closure_loss is not None:
@@ -771,7 +708,9 @@ class AliG(Optimizer):
           >>> _ = opt.step()
         """
         device, dtype = self._loss_device_and_dtype()
-        self._accumulation.add(_loss_as_tensor(loss, device, dtype))
+        self._accumulation.add(
+            loss_as_tensor(loss, device, dtype, who="ALI-G", loss_help=_LOSS_HELP)
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients (as ``torch.optim``) and forgets the added losses with them."""
@@ -784,7 +723,7 @@ class AliG(Optimizer):
             if _distributed.active_group(self.process_group) is not None:
                 return torch.device("cpu"), torch.float64  # an empty ZeRO partition (_step)
             raise ValueError("AliG has no parameters to optimize: its param groups are empty.")
-        return params[0].device, _accumulation_dtype(params)
+        return params[0].device, accumulation_dtype(params)
 
     def _fail(self, error: ValueError) -> NoReturn:
         """Raises ``error``; under torch.distributed, on every rank of the group at once.
@@ -812,116 +751,53 @@ class AliG(Optimizer):
             )
         # A rank without parameters (an empty ZeroRedundancyOptimizer partition) takes part
         # in the collectives all the same, its loss in float64.
-        accumulate = _accumulation_dtype(all_params) if all_params else torch.float64
+        accumulate = accumulation_dtype(all_params) if all_params else torch.float64
         device = all_params[0].device if all_params else torch.device("cpu")
         try:  # the checks of this rank: under torch.distributed, failed on every rank at once
-            loss_t = _loss_as_tensor(loss, device, accumulate)  # before any state is created
+            loss_t = loss_as_tensor(loss, device, accumulate, who="ALI-G", loss_help=_LOSS_HELP)
             groups = [(group, *self._collect(group)) for group in self.param_groups]
             partitioned = set() if ranks is None else ranks.partitioned_ids(all_params)
         except ValueError as error:
             if ranks is None:
                 raise
             ranks.fail_together(error)
-        all_grads = [g for _, _, grads in groups for g in grads]
-        foreach = self._use_foreach(all_params)
-        norms = _Norms(self, ranks, all_params, partitioned)
-        if foreach and _on_host(all_params) and not torch.compiler.is_compiling():
-            self._host_step(float(loss_t), groups, all_params, all_grads, accumulate, norms)
-            return
-        loss_t, sq_grad_norm = norms.agree(
-            loss_t,
+        path = select_path(all_params, foreach=self._use_foreach(all_params), path=self._step_path)
+
+        def sum_of_squares(tensors: list[torch.Tensor]) -> Any:
+            return path.sum_of_squares(tensors, accumulate, device)
+
+        norms = Norms(ranks, all_params, partitioned, self._fingerprint, self.partitioned is True)
+        loss_n, sq_grad_norm = norms.agree(
+            path.number(loss_t, device, accumulate),
             [p for _, params, _ in groups for p in params],
-            all_grads,
-            lambda ts: _sum_of_squares(ts, accumulate, device, foreach),
+            [g for _, _, grads in groups for g in grads],
+            sum_of_squares,
             accumulate,
         )
-        loss_t = _as_0d(loss_t, device, accumulate)
-        sq_grad_norm = _as_0d(sq_grad_norm, device, accumulate)
+        loss_n = path.number(loss_n, device, accumulate)
+        sq_grad_norm = path.number(sq_grad_norm, device, accumulate)
         record_dtype = norms.record_dtype(accumulate)
-
-        skipped = None
+        skipped: Any = None
         for group, params, grads in groups:
             size = alig(
                 params,
                 grads,
                 self._buffers(group, params),
-                loss=loss_t,
+                loss=loss_n,
                 sq_grad_norm=sq_grad_norm,
                 max_lr=group["lr"],
                 momentum=group["momentum"],
                 adjusted_momentum=group["adjusted_momentum"],
                 eps=group["eps"],
                 f_star=group["f_star"],
-                foreach=foreach,
+                path=path.name,
             )
             skipped = size.skipped
-            _record(group, size, device, record_dtype)
-        assert skipped is not None
-
-        if self.max_norm is not None:
-            sq_norm = norms.of_params(
-                lambda ts: _sum_of_squares(ts, accumulate, device, foreach), accumulate
-            )
-            sq_norm = _as_0d(sq_norm, device, accumulate)
-            scale = torch.where(skipped, 1.0, projection_scale(torch, sq_norm, self.max_norm))
-            on_host = all(p.device.type == "cpu" for p in all_params)
-            if on_host and not torch.compiler.is_compiling() and bool(scale == 1.0):
-                return  # inside the ball (no device to synchronise with on the CPU)
-            if foreach:
-                for (dev, _), (tensors, *_) in _by_device_and_dtype([all_params]).items():
-                    torch._foreach_mul_(tensors, scale.to(dev))
-            else:
-                for p in all_params:
-                    p.mul_(scale.to(p.device))
-
-    def _host_step(
-        self,
-        loss: float,
-        groups: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]],
-        all_params: list[torch.Tensor],
-        all_grads: list[torch.Tensor],
-        accumulate: torch.dtype,
-        norms: _Norms,
-    ) -> None:
-        """The step when every tensor is on the CPU: the same core formulas on floats."""
-        loss, sq_grad_norm = norms.agree(
-            loss,
-            [p for _, params, _ in groups for p in params],
-            all_grads,
-            lambda ts: _host_sum_of_squares(ts, accumulate),
-            accumulate,
-        )
-        record_dtype = norms.record_dtype(accumulate)
-        skipped = not (math.isfinite(loss) and math.isfinite(sq_grad_norm))
-        for group, params, grads in groups:
-            cap = group["lr"]
-            cap = None if isinstance(cap, float) and cap == _NO_CAP else float(cap)
-            size = step_size(
-                python_scalars,
-                loss,
-                sq_grad_norm,
-                max_lr=cap,
-                eps=float(group["eps"]),
-                f_star=float(group["f_star"]),
-            )
-            skipped = size.skipped
-            buffers = self._buffers(group, params)
-            _record_host(group, size, record_dtype)
-            if not skipped:
-                _host_update(
-                    params,
-                    grads,
-                    buffers,
-                    size.gamma,
-                    momentum=float(group["momentum"]),
-                    adjusted=group["adjusted_momentum"],
-                )
-        if self.max_norm is None or skipped:
-            return
-        sq_norm = norms.of_params(lambda ts: _host_sum_of_squares(ts, accumulate), accumulate)
-        scale = projection_scale(python_scalars, sq_norm, self.max_norm)
-        if scale != 1.0 and all_params:  # inside the ball: bit for bit untouched
-            torch._foreach_mul_(all_params, scale)
+            _record(group, size, path, device, record_dtype)
+        if self.max_norm is None or (path.on_host and skipped):
+            return  # a host step knows it was skipped: no norm to take
+        sq_param_norm = path.number(norms.of_params(sum_of_squares, accumulate), device, accumulate)
+        project(all_params, sq_param_norm, max_norm=self.max_norm, skipped=skipped, path=path)
 
     def _fingerprint(self, dtensors: int) -> float:
         """The settings that decide a step, as one number: see :func:`_distributed.fingerprint`."""
@@ -985,117 +861,13 @@ class AliG(Optimizer):
         return buffers
 
 
-class _Norms:
-    """The loss and the sums of squares of one step: this process's, or agreed by the ranks.
-
-    With ``ranks=None`` (a single process) the local numbers, untouched. Otherwise the
-    gradients and parameters are sorted into those this rank holds alone (partitioned: their
-    sums are added over the ranks), those every rank holds whole (replicated: counted once)
-    and DTensors (added over their own meshes), and the ranks agree on the numbers in one
-    collective (:meth:`_distributed.Ranks.agree`).
-    """
-
-    def __init__(
-        self,
-        optimizer: AliG,
-        ranks: _distributed.Ranks | None,
-        all_params: list[torch.Tensor],
-        partitioned_ids: set[int],
-    ) -> None:
-        self.optimizer = optimizer
-        self.ranks = ranks
-        self.all_params = all_params
-        self.partitioned_ids = partitioned_ids
-        self.agreement: _distributed.Agreement | None = None
-
-    def _sort(
-        self, params: list[torch.Tensor], tensors: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Any]]:
-        dtensor = _distributed.dtensor_type()
-        partitioned, replicated, sharded = [], [], []
-        for p, t in zip(params, tensors, strict=True):
-            if dtensor is not None and isinstance(t, dtensor):
-                sharded.append(t)
-            elif id(p) in self.partitioned_ids:
-                partitioned.append(t)
-            else:
-                replicated.append(t)
-        return partitioned, replicated, sharded
-
-    def agree(
-        self,
-        loss: Any,
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        sum_of_squares: Callable[[list[torch.Tensor]], Any],
-        accumulate: torch.dtype,
-    ) -> tuple[Any, Any]:
-        """The step's loss and squared gradient norm (``grads[i]`` is ``params[i]``'s)."""
-        if self.ranks is None:
-            return loss, sum_of_squares(grads)
-        partitioned, replicated, sharded = self._sort(params, grads)
-        self.agreement = self.ranks.agree(
-            loss=loss,
-            partitioned_sq=sum_of_squares(partitioned),
-            replicated_sq=sum_of_squares(replicated),
-            partitioned_numel=sum(t.numel() for t in partitioned),
-            float64=(accumulate == torch.float64) if self.all_params else None,
-            holds_partitioned=bool(self.partitioned_ids) or self.optimizer.partitioned is True,
-            fingerprint=self.optimizer._fingerprint(len(sharded)),
-        )
-        sq_grad_norm = self.agreement.sq_grad_norm
-        if sharded:  # a collective over the DTensors' meshes, after the checks
-            sq_grad_norm = _plus(sq_grad_norm, sharded_sum_of_squares(sharded, accumulate))
-        return self.agreement.loss, sq_grad_norm
-
-    def of_params(
-        self, sum_of_squares: Callable[[list[torch.Tensor]], Any], accumulate: torch.dtype
-    ) -> Any:
-        """The squared norm of all the parameters, for the projection."""
-        if self.ranks is None:
-            return sum_of_squares(self.all_params)
-        partitioned, replicated, sharded = self._sort(self.all_params, self.all_params)
-        assert self.agreement is not None
-        if self.agreement.partitioned:
-            total = self.ranks.add_parts(sum_of_squares(partitioned), sum_of_squares(replicated))
-        else:
-            total = sum_of_squares(replicated)
-        if sharded:
-            total = _plus(total, sharded_sum_of_squares(sharded, accumulate))
-        return total
-
-    def record_dtype(self, accumulate: torch.dtype) -> torch.dtype:
-        """The dtype of the records: a rank without parameters takes the other ranks'."""
-        if self.all_params or self.agreement is None:
-            return accumulate
-        return torch.float64 if self.agreement.float64 else torch.float32
-
-
-def _plus(total: Any, sharded: torch.Tensor) -> Any:
-    """``total`` (a float or a 0-d tensor) plus the DTensors' sum, in ``total``'s kind."""
-    if isinstance(total, float):
-        return total + float(sharded)
-    return total + sharded.to(device=total.device, dtype=total.dtype)
-
-
-def _as_0d(value: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``value`` (a float or a 0-d tensor) as a 0-d tensor on ``device`` in ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype)
-    return torch.tensor(value, device=device, dtype=dtype)
-
-
-def _scalar(value: torch.Tensor | None) -> torch.Tensor | None:
-    """A 0-d view of a 1-element record (no copy, no host sync)."""
-    return None if value is None else value.view(())
-
-
 def _stored_shape(p: torch.Tensor) -> tuple[int, ...]:
     """The shape in which a tensor of ``p``'s shape is kept in the optimizer's state.
 
-    A 0-d float CPU tensor in optimizer state is not mutable inside
-    ``torch.compile`` (torch 2.13: dynamo treats it as a Python scalar and drops in-place
-    writes to it), so 0-d state is kept with shape ``(1,)`` and viewed as 0-d for the math.
+    A 0-d float CPU tensor in optimizer state is not mutable inside ``torch.compile``
+    (dynamo takes it for a Python scalar and drops in-place writes to it:
+    ``test_compiled_step_equals_eager_without_recompiling``, whose parameters include a
+    0-d one), so 0-d state is kept with shape ``(1,)`` and viewed as 0-d for the math.
     """
     return (1,) if p.dim() == 0 else tuple(p.shape)
 
@@ -1114,244 +886,31 @@ def _ensure_records(group: dict[str, Any], device: torch.device, dtype: torch.dt
 
 
 def _record(
-    group: dict[str, Any], size: alig_core.StepSize, device: torch.device, dtype: torch.dtype
+    group: dict[str, Any],
+    size: alig_core.StepSize,
+    path: StepPath,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> None:
-    """Stores gamma, gamma_hat, capped and the counters in ``group`` (no host sync)."""
+    """Moves ``group``'s records (:class:`alig_core.Records`) with the core's ``record_step``.
+
+    Off the host path the 1-element tensors are the core's arrays, written back with
+    ``copy_`` (no host synchronisation). On the host path the core picks between the step's
+    Python numbers and the stored tensors themselves (handed back untouched where the step
+    is skipped, and then not written); ``capped`` and the counters are read as Python
+    numbers (no synchronisation on the CPU) and written only where they changed.
+    """
     _ensure_records(group, device, dtype)
-    skipped = size.skipped
-    for key, value in (("gamma", size.gamma), ("gamma_hat", size.gamma_hat)):
-        group[key].copy_(torch.where(skipped, group[key], value.to(group[key].dtype)))
-    group["capped"].copy_(torch.where(skipped, group["capped"], size.capped))
-    group["steps_taken"].add_(torch.logical_not(skipped).to(torch.int64))
-    group["steps_skipped"].add_(skipped.to(torch.int64))
-
-
-def _on_host(tensors: list[torch.Tensor]) -> bool:
-    return all(t.device.type == "cpu" for t in tensors)
-
-
-def _host_sum_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> float:
-    """Sum of squared entries: a dot product per tensor in ``dtype``, summed in float64.
-
-    One BLAS dot product per tensor is vectorised and multi-threaded: about 5x faster than
-    ``_foreach_norm`` on the CPU (ResNet-18 shapes); upcast only below ``dtype``.
-
-    DTensors count with all their shards (see :func:`_distributed.sharded_sum_of_squares`).
-    """
-    tensors, sharded = split_sharded(tensors)
-    total = float(sharded_sum_of_squares(sharded, dtype)) if sharded else 0.0
-    for tensor in tensors:
-        flat = tensor.reshape(-1)
-        if flat.dtype != dtype:
-            flat = flat.to(dtype)
-        total += float(torch.dot(flat, flat))
-    return total
-
-
-_SMALL_TENSOR = 1 << 16
-"""Below this many entries, tensors are updated together by foreach kernels (one call for
-all of them); larger ones one at a time, each finishing while it is still in cache."""
-
-
-def _host_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    gamma: float,
-    *,
-    momentum: float,
-    adjusted: bool,
-) -> None:
-    """``p`` and ``b`` updated in place with the core's coefficients as Python floats."""
-    c = momentum_coefficients(gamma, momentum=momentum, adjusted_momentum=adjusted)
-    small = [i for i, p in enumerate(params) if p.numel() < _SMALL_TENSOR]
-    large = [i for i, p in enumerate(params) if p.numel() >= _SMALL_TENSOR]
-    if small:
-        ps, gs = [params[i] for i in small], [grads[i] for i in small]
-        if momentum == 0:
-            torch._foreach_add_(ps, gs, alpha=c.param_grad)
-        else:
-            bs = [buffers[i] for i in small]
-            torch._foreach_mul_(bs, c.buffer_decay)
-            torch._foreach_add_(bs, gs, alpha=c.buffer_grad)
-            torch._foreach_add_(ps, gs, alpha=c.param_grad)
-            torch._foreach_add_(ps, bs, alpha=c.param_buffer)
-    for i in large:
-        p, g = params[i], grads[i]
-        if momentum == 0:
-            p.add_(g, alpha=c.param_grad)
+    gamma, gamma_hat, capped, taken, skips = (group[key] for key in Records._fields)
+    if path.on_host:
+        old = Records(gamma, gamma_hat, capped.item(), taken.item(), skips.item())
+    else:
+        old = Records(gamma, gamma_hat, capped, taken, skips)
+    new = record_step(path.xp, old, size)
+    for key, before, after in zip(Records._fields, old, new, strict=True):
+        if after is before:
             continue
-        b = buffers[i]
-        b.mul_(c.buffer_decay).add_(g, alpha=c.buffer_grad)
-        p.add_(g, alpha=c.param_grad).add_(b, alpha=c.param_buffer)
-
-
-def _record_host(group: dict[str, Any], size: alig_core.StepSize, dtype: torch.dtype) -> None:
-    """:func:`_record` for a step size of Python numbers: fills the 1-element records."""
-    _ensure_records(group, torch.device("cpu"), dtype)
-    if size.skipped:
-        group["steps_skipped"].add_(1)
-        return
-    group["gamma"].fill_(size.gamma)
-    group["gamma_hat"].fill_(size.gamma_hat)
-    group["capped"].fill_(bool(size.capped))
-    group["steps_taken"].add_(1)
-
-
-def alig(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    *,
-    loss: torch.Tensor,
-    sq_grad_norm: torch.Tensor,
-    max_lr: float | torch.Tensor,
-    momentum: float,
-    adjusted_momentum: bool,
-    eps: float,
-    f_star: float,
-    foreach: bool = False,
-) -> alig_core.StepSize:
-    """Functional ALI-G: updates ``params`` (and buffers) in place; returns the step size.
-
-    ``sq_grad_norm`` is the squared global gradient norm (over every group), ``loss`` a
-    0-d tensor in the accumulation dtype; ``max_lr = inf`` means no cap. Projection is
-    done by the caller, over all parameters. See :class:`AliG` for the update rule.
-    """
-    cap = None if isinstance(max_lr, float) and max_lr == _NO_CAP else max_lr
-    size = step_size(torch, loss, sq_grad_norm, max_lr=cap, eps=eps, f_star=f_star)
-    if not params:
-        return size
-    if momentum != 0 and len(momentum_buffers) != len(params):
-        raise ValueError("alig(): momentum > 0 needs one momentum buffer per parameter.")
-    # Under torch.compile the single-tensor body is traced: inductor fuses it into one
-    # kernel anyway, and it sidesteps a precision loss seen when compiling the foreach
-    # body (torch 2.13: float32 rounding in the buffers, ~1e-7 relative, in float64).
-    compiling = torch.compiler.is_compiling()
-    implementation = _multi_tensor_alig if foreach and not compiling else _single_tensor_alig
-    implementation(
-        params, grads, momentum_buffers, size, momentum=momentum, adjusted=adjusted_momentum
-    )
-    return size
-
-
-def _single_tensor_alig(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    size: alig_core.StepSize,
-    *,
-    momentum: float,
-    adjusted: bool,
-) -> None:
-    """The reference: one parameter at a time, out of place, then written back."""
-    coefficients = momentum_coefficients(size.gamma, momentum=momentum, adjusted_momentum=adjusted)
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        gamma = size.gamma.to(p.device)
-        if momentum == 0:
-            new_p = alig_core.sgd_update(p, g, gamma.to(p.dtype))
+        if isinstance(after, torch.Tensor):
+            group[key].copy_(after)
         else:
-            c = alig_core.MomentumCoefficients(*(_as(x, p) for x in coefficients))
-            new_p, new_b = momentum_update(p, g, buffers[i], c)
-            buffers[i].copy_(torch.where(size.skipped.to(p.device), buffers[i], new_b))
-        p.copy_(torch.where(size.skipped.to(p.device), p, new_p))
-
-
-def _as(value: Any, like: torch.Tensor) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=like.dtype)
-    return value
-
-
-def _multi_tensor_alig(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    size: alig_core.StepSize,
-    *,
-    momentum: float,
-    adjusted: bool,
-) -> None:
-    """The fast path: foreach kernels per (device, dtype), with the core's coefficients.
-
-    On the CPU there is no device to synchronise with, so the step size is read as a
-    Python number: a skipped step returns before touching anything, and the update runs
-    in-place kernels with scalar coefficients, as ``torch.optim.SGD`` does (no
-    temporaries). On an accelerator nothing is read back: see
-    :func:`_device_multi_tensor_alig`.
-    """
-    if not all(p.device.type == "cpu" for p in params):
-        _device_multi_tensor_alig(
-            params, grads, buffers, size, momentum=momentum, adjusted=adjusted
-        )
-        return
-    if bool(size.skipped):
-        return
-    _host_update(params, grads, buffers, float(size.gamma), momentum=momentum, adjusted=adjusted)
-
-
-def _device_multi_tensor_alig(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    size: alig_core.StepSize,
-    *,
-    momentum: float,
-    adjusted: bool,
-) -> None:
-    """The foreach path on an accelerator: branch-free, no host synchronisation.
-
-    A skipped step must leave everything bit-for-bit unchanged without reading
-    ``skipped`` back: the gradients are replaced by zeros where the step is skipped (a
-    NaN gradient would poison any multiplication), and the coefficients become the
-    identity (buffer decay 1, every other coefficient 0).
-    """
-    tensor_lists = [params, grads] + ([buffers] if momentum != 0 else [])
-    for (device, dtype), lists in _by_device_and_dtype(tensor_lists).items():
-        device_params, device_grads = lists[0], lists[1]
-        skipped = size.skipped.to(device)
-        zero = torch.zeros((), dtype=dtype, device=device)
-        device_grads = [torch.where(skipped, zero, g) for g in device_grads]
-        gamma = size.gamma.to(device=device, dtype=dtype)
-        c = momentum_coefficients(gamma, momentum=momentum, adjusted_momentum=adjusted)
-        if momentum == 0:
-            torch._foreach_add_(
-                device_params, torch._foreach_mul(device_grads, _as_tensor(c.param_grad, gamma))
-            )
-            continue
-        device_buffers = lists[2]
-        decay = torch.where(skipped, 1.0, torch.as_tensor(c.buffer_decay, dtype=dtype))
-        param_buffer = torch.where(skipped, 0.0, torch.as_tensor(c.param_buffer, dtype=dtype))
-        torch._foreach_mul_(device_buffers, decay.to(device))
-        torch._foreach_add_(
-            device_buffers, torch._foreach_mul(device_grads, _as_tensor(c.buffer_grad, gamma))
-        )
-        torch._foreach_add_(
-            device_params, torch._foreach_mul(device_grads, _as_tensor(c.param_grad, gamma))
-        )
-        torch._foreach_add_(
-            device_params, torch._foreach_mul(device_buffers, param_buffer.to(device))
-        )
-
-
-def _by_device_and_dtype(
-    tensor_lists: list[list[torch.Tensor]],
-) -> dict[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]]:
-    """``tensor_lists`` split by (device, dtype), as ``torch.optim``'s foreach paths do.
-
-    Each value holds, for every list of ``tensor_lists``, its tensors on that device and of
-    that dtype, in order (torch's grouping with its ``None`` placeholders and indices left out).
-    """
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        cast("list[list[torch.Tensor | None]]", tensor_lists)
-    )
-    return {
-        cast("tuple[torch.device, torch.dtype]", key): [
-            cast("list[torch.Tensor]", tensors) for tensors in lists
-        ]
-        for key, (lists, _) in grouped.items()
-    }
-
-
-def _as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+            group[key].fill_(after)

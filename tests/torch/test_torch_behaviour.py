@@ -471,7 +471,9 @@ def test_the_branch_free_accelerator_path_equals_the_reference(momentum, adjuste
     zeroed gradients and identity coefficients) runs on CPU tensors too: it must equal the
     single-tensor reference on a taken step and change nothing on a skipped one."""
     from alig_core import step_size
-    from alig_torch._optimizer import _device_multi_tensor_alig, _single_tensor_alig
+    from alig_torch._functional import GroupTensors
+    from alig_torch._functional import _foreach_update as _device_multi_tensor_alig
+    from alig_torch._functional import _single_tensor_update as _single_tensor_alig
 
     generator = torch.Generator().manual_seed(0)
     shapes = [(4, 3), (5,), ()]
@@ -489,8 +491,12 @@ def test_the_branch_free_accelerator_path_equals_the_reference(momentum, adjuste
         ours = ([p.clone() for p in params], [b.clone() for b in buffers])
         reference = ([p.clone() for p in params], [b.clone() for b in buffers])
         kwargs = {"momentum": momentum, "adjusted": adjusted}
-        _device_multi_tensor_alig(ours[0], grads, ours[1] if momentum else [], size, **kwargs)
-        _single_tensor_alig(reference[0], grads, reference[1] if momentum else [], size, **kwargs)
+        _device_multi_tensor_alig(
+            GroupTensors(ours[0], grads, ours[1] if momentum else []), size, **kwargs
+        )
+        _single_tensor_alig(
+            GroupTensors(reference[0], grads, reference[1] if momentum else []), size, **kwargs
+        )
         for a, b in zip(ours[0] + ours[1], reference[0] + reference[1], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
         if bool(size.skipped):
