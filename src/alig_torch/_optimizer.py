@@ -3,43 +3,39 @@
 As in ``torch/optim/sgd.py``, the class validates, keeps the param groups and the state,
 resolves the loss of a step and calls the functional form once per group
 (:func:`alig_torch._functional.alig`, which picks how the step runs). The sums of squares
-are :mod:`alig_torch._norms`' (and, over the ranks, :mod:`alig_torch._distributed`'s);
-the numbers and the records' transitions come from :mod:`alig_core`.
+are :mod:`alig_torch._norms`' (and, over the ranks, :mod:`alig_torch._distributed`'s); what
+a param group and a checkpoint may hold is checked in :mod:`alig_torch._groups`; the
+records live in :mod:`alig_torch._records`; the numbers and the records' transitions come
+from :mod:`alig_core`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn, overload
+from typing import Any, NoReturn
 
 import torch
 from torch.optim.optimizer import Optimizer
 
 import alig_core
-from alig_core import AliGConfig, Records, record_step, validate_max_lr, validate_momentum
+from alig_core import AliGConfig, validate_max_lr
 from alig_torch import _distributed
 from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation, count_mismatch_message
-from alig_torch._functional import StepPath, alig, project, select_path
+from alig_torch._functional import alig, project, select_path
+from alig_torch._groups import (
+    CONVENTION_KEY,
+    FRESH_STATE_HELP,
+    check_group_hyperparameters,
+    check_group_keys,
+    check_group_params,
+    check_saved_group,
+    stored_cap,
+)
 from alig_torch._loss import loss_as_tensor, summed_losses
 from alig_torch._norms import Norms, accumulation_dtype
+from alig_torch._records import RecordProperty, stored_shape, write_records
 
 __all__ = ["AliG"]
-
-_NO_CAP = math.inf
-"""How ``max_lr=None`` is stored in a group's ``lr`` (so LR schedulers keep working); the
-core's :func:`alig_core.step_size` takes ``inf`` as no cap, so the step reads it as it is."""
-
-
-def _stored_cap(max_lr: Any) -> Any:
-    """A ``max_lr`` as a group's ``lr`` holds it: ``None`` (no cap) becomes ``inf``."""
-    return _NO_CAP if max_lr is None else max_lr
-
-
-def _given_cap(lr: Any) -> Any:
-    """A group's ``lr`` as ``max_lr`` was given (``inf`` is ``None``), for validation."""
-    return None if isinstance(lr, float) and lr == _NO_CAP else lr
-
 
 _LOSS_HELP = (
     "ALI-G computes its step size from the loss of the gradient it applies. Hand it over in "
@@ -53,222 +49,6 @@ _LOSS_HELP = (
     "opt.add_loss(loss) of the unscaled loss, then scaler.step(opt)). In a trainer: "
     f"{INTEGRATIONS_HELP}"
 )
-
-_CONVENTION_KEY = "momentum_convention"
-"""The key :meth:`AliG.state_dict` adds to each saved param group: what its momentum
-buffers hold, as :func:`alig_core.momentum_convention` codes it (0: no buffers, 1: the
-standard convention's ``-gamma*g`` terms, 2: the adjusted one's ``-g`` terms)."""
-
-_ALIG_GROUP_KEYS = ("lr", "momentum", "adjusted_momentum", "eps", "f_star")
-"""The keys every param group of an AliG state_dict holds (every version of this code)."""
-
-_WEIGHT_DECAY_HELP = (
-    "ALI-G regularises with a constraint, not with weight decay (whose step would be taken "
-    "at the cap, not at gamma): pass max_norm=r to AliG (the radius of the l2 ball on all "
-    "parameters, as in the paper), or add the l2 penalty to the loss you pass, so that the "
-    "loss and its gradient both include it."
-)
-_UNSUPPORTED_MODE_HELP = "AliG has no such mode: remove the key from the param group."
-
-_FOREIGN_GROUP_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
-    # key: (values that change nothing, what to do instead)
-    "weight_decay": ((0,), _WEIGHT_DECAY_HELP),
-    "decoupled_weight_decay": ((False,), _WEIGHT_DECAY_HELP),
-    "nesterov": (
-        (),
-        "ALI-G's momentum always has the Nesterov form (p moves by -gamma*g + mu*b); what "
-        "differs is the convention of its buffers: adjusted_momentum=True is the convention of "
-        "torch.optim.SGD(nesterov=True) driven with lr = gamma, adjusted_momentum=False (the "
-        "default) the paper's. Set adjusted_momentum instead.",
-    ),
-    "dampening": ((0,), "ALI-G's momentum has no dampening: remove the key."),
-    "maximize": (
-        (False,),
-        "ALI-G minimises a loss bounded below by f_star: to maximise an objective, pass its "
-        "negation as the loss (and differentiate that).",
-    ),
-    "betas": (
-        (),
-        "betas belong to Adam-type optimizers; ALI-G has one momentum coefficient: set "
-        "momentum=mu (0 <= mu < 1).",
-    ),
-    "amsgrad": ((False,), "amsgrad belongs to Adam; ALI-G has no second moment: remove it."),
-    "momentum_decay": ((), "momentum_decay belongs to NAdam; ALI-G has no such schedule."),
-    "centered": ((False,), "centered belongs to RMSprop; ALI-G has no second moment."),
-    "rho": ((), "rho belongs to Adadelta; ALI-G has no running averages."),
-    "lr_decay": ((0,), "lr_decay belongs to Adagrad; ALI-G sets its step size from the loss."),
-    "initial_accumulator_value": ((0,), "initial_accumulator_value belongs to Adagrad."),
-    "lambd": ((), "lambd belongs to ASGD; ALI-G has no averaging."),
-    "t0": ((), "t0 belongs to ASGD; ALI-G has no averaging."),
-    "etas": ((), "etas belong to Rprop; ALI-G sets its step size from the loss."),
-    "step_sizes": ((), "step_sizes belong to Rprop; ALI-G sets its step size from the loss."),
-    "beta2_decay": ((), "beta2_decay belongs to Adafactor; ALI-G has no second moment."),
-    "fused": (
-        (None, False),
-        "AliG has no fused implementation: its fast path is foreach=True (the default on "
-        "CPU and GPU).",
-    ),
-    "capturable": ((False,), _UNSUPPORTED_MODE_HELP),
-    "differentiable": (
-        (False,),
-        "AliG's step runs under torch.no_grad() and is not differentiable: remove the key.",
-    ),
-}
-"""Param-group keys of other torch optimizers that AliG would ignore or that would change
-what a step means: refused unless they hold a value that changes nothing (e.g.
-``weight_decay=0``). Keys not listed here (a user's own, such as ``"name"``, and those LR
-schedulers write: ``initial_lr``, ``max_lr``, ``min_lr``, ``max_momentum``,
-``base_momentum``, ``swa_lr``) are kept as torch keeps them."""
-
-
-def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
-    """Whether ``value`` is one of the values that change nothing (plain numbers only)."""
-    if isinstance(value, bool) or value is None:
-        return any(value is n for n in neutral)
-    if isinstance(value, int | float):
-        return any(not isinstance(n, bool | None) and value == n for n in neutral)
-    return False
-
-
-def _check_group_keys(group: dict[str, Any], where: str) -> None:
-    """Refuses the keys of :data:`_FOREIGN_GROUP_KEYS` that would change or be lost."""
-    for key, (neutral, help_text) in _FOREIGN_GROUP_KEYS.items():
-        if key in group and not _is_neutral(group[key], neutral):
-            raise ValueError(
-                f"{where} sets {key!r} = {group[key]!r}, a setting of another optimizer that "
-                f"ALI-G does not have: AliG would ignore it or take a different step than "
-                f"the one asked for. {help_text}"
-            )
-
-
-def _check_group_hyperparameters(group: dict[str, Any]) -> None:
-    """The core's validation of a group's ALI-G hyperparameters (``lr = inf``: no cap)."""
-    validate_max_lr(_given_cap(group["lr"]))
-    validate_momentum(group["momentum"])
-    AliGConfig(
-        momentum=group["momentum"],
-        adjusted_momentum=group["adjusted_momentum"],
-        eps=group["eps"],
-        f_star=group["f_star"],
-    )
-
-
-_FRESH_STATE_HELP = (
-    "To start ALI-G from such a checkpoint, load only the model's weights "
-    "(model.load_state_dict(...)) and leave the optimizer's state fresh (its momentum "
-    "buffers start at zero); to resume ALI-G, load a state_dict saved by alig_torch.AliG."
-)
-
-
-def _check_saved_group(index: int, saved: Any, saved_state: Any) -> None:
-    """Refuses a saved param group that does not prove it was written by AliG.
-
-    An AliG group holds :data:`_ALIG_GROUP_KEYS` (state_dicts of every version) and, when
-    saved by this version, :data:`_CONVENTION_KEY`, which must agree with the group's
-    ``adjusted_momentum`` and with whether the state holds buffers for its parameters.
-    """
-    if not isinstance(saved, dict):
-        raise ValueError(
-            f"This state_dict's param group {index} is a {type(saved).__name__}, not a dict: "
-            f"it is not an optimizer state_dict. {_FRESH_STATE_HELP}"
-        )
-    where = f"This state_dict's param group {index}"
-    missing = [key for key in _ALIG_GROUP_KEYS if key not in saved]
-    if missing:
-        keys = sorted(k for k in saved if k != "params")
-        if set(missing) == {"adjusted_momentum"}:
-            raise ValueError(
-                f"{where} has no 'adjusted_momentum': its momentum convention cannot be read. "
-                "The buffers of the two conventions hold different quantities (-gamma*g "
-                "terms with adjusted_momentum=False, -g terms with True), so loading them "
-                "under a guessed one would silently change the trajectory. If you know how "
-                f"it was trained, set state_dict['param_groups'][{index}]['adjusted_momentum'] "
-                "to that value before loading."
-            )
-        sign_note = (
-            " torch.optim.SGD's momentum_buffer holds +(mu*b + g): the opposite sign of both "
-            "ALI-G conventions (-gamma*g or -g terms), so it cannot be reused."
-            if "nesterov" in saved or "dampening" in saved
-            else ""
-        )
-        raise ValueError(
-            f"{where} is not an AliG one: it lacks {missing} and has keys {keys}, so it was "
-            "saved by another optimizer (or by code that does not record ALI-G's momentum "
-            f"convention, such as the paper's own AliG).{sign_note} {_FRESH_STATE_HELP}"
-        )
-    _check_group_keys(saved, where)
-    try:
-        _check_group_hyperparameters(saved)
-    except ValueError as error:
-        raise ValueError(f"{where} holds an invalid setting: {error}") from None
-    if _CONVENTION_KEY not in saved:
-        return  # saved before the marker existed: its adjusted_momentum says it all
-    code = saved[_CONVENTION_KEY]
-    states = saved_state if isinstance(saved_state, dict) else {}
-    has_buffers = any(
-        isinstance(states.get(i), dict) and "momentum_buffer" in states[i]
-        for i in saved.get("params", [])
-    )
-    expected = alig_core.momentum_convention(has_buffers, bool(saved["adjusted_momentum"]))
-    if isinstance(code, bool) or not isinstance(code, int) or code != expected:
-        described = (
-            alig_core.describe_momentum_convention(code)
-            if isinstance(code, int) and not isinstance(code, bool)
-            else repr(code)
-        )
-        raise ValueError(
-            f"{where} says its momentum buffers are in the convention {described} "
-            f"({_CONVENTION_KEY}={code!r}), but it has "
-            f"adjusted_momentum={saved['adjusted_momentum']} and "
-            f"{'buffers' if has_buffers else 'no buffers'} for its parameters "
-            f"({alig_core.describe_momentum_convention(expected)}): the state_dict was edited "
-            "or written by other code, and its buffers cannot be trusted. Load a state_dict "
-            "as AliG.state_dict() returned it."
-        )
-
-
-def _check_group_params(group: dict[str, Any]) -> None:
-    """Refuses parameters ALI-G cannot step (complex or not floating point)."""
-    for p in group["params"]:
-        if p.is_complex() or not p.is_floating_point():
-            raise ValueError(
-                f"ALI-G optimizes real floating-point parameters; got a parameter of dtype "
-                f"{p.dtype} and shape {tuple(p.shape)}. For a complex parameter, optimize "
-                "torch.view_as_real(p) (its real and imaginary parts) instead; leave integer "
-                "buffers out of the optimizer."
-            )
-
-
-_RECORD_DOCS = {
-    "gamma": "The step size of the last step taken (first group), a 0-d tensor.",
-    "gamma_hat": "The Polyak step before clamp and cap, of the last step taken (first group).",
-    "capped": "Whether the last step taken hit the cap (first group), a 0-d bool tensor.",
-    "steps_taken": "How many steps were taken (not skipped), a 0-d int64 tensor.",
-    "steps_skipped": "How many steps were skipped (non-finite loss or gradient), 0-d int64.",
-}
-
-
-class _Record:
-    """An optimizer property: a record of the first param group, as a 0-d view (no copy).
-
-    ``None`` before the first step. The records live in each group (:func:`_record`).
-    """
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.key = name
-        self.__doc__ = _RECORD_DOCS[name]
-
-    @overload
-    def __get__(self, optimizer: None, owner: type) -> _Record: ...
-
-    @overload
-    def __get__(self, optimizer: Optimizer, owner: type | None = None) -> torch.Tensor | None: ...
-
-    def __get__(self, optimizer: Optimizer | None, owner: type | None = None) -> Any:
-        if optimizer is None:
-            return self
-        value = optimizer.param_groups[0].get(self.key) if optimizer.param_groups else None
-        return None if value is None else value.view(())
 
 
 class AliG(Optimizer):
@@ -442,7 +222,7 @@ class AliG(Optimizer):
         self.partitioned = partitioned
         self.process_group = process_group
         defaults = {
-            "lr": _stored_cap(max_lr),
+            "lr": stored_cap(max_lr),
             "momentum": config.momentum,
             "adjusted_momentum": config.adjusted_momentum,
             "eps": config.eps,
@@ -470,7 +250,7 @@ class AliG(Optimizer):
         user's own, those LR schedulers write) are kept, as in any torch optimizer.
         """
         if isinstance(param_group, dict):
-            _check_group_keys(param_group, f"Param group {len(self.param_groups)}")
+            check_group_keys(param_group, f"Param group {len(self.param_groups)}")
         if isinstance(param_group, dict) and "max_lr" in param_group:
             if "lr" in param_group:
                 raise ValueError(
@@ -479,13 +259,13 @@ class AliG(Optimizer):
                 )
             param_group = dict(param_group)
             max_lr = param_group.pop("max_lr")
-            param_group["lr"] = _stored_cap(max_lr)
+            param_group["lr"] = stored_cap(max_lr)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = _stored_cap(group["lr"])
+        group["lr"] = stored_cap(group["lr"])
         try:
-            _check_group_hyperparameters(group)
-            _check_group_params(group)
+            check_group_hyperparameters(group)
+            check_group_params(group)
         except ValueError:
             self.param_groups.pop()  # a refused group is not added
             raise
@@ -502,7 +282,7 @@ class AliG(Optimizer):
         state = super().state_dict()
         for group, saved in zip(self.param_groups, state["param_groups"], strict=True):
             has_buffers = any("momentum_buffer" in self.state.get(p, {}) for p in group["params"])
-            saved[_CONVENTION_KEY] = alig_core.momentum_convention(
+            saved[CONVENTION_KEY] = alig_core.momentum_convention(
                 has_buffers, bool(group["adjusted_momentum"])
             )
         return state
@@ -536,11 +316,11 @@ class AliG(Optimizer):
                     if isinstance(state_dict, dict)
                     else ""
                 )
-                + f". {_FRESH_STATE_HELP}"
+                + f". {FRESH_STATE_HELP}"
             )
         saved_groups = state_dict["param_groups"]
         for index, saved in enumerate(saved_groups):
-            _check_saved_group(index, saved, state_dict.get("state"))
+            check_saved_group(index, saved, state_dict.get("state"))
         for index, (ours, saved) in enumerate(zip(self.param_groups, saved_groups, strict=False)):
             if bool(saved["adjusted_momentum"]) != bool(ours["adjusted_momentum"]):
                 raise ValueError(
@@ -550,7 +330,7 @@ class AliG(Optimizer):
                     "buffers hold different quantities. Build the optimizer with "
                     f"adjusted_momentum={saved['adjusted_momentum']} to resume."
                 )
-        groups = [{k: v for k, v in g.items() if k != _CONVENTION_KEY} for g in saved_groups]
+        groups = [{k: v for k, v in g.items() if k != CONVENTION_KEY} for g in saved_groups]
         super().load_state_dict({**state_dict, "param_groups": groups})
 
     def __getstate__(self) -> dict[str, Any]:
@@ -589,11 +369,11 @@ class AliG(Optimizer):
 
     # ------------------------------------------------------------------ monitoring
 
-    gamma = _Record()
-    gamma_hat = _Record()
-    capped = _Record()
-    steps_taken = _Record()
-    steps_skipped = _Record()
+    gamma = RecordProperty()
+    gamma_hat = RecordProperty()
+    capped = RecordProperty()
+    steps_taken = RecordProperty()
+    steps_skipped = RecordProperty()
 
     _step_path: str | None = None
     """Forces a path of :data:`alig_torch._functional.STEP_PATHS` (tests: every path on CPU
@@ -793,7 +573,7 @@ class AliG(Optimizer):
                 path=path.name,
             )
             skipped = size.skipped
-            _record(group, size, path, device, record_dtype)
+            write_records(group, size, path, device, record_dtype)
         if self.max_norm is None or (path.on_host and skipped):
             return  # a host step knows it was skipped: no norm to take
         sq_param_norm = path.number(norms.of_params(sum_of_squares, accumulate), device, accumulate)
@@ -855,62 +635,7 @@ class AliG(Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format
-                ).reshape(_stored_shape(p))
+                ).reshape(stored_shape(p))
             buffer = state["momentum_buffer"]
             buffers.append(buffer if buffer.shape == p.shape else buffer.view(p.shape))
         return buffers
-
-
-def _stored_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The shape in which a tensor of ``p``'s shape is kept in the optimizer's state.
-
-    A 0-d float CPU tensor in optimizer state is not mutable inside ``torch.compile``
-    (dynamo takes it for a Python scalar and drops in-place writes to it:
-    ``test_compiled_step_equals_eager_without_recompiling``, whose parameters include a
-    0-d one), so 0-d state is kept with shape ``(1,)`` and viewed as 0-d for the math.
-    """
-    return (1,) if p.dim() == 0 else tuple(p.shape)
-
-
-def _ensure_records(group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
-    """Creates ``group``'s monitoring records (zeros), once.
-
-    They are 1-element tensors, not 0-d ones: see :func:`_stored_shape`.
-    """
-    if "gamma" not in group:
-        group["gamma"] = torch.zeros(1, dtype=dtype, device=device)
-        group["gamma_hat"] = torch.zeros(1, dtype=dtype, device=device)
-        group["capped"] = torch.zeros(1, dtype=torch.bool, device=device)
-        group["steps_taken"] = torch.zeros(1, dtype=torch.int64, device=device)
-        group["steps_skipped"] = torch.zeros(1, dtype=torch.int64, device=device)
-
-
-def _record(
-    group: dict[str, Any],
-    size: alig_core.StepSize,
-    path: StepPath,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> None:
-    """Moves ``group``'s records (:class:`alig_core.Records`) with the core's ``record_step``.
-
-    Off the host path the 1-element tensors are the core's arrays, written back with
-    ``copy_`` (no host synchronisation). On the host path the core picks between the step's
-    Python numbers and the stored tensors themselves (handed back untouched where the step
-    is skipped, and then not written); ``capped`` and the counters are read as Python
-    numbers (no synchronisation on the CPU) and written only where they changed.
-    """
-    _ensure_records(group, device, dtype)
-    gamma, gamma_hat, capped, taken, skips = (group[key] for key in Records._fields)
-    if path.on_host:
-        old = Records(gamma, gamma_hat, capped.item(), taken.item(), skips.item())
-    else:
-        old = Records(gamma, gamma_hat, capped, taken, skips)
-    new = record_step(path.xp, old, size)
-    for key, before, after in zip(Records._fields, old, new, strict=True):
-        if after is before:
-            continue
-        if isinstance(after, torch.Tensor):
-            group[key].copy_(after)
-        else:
-            group[key].fill_(after)
