@@ -22,10 +22,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from _parity_setup import numpy_loss_and_grads
 from alig_core import AliGConfig, ExtrapolationConfig
 from alig_core.oracle import OracleState, oracle_step
 from alig_core.oracle_extrapolation import ExtrapolationOracle
+from benchmarks._parity_setup import numpy_loss_and_grads
 
 __all__ = ["RUNNERS", "Runner", "StepRecord"]
 

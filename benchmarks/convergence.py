@@ -46,15 +46,14 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _mnist1d import make_mnist1d
 from alig_torch import AliG, project_onto_ball
+from benchmarks._mnist1d import make_mnist1d
 
 HERE = Path(__file__).parent
 DEFAULT_OUT_DIR = HERE / "convergence"

@@ -28,7 +28,7 @@ optimizer alone at the setting an extrapolated row chose, to tell the effect of 
 extrapolation from that of the setting. The wall time of an iteration is timed apart,
 interleaved (``time_iterations``).
 
-Run: ``python benchmarks/large_batch.py [--quick] [--seeds N] [--tasks mnist1d,digits]
+Run: ``python -m benchmarks.large_batch [--quick] [--seeds N] [--tasks mnist1d,digits]
 [--out-dir DIR] [--threads N]``. Writes ``results.md``, ``results.json`` and
 ``accuracy_vs_batch.png`` to ``--out-dir`` (default ``benchmarks/large_batch``) and prints
 the tables. Fixed seeds, one torch thread by default: the runs are deterministic.
@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _mnist1d import Mnist1dConfig, make_mnist1d
 from alig_torch import AliG, Extrapolation
+from benchmarks._mnist1d import Mnist1dConfig, make_mnist1d
 
 HERE = Path(__file__).parent
 DEFAULT_OUT_DIR = HERE / "large_batch"
@@ -827,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
 
     given = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["python benchmarks/large_batch.py", *given])
+    command = " ".join(["python -m benchmarks.large_batch", *given])
     text = "\n\n".join(reports)
     print("\n" + text + f"\n\nwall time: {wall:.0f} s")
     header = [

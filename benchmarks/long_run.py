@@ -16,7 +16,7 @@ the same model from the same start on the same minibatches (float32), with
 The script exits with status 1 if any framework breaks one of these. The parity nox
 session runs it in full as a test (tests/parity/test_long_run.py).
 
-Run: ``python benchmarks/long_run.py [--frameworks torch,jax,keras] [--steps 20000]``.
+Run: ``python -m benchmarks.long_run [--frameworks torch,jax,keras] [--steps 20000]``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ process. A plain memory copy of the same bytes, interleaved too, gives the machi
 bandwidth; each row's "GB/s" counts the bytes a momentum step must move at the least
 (read p, g, b; write p, b: 5 x the parameter bytes).
 
-Run: ``python benchmarks/step_time.py [--frameworks torch,jax,keras,keras_graph] [--rounds 30]
+Run: ``python -m benchmarks.step_time [--frameworks torch,jax,keras,keras_graph] [--rounds 30]
 [--model resnet18|digits-mlp]`` (the digits MLP: 6 small tensors, where the fixed cost of
 a step dominates; give it many rounds, e.g. 3000).
 """
@@ -24,15 +24,12 @@ import math
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-sys.path.insert(0, str(Path(__file__).parent))
 
 FRAMEWORKS = ("torch", "jax", "keras", "keras_graph")
 
@@ -110,7 +107,7 @@ def main() -> None:
 
     results: list[tuple[str, str, str, float]] = []
     for framework in names:
-        module = importlib.import_module(f"_step_time_{framework}")
+        module = importlib.import_module(f"benchmarks._step_time_{framework}")
         print(f"building and warming up the {framework} rows ...", flush=True)
         baseline, rows = module.candidates(shapes)
         rows = {**rows, "memory copy": _memory_copy(param_bytes)}
