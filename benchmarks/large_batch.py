@@ -54,6 +54,7 @@ from torch import nn
 from alig_torch import AliG, Extrapolation
 from benchmarks._mnist1d import Mnist1dConfig, make_mnist1d
 from benchmarks.convergence.tasks import Split, as_split, mlp
+from benchmarks.convergence.training import evaluate
 
 HERE = Path(__file__).parent
 DEFAULT_OUT_DIR = HERE / "large_batch"
@@ -305,15 +306,6 @@ class Run:
     @property
     def test_at_best_val(self) -> float:
         return self.test_accuracy[self.best_val_epoch]
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, split: Split) -> tuple[float, float, float]:
-    """Training loss (mean over the whole training split), validation and test accuracy."""
-    train_loss = float(F.cross_entropy(model(split.x_train), split.y_train))
-    val = float((model(split.x_val).argmax(1) == split.y_val).float().mean())
-    test = float((model(split.x_test).argmax(1) == split.y_test).float().mean())
-    return train_loss, val, test
 
 
 def _evaluate_at_anchor(model: nn.Module, split: Split, opt: torch.optim.Optimizer) -> Any:

@@ -162,39 +162,14 @@ def digits_cnn() -> nn.Sequential:
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        Task(
-            "digits_mlp",
-            "digits, MLP 64-128-128-10",
-            load_digits_split,
-            lambda: mlp((64, 128, 128, 10)),
-            epochs=30,
-            max_norms=(14.0, 28.0),
-        ),
-        Task(
-            "digits_cnn",
-            "digits, CNN (conv16-conv32-pool-linear)",
-            load_digits_split,
-            digits_cnn,
-            epochs=30,
-            max_norms=(7.0, 14.0),
-            jax_compatible=False,
-        ),
-        Task(
-            "mnist1d_mlp",
-            "MNIST-1D, MLP 40-100-100-10",
-            load_mnist1d_split,
-            lambda: mlp((40, 100, 100, 10)),
-            epochs=30,
-            max_norms=(13.0, 25.0),
-        ),
-        Task(
-            "breast_cancer_logreg",
-            "breast cancer, logistic regression (convex)",
-            load_breast_cancer_split,
-            lambda: mlp((30, 2)),
-            epochs=30,
-            max_norms=(1.2, 2.4),
-            convex=True,
-        ),
+        Task("digits_mlp", "digits, MLP 64-128-128-10", load_digits_split,
+             lambda: mlp((64, 128, 128, 10)), epochs=30, max_norms=(14.0, 28.0)),
+        Task("digits_cnn", "digits, CNN (conv16-conv32-pool-linear)", load_digits_split,
+             digits_cnn, epochs=30, max_norms=(7.0, 14.0), jax_compatible=False),
+        Task("mnist1d_mlp", "MNIST-1D, MLP 40-100-100-10", load_mnist1d_split,
+             lambda: mlp((40, 100, 100, 10)), epochs=30, max_norms=(13.0, 25.0)),
+        Task("breast_cancer_logreg", "breast cancer, logistic regression (convex)",
+             load_breast_cancer_split, lambda: mlp((30, 2)), epochs=30, max_norms=(1.2, 2.4),
+             convex=True),
     )
-}
+}  # fmt: skip

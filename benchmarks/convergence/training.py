@@ -103,13 +103,33 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, float, float]:
     return train_loss, val_accuracy, test_accuracy
 
 
-def _padded(
-    task: Task, curves: tuple[list[float], list[float], list[float]]
-) -> tuple[list[float], list[float], list[float]]:
-    """The three per-epoch curves, NaN after a divergence (``task.epochs + 1`` entries)."""
+def _epochs(
+    task: Task,
+    train_one_epoch: Callable[[], None],
+    measure: Callable[[], tuple[float, float, float]],
+    start: float,
+) -> RunResult:
+    """Measures, then trains ``task.epochs`` epochs, measuring after each, until the training
+    loss is not finite (a divergence: the rest of the curves is NaN)."""
+    curves: tuple[list[float], ...] = tuple([value] for value in measure())
+    diverged = False
+    for _ in range(task.epochs):
+        train_one_epoch()
+        epoch = measure()
+        if not math.isfinite(epoch[0]):
+            diverged = True
+            break
+        for curve, value in zip(curves, epoch, strict=True):
+            curve.append(value)
     nan_tail = [float("nan")] * (task.epochs + 1 - len(curves[0]))
     train_loss, val_accuracy, test_accuracy = (curve + nan_tail for curve in curves)
-    return train_loss, val_accuracy, test_accuracy
+    return RunResult(
+        train_loss=train_loss,
+        val_accuracy=val_accuracy,
+        test_accuracy=test_accuracy,
+        seconds=time.perf_counter() - start,
+        diverged=diverged,
+    )
 
 
 def train_torch(
@@ -129,9 +149,8 @@ def train_torch(
     is_alig = isinstance(optimizer, AliG)
     batch_rng = np.random.default_rng([seed, 1])
     gammas: list[float] | None = [] if (record_gamma and is_alig) else None
-    curves = tuple([value] for value in evaluate(model, split))
-    diverged = False
-    for _ in range(task.epochs):
+
+    def train_one_epoch() -> None:
         model.train()
         for index in epoch_batches(len(split.y_train), batch_rng):
             optimizer.zero_grad(set_to_none=True)
@@ -142,23 +161,15 @@ def train_torch(
                 gammas.append(float(optimizer.gamma))  # type: ignore[attr-defined]
         if scheduler is not None:
             scheduler.step()
+
+    def measure() -> tuple[float, float, float]:
         model.eval()
-        epoch = evaluate(model, split)
-        if not math.isfinite(epoch[0]):
-            diverged = True
-            break
-        for curve, value in zip(curves, epoch, strict=True):
-            curve.append(value)
-    train_loss, val_accuracy, test_accuracy = _padded(task, curves)  # type: ignore[arg-type]
-    return RunResult(
-        train_loss=train_loss,
-        val_accuracy=val_accuracy,
-        test_accuracy=test_accuracy,
-        seconds=time.perf_counter() - start,
-        diverged=diverged,
-        gammas=gammas,
-        steps_skipped=int(optimizer.steps_skipped) if is_alig else 0,  # type: ignore[attr-defined]
-    )
+        return evaluate(model, split)
+
+    result = _epochs(task, train_one_epoch, measure, start)
+    result.gammas = gammas
+    result.steps_skipped = int(optimizer.steps_skipped) if is_alig else 0  # type: ignore[attr-defined]
+    return result
 
 
 @functools.cache
@@ -232,28 +243,18 @@ def train_jax(
     )  # fmt: skip
     x_train, y_train = arrays[0], arrays[1]
     batch_rng = np.random.default_rng([seed, 1])
-    curves = tuple([float(v)] for v in metrics(params, *arrays))
-    diverged = False
-    for _ in range(task.epochs):
+    carry = [params, state]
+
+    def train_one_epoch() -> None:
         for index in epoch_batches(len(split.y_train), batch_rng):
             index_array = jnp.asarray(index.numpy())
-            params, state = train_step(
-                params, state, x_train[index_array], y_train[index_array], scalars
-            )
-        epoch = tuple(float(v) for v in metrics(params, *arrays))
-        if not math.isfinite(epoch[0]):
-            diverged = True
-            break
-        for curve, value in zip(curves, epoch, strict=True):
-            curve.append(value)
-    train_loss, val_accuracy, test_accuracy = _padded(task, curves)  # type: ignore[arg-type]
-    return RunResult(
-        train_loss=train_loss,
-        val_accuracy=val_accuracy,
-        test_accuracy=test_accuracy,
-        seconds=time.perf_counter() - start,
-        diverged=diverged,
-    )
+            carry[:] = train_step(*carry, x_train[index_array], y_train[index_array], scalars)
+
+    def measure() -> tuple[float, float, float]:
+        train_loss, val_accuracy, test_accuracy = metrics(carry[0], *arrays)
+        return float(train_loss), float(val_accuracy), float(test_accuracy)
+
+    return _epochs(task, train_one_epoch, measure, start)
 
 
 def run_method(

@@ -24,14 +24,9 @@ def run_benchmark(
     """Runs ``python -m benchmarks.<module> args...``; fails the test (with the tail of its
     output) unless it exits 0."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+    command = [sys.executable, "-m", f"benchmarks.{module}", *args]
     completed = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{module}", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-        check=False,
+        command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout, check=False
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed
