@@ -178,7 +178,11 @@ def demo(session: nox.Session) -> None:
         "scikit-learn",
         "matplotlib",
     )
-    script = ROOT / "benchmarks" / "parity.py"
+    session.chdir(ROOT)  # ``benchmarks`` is a package: run from the repository root
     session.run(
-        "python", str(script), *session.posargs, env={"KERAS_BACKEND": "tensorflow", **QUIET_TF}
+        "python",
+        "-m",
+        "benchmarks.parity",
+        *session.posargs,
+        env={"KERAS_BACKEND": "tensorflow", **QUIET_TF},
     )

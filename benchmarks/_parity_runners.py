@@ -4,7 +4,8 @@ Every runner takes the initial weights (NumPy), the ALI-G keyword arguments and 
 and exposes ``step(x, y) -> StepRecord``: one training step on the minibatch, returning
 the loss, gamma, the parameters and the momentum buffers after the step as NumPy float64
 arrays (so that the caller compares them with the oracle's). ``RUNNERS`` maps a name to
-its factory; frameworks are imported only by the runner that needs them.
+its factory: the oracle's here, each framework's ``ParityRunner`` in
+``benchmarks.frameworks._<name>``, imported only by the runner that needs it.
 
 With ``extrapolation`` (the options of ``alig_core.ExtrapolationConfig``, e.g.
 ``{"mode": "past"}``), every runner wraps its ALI-G in its framework's extrapolation
@@ -22,12 +23,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from _parity_setup import numpy_loss_and_grads
 from alig_core import AliGConfig, ExtrapolationConfig
 from alig_core.oracle import OracleState, oracle_step
 from alig_core.oracle_extrapolation import ExtrapolationOracle
+from benchmarks import frameworks
+from benchmarks._parity_setup import numpy_loss_and_grads
 
-__all__ = ["RUNNERS", "Runner", "StepRecord"]
+__all__ = ["RUNNERS", "Runner", "StepRecord", "as_numpy", "split_extrapolation"]
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,12 @@ class Runner(Protocol):
     def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord: ...
 
 
-def _as_numpy(values: Sequence[Any]) -> list[np.ndarray]:
+def as_numpy(values: Sequence[Any]) -> list[np.ndarray]:
     """float64 copies (a torch tensor's .numpy() shares memory with the live parameter)."""
     return [np.array(v, dtype=np.float64, copy=True) for v in values]
 
 
-def _split_extrapolation(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def split_extrapolation(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """ALI-G's keyword arguments, and the extrapolation options (``None``: not wrapped)."""
     kwargs = dict(kwargs)
     extrapolation = kwargs.pop("extrapolation", None)
@@ -74,9 +76,9 @@ class OracleRunner:
 
     def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
         del dtype  # the oracle always computes in float64
-        alig_kwargs, extrapolation = _split_extrapolation(alig_kwargs)
+        alig_kwargs, extrapolation = split_extrapolation(alig_kwargs)
         self.config = AliGConfig(**alig_kwargs)
-        self.params = _as_numpy(weights)
+        self.params = as_numpy(weights)
         self.state = OracleState.zeros(len(self.params))
         self.extrapolation = (
             None
@@ -105,163 +107,20 @@ class OracleRunner:
         return StepRecord(loss, self.state.gamma, self.state.capped, self.params, buffers)
 
 
-class TorchRunner:
-    """alig_torch.AliG, eager, with the loss handed over by a closure."""
-
-    name = "torch"
-
-    def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
-        import torch
-
-        from alig_torch import AliG, Extrapolation
-
-        alig_kwargs, extrapolation = _split_extrapolation(alig_kwargs)
-        self.torch = torch
-        self.dtype = getattr(torch, dtype)
-        self.params = [torch.nn.Parameter(torch.tensor(w, dtype=self.dtype)) for w in weights]
-        self.alig = AliG(self.params, **alig_kwargs)
-        self.opt: Any = (
-            self.alig if extrapolation is None else Extrapolation(self.alig, **extrapolation)
-        )
-        self.momentum = alig_kwargs.get("momentum", 0.0)
-
-    def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
-        torch = self.torch
-        xs, ys = torch.tensor(x, dtype=self.dtype), torch.tensor(y)
-        w1, b1, w2, b2 = self.params
-
-        def closure() -> Any:
-            self.opt.zero_grad()
-            logits = torch.tanh(xs @ w1 + b1) @ w2 + b2
-            loss = torch.nn.functional.cross_entropy(logits, ys)
-            loss.backward()
-            return loss
-
-        loss = self.opt.step(closure)
-        buffers = None
-        if self.momentum:
-            buffers = [
-                self.alig.state[p]["momentum_buffer"].reshape(p.shape).numpy() for p in self.params
-            ]
-        return StepRecord(
-            float(loss.detach()),
-            float(self.alig.gamma),
-            bool(self.alig.capped),
-            _as_numpy([p.detach().numpy() for p in self.params]),
-            None if buffers is None else _as_numpy(buffers),
-        )
+RunnerFactory = Callable[[Sequence[np.ndarray], dict[str, Any], str], Runner]
 
 
-class JaxRunner:
-    """alig_jax.alig, the whole training step under jax.jit."""
+def _framework_runner(name: str) -> RunnerFactory:
+    """The ``ParityRunner`` of ``benchmarks.frameworks._<name>`` (imported when called)."""
 
-    name = "jax"
+    def make(weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str) -> Runner:
+        runner: Runner = frameworks.load(name).ParityRunner(weights, alig_kwargs, dtype)
+        return runner
 
-    def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
-        import jax
-
-        if dtype == "float64":
-            jax.config.update("jax_enable_x64", True)
-        import jax.numpy as jnp
-        import optax
-
-        from alig_jax import AliGState, alig, extrapolation
-
-        alig_kwargs, extrapolation_kwargs = _split_extrapolation(alig_kwargs)
-        tx = alig(**alig_kwargs)
-        if extrapolation_kwargs is not None:
-            tx = extrapolation(tx, **extrapolation_kwargs)
-        self.alig_state_of: Callable[[Any], AliGState] = (
-            (lambda state: state) if extrapolation_kwargs is None else _base_state
-        )
-        self.params = [jnp.asarray(w, dtype=dtype) for w in weights]
-        self.state = tx.init(self.params)
-
-        def loss_fn(params: list[Any], x: Any, y: Any) -> Any:
-            w1, b1, w2, b2 = params
-            logits = jnp.tanh(x @ w1 + b1) @ w2 + b2
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        @jax.jit
-        def train_step(params: list[Any], state: Any, x: Any, y: Any) -> Any:
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-            updates, state = tx.update(grads, state, params, value=loss)
-            return optax.apply_updates(params, updates), state, loss
-
-        self.train_step = train_step
-        self.dtype = dtype
-
-    def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
-        self.params, self.state, loss = self.train_step(
-            self.params, self.state, x.astype(self.dtype), y
-        )
-        alig_state = self.alig_state_of(self.state)
-        buffers = None if alig_state.momentum is None else _as_numpy(alig_state.momentum)
-        return StepRecord(
-            float(loss),
-            float(alig_state.gamma),
-            bool(alig_state.capped),
-            _as_numpy(self.params),
-            buffers,
-        )
+    return make
 
 
-def _base_state(state: Any) -> Any:
-    """ALI-G's state inside an ``alig_jax.extrapolation`` state."""
-    return state.base_state
-
-
-class KerasRunner:
-    """alig_tf.AliG on the TensorFlow backend, the training step under tf.function."""
-
-    name = "keras"
-
-    def __init__(self, weights: Sequence[np.ndarray], alig_kwargs: dict[str, Any], dtype: str):
-        import keras
-
-        if keras.backend.backend() != "tensorflow":
-            raise RuntimeError("the keras parity runner needs KERAS_BACKEND=tensorflow")
-        import tensorflow as tf
-
-        from alig_tf import AliG, Extrapolation
-
-        alig_kwargs, extrapolation = _split_extrapolation(alig_kwargs)
-        self.variables = [keras.Variable(w, dtype=dtype) for w in weights]
-        self.alig = AliG(**alig_kwargs)
-        opt: Any = self.alig if extrapolation is None else Extrapolation(self.alig, **extrapolation)
-        opt.build(self.variables)
-        variables = self.variables
-
-        @tf.function
-        def train_step(x: Any, y: Any) -> Any:
-            with tf.GradientTape() as tape:
-                w1, b1, w2, b2 = (v.value for v in variables)
-                logits = tf.tanh(x @ w1 + b1) @ w2 + b2
-                loss = tf.reduce_mean(
-                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-                )
-            grads = tape.gradient(loss, [v.value for v in variables])
-            opt.apply(grads, variables, loss=loss)
-            return loss
-
-        self.train_step = train_step
-        self.dtype = dtype
-
-    def step(self, x: np.ndarray, y: np.ndarray) -> StepRecord:
-        loss = self.train_step(x.astype(self.dtype), y)
-        buffers = [m.value.numpy() for m in self.alig.momentums] or None
-        return StepRecord(
-            float(loss),
-            float(self.alig.gamma.value.numpy()),
-            bool(self.alig.capped.value.numpy()),
-            _as_numpy([v.value.numpy() for v in self.variables]),
-            None if buffers is None else _as_numpy(buffers),
-        )
-
-
-RUNNERS: dict[str, Callable[[Sequence[np.ndarray], dict[str, Any], str], Runner]] = {
+RUNNERS: dict[str, RunnerFactory] = {
     "oracle": OracleRunner,
-    "torch": TorchRunner,
-    "keras": KerasRunner,
-    "jax": JaxRunner,
+    **{name: _framework_runner(name) for name in ("torch", "keras", "jax")},
 }

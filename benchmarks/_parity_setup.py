@@ -1,6 +1,6 @@
 """The one training run every framework repeats: an MLP 64-32-10 on scikit-learn's digits.
 
-Shared by the parity tests (``tests/parity``) and the main job (``benchmarks/parity.py``):
+Shared by the parity tests (``tests/parity``) and the main job (``benchmarks.parity``):
 the data split, the minibatch order, the initial weights (drawn once with NumPy) and the
 model, written in NumPy here (forward and backward by hand, for the oracle) and in each
 framework by ``_parity_runners``.

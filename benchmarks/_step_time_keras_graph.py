@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import keras
 
-from _step_time_keras import _stepper
 from alig_tf import AliG
+from benchmarks._step_time_keras import _stepper
 
 
 def candidates(shapes: list[tuple[int, ...]]) -> tuple[str, dict[str, Callable[[], None]]]:

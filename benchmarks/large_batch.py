@@ -7,7 +7,7 @@ makes fewer, larger steps), for Nesterov SGD under the large-batch recipe, EXTRA
 (``alig_torch.Extrapolation`` around it), the noise baseline, ALI-G and ALI-G with
 extrapolation (linearised and plain). Two tasks, nothing downloaded:
 
-* ``mnist1d``: MNIST-1D generated procedurally (``_mnist1d.py``, seed 42, 16384 training
+* ``mnist1d``: MNIST-1D generated procedurally (``benchmarks/_mnist1d.py``, seed 42, 16384 training
   examples of which 2048 are held out for validation, 4000 test), MLP 40-100-100-10;
 * ``digits``: scikit-learn's 8x8 digits (1024 train, 373 validation, 400 test), MLP
   64-128-10.
@@ -28,7 +28,7 @@ optimizer alone at the setting an extrapolated row chose, to tell the effect of 
 extrapolation from that of the setting. The wall time of an iteration is timed apart,
 interleaved (``time_iterations``).
 
-Run: ``python benchmarks/large_batch.py [--quick] [--seeds N] [--tasks mnist1d,digits]
+Run: ``python -m benchmarks.large_batch [--quick] [--seeds N] [--tasks mnist1d,digits]
 [--out-dir DIR] [--threads N]``. Writes ``results.md``, ``results.json`` and
 ``accuracy_vs_batch.png`` to ``--out-dir`` (default ``benchmarks/large_batch``) and prints
 the tables. Fixed seeds, one torch thread by default: the runs are deterministic.
@@ -37,7 +37,6 @@ the tables. Fixed seeds, one torch thread by default: the runs are deterministic
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -52,8 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _mnist1d import Mnist1dConfig, make_mnist1d
 from alig_torch import AliG, Extrapolation
+from benchmarks._mnist1d import Mnist1dConfig, make_mnist1d
+from benchmarks.convergence.tasks import Split, as_split, mlp
+from benchmarks.convergence.training import evaluate
 
 HERE = Path(__file__).parent
 DEFAULT_OUT_DIR = HERE / "large_batch"
@@ -77,18 +78,6 @@ Hyperparameters = dict[str, float]
 
 
 @dataclass(frozen=True)
-class Split:
-    """Float32 inputs and int64 labels of the training, validation and test splits."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-@dataclass(frozen=True)
 class Task:
     """A data set, a model, the batch sizes and the epoch budget every method gets."""
 
@@ -107,14 +96,6 @@ class Task:
     """The grid of ALI-G's base cap max_lr at batch 32."""
 
 
-def _tensors(*arrays: np.ndarray) -> Split:
-    x_train, y_train, x_val, y_val, x_test, y_test = (
-        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32 if a.ndim == 2 else np.int64))
-        for a in arrays
-    )
-    return Split(x_train, y_train, x_val, y_val, x_test, y_test)
-
-
 def load_mnist1d(quick: bool) -> Split:
     """MNIST-1D (seed 42), standardized with the training statistics.
 
@@ -131,7 +112,7 @@ def load_mnist1d(quick: bool) -> Split:
     )  # fmt: skip
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, data.x_test))
-    return _tensors(x_train, y_train, x_val, y_val, x_test, data.y_test)
+    return as_split((x_train, y_train, x_val, y_val, x_test, data.y_test), standardize=False)
 
 
 def load_digits(quick: bool) -> Split:
@@ -152,7 +133,7 @@ def load_digits(quick: bool) -> Split:
     )
     if quick:
         x_train, y_train = x_train[:512], y_train[:512]
-    return _tensors(x_train, y_train, x_val, y_val, x_test, y_test)
+    return as_split((x_train, y_train, x_val, y_val, x_test, y_test), standardize=False)
 
 
 TASKS: dict[str, Task] = {
@@ -166,16 +147,6 @@ TASKS: dict[str, Task] = {
              caps=(0.1, 0.3, 1.0)),
     )
 }  # fmt: skip
-
-
-def mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers of the given widths with ReLU between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-        if index:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(fan_in, fan_out))
-    return nn.Sequential(*layers)
 
 
 # ---------------------------------------------------------------------------- the methods
@@ -335,15 +306,6 @@ class Run:
     @property
     def test_at_best_val(self) -> float:
         return self.test_accuracy[self.best_val_epoch]
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, split: Split) -> tuple[float, float, float]:
-    """Training loss (mean over the whole training split), validation and test accuracy."""
-    train_loss = float(F.cross_entropy(model(split.x_train), split.y_train))
-    val = float((model(split.x_val).argmax(1) == split.y_val).float().mean())
-    test = float((model(split.x_test).argmax(1) == split.y_test).float().mean())
-    return train_loss, val, test
 
 
 def _evaluate_at_anchor(model: nn.Module, split: Split, opt: torch.optim.Optimizer) -> Any:
@@ -827,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
 
     given = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["python benchmarks/large_batch.py", *given])
+    command = " ".join(["python -m benchmarks.large_batch", *given])
     text = "\n\n".join(reports)
     print("\n" + text + f"\n\nwall time: {wall:.0f} s")
     header = [

@@ -13,10 +13,11 @@ the same model from the same start on the same minibatches (float32), with
 - the resident memory (RSS) after the first 1,000 steps and at the end: it must not grow
   (at most 16 MiB, the allocator's noise).
 
-The script exits with status 1 if any framework breaks one of these. The parity nox
+Each framework's run is ``long_run`` in ``benchmarks.frameworks._<name>``. The script exits
+with status 1 if any framework breaks one of these. The parity nox
 session runs it in full as a test (tests/parity/test_long_run.py).
 
-Run: ``python benchmarks/long_run.py [--frameworks torch,jax,keras] [--steps 20000]``.
+Run: ``python -m benchmarks.long_run [--frameworks torch,jax,keras] [--steps 20000]``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -34,7 +36,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np
 
-FRAMEWORKS = ("torch", "jax", "keras")
+from benchmarks import frameworks
+
+FRAMEWORKS = frameworks.FRAMEWORKS
 MAX_LR, MOMENTUM = 1.0, 0.9
 ROWS, FEATURES, BATCH = 512, 20, 16
 WARM_UP = 1_000
@@ -104,153 +108,43 @@ class Result:
         return problems
 
 
-def run_torch(problem: Problem) -> Result:
-    import torch
-
-    from alig_torch import AliG
-
-    torch.manual_seed(0)
-    x, y = torch.from_numpy(problem.x), torch.from_numpy(problem.y)
-    w = torch.nn.Parameter(torch.from_numpy(problem.w0.copy()))
-    opt = AliG([w], max_lr=MAX_LR, momentum=MOMENTUM)
-    gamma_min = torch.full((), torch.inf)
-    gamma_max = torch.full((), -torch.inf)
-    any_nan = torch.zeros((), dtype=torch.bool)
-    batches = torch.from_numpy(problem.batches)
-    start, rss_warm = time.perf_counter(), 0
-    for t in range(len(batches)):
-        rows = batches[t]
-
-        def closure(rows: torch.Tensor = rows) -> torch.Tensor:
-            opt.zero_grad()
-            loss = 0.5 * ((x[rows] @ w - y[rows]) ** 2).mean()
-            loss.backward()
-            return loss
-
-        loss = opt.step(closure)
-        gamma_min = torch.minimum(gamma_min, opt.gamma)
-        gamma_max = torch.maximum(gamma_max, opt.gamma)
-        any_nan |= loss.isnan() | w.isnan().any()
-        if t + 1 == WARM_UP:
-            rss_warm = rss_bytes()
+def finish(
+    framework: str,
+    problem: Problem,
+    watched: tuple[Any, Any, Any],
+    w_end: np.ndarray,
+    rss_after_warm_up: int,
+    start: float,
+) -> Result:
+    """The result of a run that ends now: ``watched`` is (any NaN, gamma min, gamma max), as
+    the framework tracked them; the loss is computed here, in float64, at the start and at
+    ``w_end``."""
+    any_nan, gamma_min, gamma_max = watched
     return Result(
-        "torch",
+        framework,
         bool(any_nan),
         float(gamma_min),
         float(gamma_max),
         problem.loss(problem.w0),
-        problem.loss(w.detach().numpy()),
-        rss_warm,
+        problem.loss(w_end),
+        rss_after_warm_up,
         rss_bytes(),
         time.perf_counter() - start,
     )
 
 
-def run_jax(problem: Problem) -> Result:
-    import jax
-    import jax.numpy as jnp
-    import optax
+def _framework_run(name: str) -> Callable[[Problem], Result]:
+    """``long_run`` of ``benchmarks.frameworks._<name>`` (imported when called)."""
 
-    from alig_jax import alig
+    def run(problem: Problem) -> Result:
+        result: Result = frameworks.load(name).long_run(problem)
+        return result
 
-    tx = alig(max_lr=MAX_LR, momentum=MOMENTUM)
-    x, y = jnp.asarray(problem.x), jnp.asarray(problem.y)
-
-    def loss_fn(w: jax.Array, rows: jax.Array) -> jax.Array:
-        return 0.5 * jnp.mean((x[rows] @ w - y[rows]) ** 2)
-
-    @jax.jit
-    def train_step(carry, rows):
-        w, state, gamma_min, gamma_max, any_nan = carry
-        loss, grad = jax.value_and_grad(loss_fn)(w, rows)
-        updates, state = tx.update(grad, state, w, value=loss)
-        w = optax.apply_updates(w, updates)
-        any_nan = any_nan | jnp.isnan(loss) | jnp.isnan(w).any()
-        return (
-            w,
-            state,
-            jnp.minimum(gamma_min, state.gamma),
-            jnp.maximum(gamma_max, state.gamma),
-            any_nan,
-        )
-
-    w = jnp.asarray(problem.w0)
-    carry = (w, tx.init(w), jnp.inf, -jnp.inf, jnp.zeros((), bool))
-    batches = jnp.asarray(problem.batches)
-    start, rss_warm = time.perf_counter(), 0
-    for t in range(len(problem.batches)):
-        carry = train_step(carry, batches[t])
-        if t + 1 == WARM_UP:
-            jax.block_until_ready(carry)
-            rss_warm = rss_bytes()
-    w, _, gamma_min, gamma_max, any_nan = jax.block_until_ready(carry)
-    return Result(
-        "jax",
-        bool(any_nan),
-        float(gamma_min),
-        float(gamma_max),
-        problem.loss(problem.w0),
-        problem.loss(np.asarray(w)),
-        rss_warm,
-        rss_bytes(),
-        time.perf_counter() - start,
-    )
+    return run
 
 
-def run_keras(problem: Problem) -> Result:
-    import keras
-
-    from alig_tf import AliG, AliGTrainStep
-
-    class Linear(AliGTrainStep, keras.Sequential):
-        pass
-
-    model = Linear([keras.Input((FEATURES,)), keras.layers.Dense(1, use_bias=False)])
-    model.layers[0].kernel.assign(problem.w0[:, None])
-    model.compile(optimizer=AliG(max_lr=MAX_LR, momentum=MOMENTUM), loss=_half_mse)
-    rows = problem.batches.reshape(-1)
-    x, y = problem.x[rows], problem.y[rows, None]
-
-    class Watch(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gamma_min, self.gamma_max, self.any_nan, self.rss_warm = np.inf, -np.inf, False, 0
-
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            gamma = float(keras.ops.convert_to_numpy(model.optimizer.gamma.value))
-            self.gamma_min, self.gamma_max = min(self.gamma_min, gamma), max(self.gamma_max, gamma)
-            self.any_nan |= bool(np.isnan((logs or {}).get("loss", 0.0)))
-            if batch + 1 == WARM_UP:
-                self.rss_warm = rss_bytes()
-
-    watch = Watch()
-    start = time.perf_counter()
-    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[watch])
-    w = keras.ops.convert_to_numpy(model.layers[0].kernel.value)[:, 0]
-    return Result(
-        f"keras ({keras.backend.backend()})",
-        watch.any_nan or bool(np.isnan(w).any()),
-        watch.gamma_min,
-        watch.gamma_max,
-        problem.loss(problem.w0),
-        problem.loss(w),
-        watch.rss_warm,
-        rss_bytes(),
-        time.perf_counter() - start,
-    )
-
-
-def _half_mse(y_true, y_pred):
-    import keras
-
-    return 0.5 * keras.ops.mean(keras.ops.square(y_pred - y_true))
-
-
-RUNNERS: dict[str, Callable[[Problem], Result]] = {
-    "torch": run_torch,
-    "jax": run_jax,
-    "keras": run_keras,
-}
+RUNNERS: dict[str, Callable[[Problem], Result]] = {n: _framework_run(n) for n in FRAMEWORKS}
+"""Each framework's run (``long_run`` in ``benchmarks.frameworks._<name>``)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,8 @@ Then the same run with ALI-G inside each framework's extrapolation wrapper
 gradient per step, the previous update's gradient as the displacement and ALI-G's
 linearised step, against ``alig_core.oracle_extrapolation``; a second table.
 
-Run: ``python benchmarks/parity.py [--dtype float64|float32] [--steps 200]
-[--max-lr 1.0 --momentum 0.9 --adjusted-momentum --max-norm R] [--frameworks ...]
+Run (from the repository root): ``python -m benchmarks.parity [--dtype float64|float32]
+[--steps 200] [--max-lr 1.0 --momentum 0.9 --adjusted-momentum --max-norm R] [--frameworks ...]
 [--extrapolation past|none]``.
 """
 
@@ -22,19 +22,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np
 
-from _parity_runners import RUNNERS, StepRecord
-from _parity_setup import (
+from benchmarks._parity_runners import RUNNERS, StepRecord
+from benchmarks._parity_setup import (
     accuracy,
     batches,
     initial_weights,

@@ -1,8 +1,9 @@
 """Milliseconds per optimizer step on ResNet-18-shaped float32 parameters (CPU).
 
-Each framework contributes its rows from ``benchmarks/_step_time_<framework>.py``: a
-module with ``candidates(shapes) -> (baseline_name, {row_name: step_callable})``, each
-callable doing one complete, blocking optimizer step (built and warmed up beforehand).
+Each framework contributes its rows from ``benchmarks.frameworks._<framework>``:
+``step_time_rows(shapes) -> (baseline_name, {row_name: step_callable})``, each callable
+doing one complete, blocking optimizer step (built and warmed up beforehand);
+``keras_graph`` is Keras' ``step_time_rows_graph``.
 
 Rows of a framework are timed interleaved (each round runs every row once, in a shuffled
 order, so that the machine's noise and the row before hit all of them alike), the median
@@ -11,7 +12,7 @@ process. A plain memory copy of the same bytes, interleaved too, gives the machi
 bandwidth; each row's "GB/s" counts the bytes a momentum step must move at the least
 (read p, g, b; write p, b: 5 x the parameter bytes).
 
-Run: ``python benchmarks/step_time.py [--frameworks torch,jax,keras,keras_graph] [--rounds 30]
+Run: ``python -m benchmarks.step_time [--frameworks torch,jax,keras,keras_graph] [--rounds 30]
 [--model resnet18|digits-mlp]`` (the digits MLP: 6 small tensors, where the fixed cost of
 a step dominates; give it many rounds, e.g. 3000).
 """
@@ -19,22 +20,27 @@ a step dominates; give it many rounds, e.g. 3000).
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from benchmarks import frameworks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-sys.path.insert(0, str(Path(__file__).parent))
 
-FRAMEWORKS = ("torch", "jax", "keras", "keras_graph")
+ROW_SETS = {
+    "torch": ("torch", "step_time_rows"),
+    "jax": ("jax", "step_time_rows"),
+    "keras": ("keras", "step_time_rows"),
+    "keras_graph": ("keras", "step_time_rows_graph"),
+}
+"""Row set -> (framework, the function of ``benchmarks.frameworks._<framework>``)."""
+FRAMEWORKS = tuple(ROW_SETS)
 
 
 def resnet18_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
@@ -110,9 +116,9 @@ def main() -> None:
 
     results: list[tuple[str, str, str, float]] = []
     for framework in names:
-        module = importlib.import_module(f"_step_time_{framework}")
+        module_name, function = ROW_SETS[framework]
         print(f"building and warming up the {framework} rows ...", flush=True)
-        baseline, rows = module.candidates(shapes)
+        baseline, rows = getattr(frameworks.load(module_name), function)(shapes)
         rows = {**rows, "memory copy": _memory_copy(param_bytes)}
         medians = _time_interleaved(rows, args.rounds)
         for name, seconds in medians.items():

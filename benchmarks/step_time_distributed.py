@@ -16,7 +16,7 @@ gradients' all-reduce, which is not timed):
 The rows run interleaved in a shuffled order that is the same on both ranks (one seed), so
 that the collectives meet; rank 0 prints the medians.
 
-Run: ``python benchmarks/step_time_distributed.py [--model digits-mlp|resnet18] [--rounds N]``.
+Run: ``python -m benchmarks.step_time_distributed [--model digits-mlp|resnet18] [--rounds N]``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from step_time import MODELS, _time_interleaved  # this folder is the script's: on sys.path
+from benchmarks.step_time import MODELS, _time_interleaved
 
 
 def _stepper(

@@ -1,6 +1,6 @@
-"""Smoke run of the convergence benchmark: ``benchmarks/convergence.py --quick --with-jax``.
+"""Smoke run of the convergence benchmark: ``python -m benchmarks.convergence --quick --with-jax``.
 
-Runs the script as a user would (a subprocess, outputs to a temporary folder) and checks
+Runs the module as a user would (a subprocess, outputs to a temporary folder) and checks
 that it exits 0, prints and writes the summary table and the figures, and that on the
 convex task every method's training loss (over the whole training split, at its selected
 setting) went down from the start of training (epoch 0) to the end of the last epoch.
@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "convergence.py"
+from benchmark_runs import run_benchmark
+
 TORCH_METHODS = (
     "ALI-G",
     "ALI-G + max_norm",
@@ -38,16 +36,7 @@ TABLE_HEADER = "| method | grid | selected (by validation) |"
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     out_dir = tmp_path_factory.mktemp("convergence")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--with-jax", "--out-dir", str(out_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    completed = run_benchmark("convergence", "--quick", "--with-jax", "--out-dir", str(out_dir))
     return completed.stdout, out_dir
 
 

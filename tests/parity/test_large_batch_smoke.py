@@ -1,29 +1,26 @@
-"""Smoke run of the large-batch benchmark: ``benchmarks/large_batch.py --quick``.
+"""Smoke run of the large-batch benchmark: ``python -m benchmarks.large_batch --quick``.
 
-Runs the script as a user would (a subprocess, outputs to a temporary folder) and checks
+Runs the module as a user would (a subprocess, outputs to a temporary folder) and checks
 that it writes the tables, the JSON and the plot, that the gradient evaluations it
 reports are what each method costs (two per iteration for extrapolation in ``"gradient"``
 mode, as many as SGD for the half-epoch rows), that every method learns at the base batch,
 and that a second run gives the same numbers. The recipe (scaling, warm-up, decay) and the
-selection on the validation split are checked on the module's functions (imported through
-this folder's conftest, which puts ``benchmarks/`` on the path).
+selection on the validation split are checked on the module's functions (``benchmarks`` is a
+package; pytest puts the repository root on the path).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import large_batch
-from large_batch import BASE_BATCH, METHODS, Candidate, Run, select, step_size_at
+from benchmark_runs import run_benchmark
+from benchmarks import large_batch
+from benchmarks.large_batch import BASE_BATCH, METHODS, Candidate, Run, select, step_size_at
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "large_batch.py"
 TASKS = ("mnist1d", "digits")
 QUICK_BATCHES = ("32", "256")
 GRADIENT_MODE = ("EXTRAP-SGD", "ALI-G + extrap. (linearised)", "ALI-G + extrap. (plain)")
@@ -39,16 +36,7 @@ ONE_EVALUATION = (
 
 
 def _run(out_dir: Path, *extra: str) -> dict[str, Any]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out-dir", str(out_dir), *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    completed = run_benchmark("large_batch", "--quick", "--out-dir", str(out_dir), *extra)
     return {
         "stdout": completed.stdout,
         "json": json.loads((out_dir / "results.json").read_text(encoding="utf-8")),

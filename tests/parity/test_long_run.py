@@ -1,11 +1,11 @@
-"""The long run (benchmarks/long_run.py): 20,000 steps per framework, no NaN, gamma in
+"""The long run (``benchmarks.long_run``): 20,000 steps per framework, no NaN, gamma in
 [0, max_lr], the loss into the interpolation regime, and no growth of resident memory."""
 
 from __future__ import annotations
 
 import pytest
 
-import long_run
+from benchmarks import long_run
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _parity_runners import RUNNERS, StepRecord
-from _parity_setup import batches, initial_weights, load_digits_split
 from alig_cases import CASES, Case, max_relative_deviation, tolerance
+from benchmarks._parity_runners import RUNNERS, StepRecord
+from benchmarks._parity_setup import batches, initial_weights, load_digits_split
 
 FRAMEWORKS = ("torch", "keras", "jax")
 PARITY_CASES = (
