@@ -16,6 +16,8 @@ import nox
 ROOT = Path(__file__).parent
 PINS = str(ROOT / "requirements" / "pins.txt")
 TEST_TOOLS = ("numpy", "pytest", "hypothesis")
+EVERY_FRAMEWORK = ("torch", "tensorflow-cpu", "keras", "jax", "jaxlib", "optax")
+BENCHMARK_TOOLS = ("scikit-learn", "matplotlib")  # the datasets (load_digits, ...) and figures
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 nox.options.sessions = [
@@ -149,35 +151,14 @@ def integrations(session: nox.Session) -> None:
 @nox.session
 def parity(session: nox.Session) -> None:
     """Every framework on the same model from the same start, plus the benchmark smoke runs."""
-    _install(
-        session,
-        "torch",
-        "tensorflow-cpu",
-        "keras",
-        "jax",
-        "jaxlib",
-        "optax",
-        "scikit-learn",
-        "matplotlib",
-        "pytorch_optimizer",
-    )
+    _install(session, *EVERY_FRAMEWORK, *BENCHMARK_TOOLS, "pytorch_optimizer")
     _run_tests(session, "parity", "parity", {"KERAS_BACKEND": "tensorflow"})
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job: the README's first command."""
-    _install(
-        session,
-        "torch",
-        "tensorflow-cpu",
-        "keras",
-        "jax",
-        "jaxlib",
-        "optax",
-        "scikit-learn",
-        "matplotlib",
-    )
+    _install(session, *EVERY_FRAMEWORK, *BENCHMARK_TOOLS)
     session.chdir(ROOT)  # ``benchmarks`` is a package: run from the repository root
     session.run(
         "python",
