@@ -110,25 +110,28 @@ def jax(session: nox.Session) -> None:
     )
 
 
+def _keras_tests(session: nox.Session, backend: str, *packages: str) -> None:
+    """The Keras tests and alig_tf's doctests on one backend (fixed at import: a session each)."""
+    _install(session, "keras", *packages)
+    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": backend}, doctests="alig_tf")
+
+
 @nox.session
 def tf(session: nox.Session) -> None:
     """The Keras 3 optimizer on the TensorFlow backend."""
-    _install(session, "tensorflow-cpu", "keras")
-    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "tensorflow"}, doctests="alig_tf")
+    _keras_tests(session, "tensorflow", "tensorflow-cpu")
 
 
 @nox.session
 def keras_jax(session: nox.Session) -> None:
     """The Keras 3 optimizer on the JAX backend."""
-    _install(session, "keras", "jax", "jaxlib")
-    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "jax"}, doctests="alig_tf")
+    _keras_tests(session, "jax", "jax", "jaxlib")
 
 
 @nox.session
 def keras_torch(session: nox.Session) -> None:
     """The Keras 3 optimizer on the torch backend."""
-    _install(session, "keras", "torch")
-    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": "torch"}, doctests="alig_tf")
+    _keras_tests(session, "torch", "torch")
 
 
 @nox.session
