@@ -31,14 +31,9 @@ from alig_core import (
     select_call,
     update_inputs,
 )
-from alig_tf._optimizer import (
-    AliG,
-    _as_loss,
-    _backend_name,
-    _multi_replica_context,
-    _PendingLosses,
-    _sum_of_squares,
-)
+from alig_tf import _backend
+from alig_tf._loss import LossTakingOptimizer, loss_in
+from alig_tf._optimizer import AliG
 
 __all__ = ["EvaluateAtAnchor", "Extrapolation"]
 
@@ -96,7 +91,7 @@ def _snapshot(variable: Any) -> Any:
 @contextlib.contextmanager
 def _no_grad() -> Iterator[None]:
     """torch: no autograd graph through the optimizer's arithmetic (as Keras' own steps)."""
-    if _backend_name() != "torch":
+    if _backend.name() != "torch":
         yield
         return
     import torch
@@ -123,7 +118,7 @@ def _standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any
     ``like``'s device seeded with a hash of both (read on the host: torch steps eagerly).
     Both arguments may be tensors (optimizer variables).
     """
-    backend = _backend_name()
+    backend = _backend.name()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -155,7 +150,7 @@ def _standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any
 
 
 @keras.saving.register_keras_serializable(package="alig")
-class Extrapolation(keras.optimizers.Optimizer):
+class Extrapolation(LossTakingOptimizer):
     r"""Extrapolated steps around any Keras optimizer (EXTRAP-SGD and relatives).
 
     With :math:`w_t` the iterate (the *anchor*), each iteration evaluates the loss and the
@@ -315,7 +310,6 @@ class Extrapolation(keras.optimizers.Optimizer):
             linearized=config.linearized,
         )
         self._is_alig = isinstance(base_optimizer, AliG)
-        self._pending_losses = _PendingLosses()
         self._in_anchor_context = False
 
     def _float_schedule(self, iteration: Any) -> Any:
@@ -510,12 +504,6 @@ class Extrapolation(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ the loss
 
-    def scale_loss(self, loss: Any) -> Any:
-        """Keeps the training loss for the next call (the TensorFlow and torch trainers)."""
-        if _backend_name() != "jax":  # the JAX trainer runs this in a scope it discards
-            self._pending_losses.put(_as_loss(loss))
-        return loss
-
     def apply(
         self, grads: list[Any], trainable_variables: list[Any] | None = None, loss: Any = None
     ) -> None:
@@ -535,9 +523,7 @@ class Extrapolation(keras.optimizers.Optimizer):
                 "Extrapolation.apply() inside opt.at_anchor(): the weights hold the anchor "
                 "only for evaluation and saving. Train after the with-block."
             )
-        if loss is not None:
-            self._pending_losses.put(_as_loss(loss))
-        try:
+        with self._loss_of_this_call(loss):
             if len(grads) == 0:  # Keras' own no-op
                 return
             if trainable_variables is None:
@@ -562,16 +548,14 @@ class Extrapolation(keras.optimizers.Optimizer):
                     "No gradient reached Extrapolation for any variable (every gradient is "
                     "None). Check that the loss depends on the trainable variables."
                 )
-            if _backend_name() == "tensorflow":  # e.g. an Embedding's sparse gradient
-                import tensorflow as tf
+            if _backend.name() == "tensorflow":  # e.g. an Embedding's sparse gradient
+                from alig_tf import _tensorflow
 
-                grads = [
-                    tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads
-                ]
+                grads = _tensorflow.dense(grads)
             full: list[Any] = [None] * len(self._trainable_variables)
             for g, v in zip(grads, trainable_variables, strict=True):
                 full[self._get_variable_index(v)] = g
-            if _multi_replica_context() is not None:
+            if _backend.multi_replica_context() is not None:
                 raise NotImplementedError(
                     "alig_tf.Extrapolation under tf.distribute with more than one replica is "
                     "not supported yet. Train on one replica, or use the base optimizer "
@@ -583,29 +567,6 @@ class Extrapolation(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self), _no_grad():
                 self._step(full, loss_value)
             self._iterations.assign_add(1)
-        finally:
-            self._pending_losses.clear()  # a loss serves one call only
-
-    def apply_gradients(self, grads_and_vars: Any, loss: Any = None) -> Any:
-        """``apply_gradients`` with the loss, for tf.keras-style loops."""
-        grads, trainable_variables = zip(*grads_and_vars, strict=True)
-        self.apply(list(grads), list(trainable_variables), loss=loss)
-        return self._iterations
-
-    def stateless_apply(
-        self,
-        optimizer_variables: list[Any],
-        grads: list[Any],
-        trainable_variables: list[Any],
-        loss: Any = None,
-    ) -> tuple[list[Any], list[Any]]:
-        """``stateless_apply`` with the loss (JAX: custom loops, :class:`AliGTrainStep`)."""
-        if loss is not None:
-            self._pending_losses.put(_as_loss(loss))
-        try:
-            return super().stateless_apply(optimizer_variables, grads, trainable_variables)
-        finally:
-            self._pending_losses.clear()
 
     # ------------------------------------------------------------------ the step
 
@@ -616,12 +577,8 @@ class Extrapolation(keras.optimizers.Optimizer):
         params = tuple(ops.cast(_snapshot(v), dtype) for v in variables)
         gradients = tuple(None if g is None else ops.cast(g, dtype) for g in grads)
         if loss is not None:
-            loss = (
-                ops.convert_to_tensor(loss, dtype=dtype)
-                if isinstance(loss, float)
-                else ops.cast(loss, dtype)
-            )
-        sq_grad_norm = _sum_of_squares([g for g in gradients if g is not None], dtype)
+            loss = loss_in(loss, dtype)
+        sq_grad_norm = _backend.sum_of_squares([g for g in gradients if g is not None], dtype)
         state = ExtrapolationState(
             anchor=tuple(ops.cast(_snapshot(a), dtype) for a in self.anchors),
             phase=_snapshot(self.phase),
