@@ -32,7 +32,7 @@ from alig_core import (
     update_inputs,
 )
 from alig_tf import _backend
-from alig_tf._loss import LossTakingOptimizer, loss_in
+from alig_tf._base import LossTakingOptimizer, loss_in
 from alig_tf._optimizer import AliG
 
 __all__ = ["EvaluateAtAnchor", "Extrapolation"]
@@ -61,7 +61,8 @@ _REFUSED_BASE_OPTIONS: dict[str, str] = {
 }
 """Options of the base optimizer that would break the wrapper, and why (refused)."""
 
-_MAX_SEED = 2**31 - 1
+_SEED_BOUND = 2**31
+"""Seeds are below this: TensorFlow's stateless generators take an int32 seed pair."""
 
 
 def _describe(value: Any) -> str:
@@ -153,34 +154,21 @@ def _standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any
 class Extrapolation(LossTakingOptimizer):
     r"""Extrapolated steps around any Keras optimizer (EXTRAP-SGD and relatives).
 
-    With :math:`w_t` the iterate (the *anchor*), each iteration evaluates the loss and the
-    gradient at an extrapolated point and lets the base optimizer step **from the anchor**
-    with that gradient (extragradient):
+    Each iteration displaces the iterate :math:`w_t` (the *anchor*) by :math:`d_t`,
+    evaluates the loss and the gradient there, and lets the base optimizer step **from the
+    anchor** with that gradient (extragradient):
+    :math:`w_{t+1} = \mathrm{Base}\big(w_t,\ g(w_t + d_t)\big)`. ``mode`` picks
+    :math:`d_t` (the rules: ``docs/extrapolation.md``, "What it does"): ``"gradient"``
+    (EXTRAP-SGD) :math:`-\mathrm{lr_x}\, g(w_t)`, two evaluations per iteration;
+    ``"past"`` :math:`-\mathrm{lr_x}` times the gradient the previous update used;
+    ``"noise"`` :math:`\sigma \xi_t`, standard normal numbers of ``(seed, t)`` only (the
+    perturbation baseline); the last two, one evaluation per iteration.
 
-    .. math::
-
-        \tilde w_t = w_t + d_t, \qquad
-        w_{t+1} = \mathrm{Base}\big(w_t,\ g(\tilde w_t)\big)
-
-    with the displacement :math:`d_t`, by ``mode``:
-
-    * ``"gradient"`` (EXTRAP-SGD): :math:`d_t = -\mathrm{lr_x}\, g(w_t)`, a minibatch
-      gradient at the anchor (two evaluations per iteration);
-    * ``"past"``: :math:`d_t = -\mathrm{lr_x}\, g(\tilde w_{t-1})`, the gradient the
-      previous update used, :math:`d_0 = 0` (one evaluation per iteration);
-    * ``"noise"``: :math:`d_t = \sigma \xi_t`, :math:`\xi_t` standard normal, a function of
-      ``(seed, t)`` only (one evaluation per iteration; the perturbation baseline).
-
-    The base's state (momentum buffers, its ``iterations``) moves once per iteration. With
-    :class:`~alig_tf.AliG` as the base, ALI-G takes the Polyak step of the linear model of
-    the loss at :math:`\tilde w_t` seen from the anchor,
-
-    .. math::
-
-        \hat\gamma = \frac{l(\tilde w) - f_\star + \langle g(\tilde w), w_t - \tilde w\rangle}
-                          {\|g(\tilde w)\|^2 + \epsilon},
-
-    then its usual clamp at 0 and cap (``linearized=False``: the plain :math:`l(\tilde w)`):
+    The base's state (momentum buffers, its ``iterations``) moves once per iteration. An
+    :class:`~alig_tf.AliG` base takes the Polyak step of the loss linearised at
+    :math:`\tilde w_t = w_t + d_t` and seen from the anchor, :math:`l(\tilde w) +
+    \langle g(\tilde w), w_t - \tilde w\rangle` in place of the loss (``linearized=False``:
+    the plain :math:`l(\tilde w)`);
     the wrapper hands AliG the corrected loss through ``apply(..., loss=...)``. Every other
     base is applied as it is. Projection (AliG's ``max_norm``) applies to
     :math:`w_{t+1}`, never to :math:`\tilde w_t`. ``lr_x=None`` (the default) takes the
@@ -295,7 +283,7 @@ class Extrapolation(LossTakingOptimizer):
     ) -> None:
         config = ExtrapolationConfig(mode=mode, lr_x=lr_x, sigma=sigma, linearized=linearized)
         _check_base(base_optimizer)
-        seed = _validate_seed(seed, config.mode)
+        seed = alig_core.validate_seed(seed, mode=config.mode, below=_SEED_BOUND)
         super().__init__(learning_rate=0.0, name=name)
         self.base_optimizer = base_optimizer
         self.mode = config.mode
@@ -330,19 +318,7 @@ class Extrapolation(LossTakingOptimizer):
         if self.built:
             return
         variables = list(variables)
-        if not variables:
-            raise ValueError(
-                "Extrapolation got no variables to optimize (an empty list). Pass the model's "
-                "trainable variables: optimizer.build(model.trainable_variables)."
-            )
-        for variable in variables:
-            dtype = keras.backend.standardize_dtype(variable.dtype)
-            if "float" not in dtype:
-                raise ValueError(
-                    f"Extrapolation moves real floating-point variables; {variable.path!r} "
-                    f"has dtype {dtype}. Leave integer variables out of the optimized list "
-                    "(trainable=False)."
-                )
+        dtype = self._check_variables(variables, "optimizer.build(model.trainable_variables)")
         base = self.base_optimizer
         if base.built:
             ours = [base._var_key(v) for v in variables]
@@ -358,9 +334,7 @@ class Extrapolation(LossTakingOptimizer):
             with keras.name_scope(base.name, caller=base):
                 base.build(variables)
         super().build(variables)
-        self._dtype = alig_core.accumulation_dtype(
-            "float64" if any(v.dtype == "float64" for v in variables) else "float32"
-        )
+        self._dtype = dtype
         self.anchors = self.add_optimizer_variables(variables, "anchor")
         self.phase = self.add_variable((), initializer="zeros", dtype="int", name="phase")
         self.iteration_count = self.add_variable(
@@ -715,24 +689,6 @@ def _check_base(base: Any) -> None:
                 f"Invalid base_optimizer: it has {option}={value!r}, and Extrapolation does not "
                 f"support that: {why}. Build the base optimizer without {option}."
             )
-
-
-def _validate_seed(seed: Any, mode: str) -> int:
-    if mode != "noise":
-        if seed is None:
-            return 0
-        raise ValueError(
-            f"Invalid seed: got {_describe(seed)} with mode={mode!r}; expected None: the seed "
-            "draws the noise of mode='noise' only. Leave seed=None, or pass mode='noise'."
-        )
-    if seed is None:
-        return 0
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(
-            f"Invalid seed: got {_describe(seed)}; expected an int in [0, 2**31) (the noise of "
-            "iteration t is a function of (seed, t)). Pass e.g. seed=0."
-        )
-    return seed
 
 
 class EvaluateAtAnchor(keras.callbacks.Callback):

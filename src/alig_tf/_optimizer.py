@@ -18,7 +18,7 @@ from keras import ops
 import alig_core
 from alig_core import AliGConfig, momentum_buffer_update, momentum_coefficients
 from alig_tf import _backend
-from alig_tf._loss import LossTakingOptimizer, loss_in
+from alig_tf._base import LossTakingOptimizer, loss_in
 
 __all__ = ["AliG", "project_onto_ball"]
 
@@ -233,26 +233,13 @@ class AliG(LossTakingOptimizer):
         if self.built:
             return
         variables = list(variables)
-        if not variables:
-            raise ValueError(
-                "AliG got no variables to optimize (an empty list). Pass the model's "
-                "trainable variables: optimizer.build(model.trainable_variables), or "
-                "optimizer.apply(grads, model.trainable_variables, loss=loss)."
-            )
-        for variable in variables:
-            dtype = keras.backend.standardize_dtype(variable.dtype)
-            if "float" not in dtype:
-                raise ValueError(
-                    f"AliG optimizes real floating-point variables; {variable.path!r} has "
-                    f"dtype {dtype} and shape {tuple(variable.shape)}. Leave integer "
-                    "variables out of the optimized list (trainable=False), and optimize a "
-                    "complex quantity as two float variables (its real and imaginary parts)."
-                )
-        super().build(variables)
-        self._accumulation_dtype = alig_core.accumulation_dtype(
-            "float64" if any(v.dtype == "float64" for v in variables) else "float32"
+        dtype = self._check_variables(
+            variables,
+            "optimizer.build(model.trainable_variables), or "
+            "optimizer.apply(grads, model.trainable_variables, loss=loss)",
         )
-        dtype = self._accumulation_dtype
+        super().build(variables)
+        self._accumulation_dtype = dtype
         self.momentums = (
             self.add_optimizer_variables(variables, "momentum") if self.momentum != 0 else []
         )

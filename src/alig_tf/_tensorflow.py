@@ -110,7 +110,9 @@ def select(skipped: Any, old: Any, new: Any) -> Any:
     """``old`` if the step is skipped (a 0-d bool), else ``new``: a whole tensor either way.
 
     The v1 ``Select``, which forwards one of its inputs when the condition is a scalar
-    (``ops.where``, ``SelectV2``, picks entry by entry); the same fused select under XLA.
+    (``ops.where``, ``SelectV2``, picks entry by entry: slower, see ``benchmarks/README.md``,
+    "Keras on TensorFlow: the sum of squares"); the same fused select under XLA. Guarded by
+    ``test_the_graph_step_keeps_or_replaces_whole_tensors`` (test_keras_behaviour.py).
     """
     return tf.compat.v1.where(skipped, old, new)
 

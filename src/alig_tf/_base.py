@@ -1,9 +1,10 @@
-"""How the loss reaches alig_tf's optimizers (docs/specification.md, section 5).
+"""The base of alig_tf's optimizers: how the loss reaches them, which variables they take.
 
-``model.fit`` hands it to ``scale_loss`` on the TensorFlow and torch backends; custom
-loops pass ``loss=`` to ``apply``, ``apply_gradients`` or ``stateless_apply``; on JAX the
-:class:`~alig_tf.AliGTrainStep` mixin passes it to ``stateless_apply``. Either way it
-waits in a :class:`PendingLosses` slot until the step takes it.
+The loss (docs/specification.md, section 5): ``model.fit`` hands it to ``scale_loss`` on
+the TensorFlow and torch backends; custom loops pass ``loss=`` to ``apply``,
+``apply_gradients`` or ``stateless_apply``; on JAX the :class:`~alig_tf.AliGTrainStep`
+mixin passes it to ``stateless_apply``. Either way it waits in a :class:`PendingLosses`
+slot until the step takes it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import keras
 from keras import ops
 
+import alig_core
 from alig_tf import _backend
 
 __all__ = ["LossTakingOptimizer", "PendingLosses", "as_loss", "loss_in"]
@@ -85,6 +87,28 @@ class LossTakingOptimizer(keras.optimizers.Optimizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pending_losses = PendingLosses()
+
+    def _check_variables(self, variables: list[Any], how_to_pass: str) -> str:
+        """Raises for no variable or a non-float one; returns their accumulation dtype.
+
+        ``how_to_pass`` ends the message for an empty list (how to give the variables).
+        """
+        who = type(self).__name__
+        if not variables:
+            raise ValueError(
+                f"{who} got no variables to optimize (an empty list). Pass the model's "
+                f"trainable variables: {how_to_pass}."
+            )
+        for variable in variables:
+            dtype = keras.backend.standardize_dtype(variable.dtype)
+            if "float" not in dtype:
+                raise ValueError(
+                    f"{who} optimizes real floating-point variables; {variable.path!r} has "
+                    f"dtype {dtype} and shape {tuple(variable.shape)}. Leave integer "
+                    "variables out of the optimized list (trainable=False), and optimize a "
+                    "complex quantity as two float variables (its real and imaginary parts)."
+                )
+        return alig_core.accumulation_dtype(*(v.dtype for v in variables))
 
     @contextlib.contextmanager
     def _loss_of_this_call(self, loss: Any) -> Iterator[None]:
