@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import keras
 from keras import ops
+from keras.src.optimizers.base_optimizer import BaseOptimizer
 
 import alig_core
 from alig_core import AliGConfig, momentum_buffer_update, momentum_coefficients
@@ -369,8 +370,13 @@ class AliG(LossTakingOptimizer):
             for variable, new in zip(self._record_variables(), records, strict=True)
         ]
         if replicas is None:
-            super()._backend_update_step(grads, trainable_variables, step)
-        else:  # the gradients are summed already: Keras' TF loop would sum them again
+            # Keras' per-variable loop, the base optimizer's (what Nadam's super() call
+            # reaches on JAX and torch). Not the TensorFlow backend's override: it sums the
+            # gradients over the replicas, which the step size needed first (above), and
+            # wraps each update for tf.distribute, a cost of eager steps (benchmarks/README.md,
+            # "Keras on TensorFlow: the sum of squares").
+            BaseOptimizer._backend_update_step(self, grads, trainable_variables, step)
+        else:  # the gradients are summed already: each replica's copies updated
             updates = [
                 (self._update_replica_variable, variable, (g, step))
                 for g, variable in zip(grads, trainable_variables, strict=True)
