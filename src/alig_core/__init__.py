@@ -67,6 +67,7 @@ from alig_core._extrapolation_config import (
     validate_linearized,
     validate_lr_x,
     validate_mode,
+    validate_seed,
     validate_sigma,
 )
 from alig_core._math import (
@@ -134,6 +135,7 @@ __all__ = [
     "validate_max_norm",
     "validate_mode",
     "validate_momentum",
+    "validate_seed",
     "validate_sigma",
 ]
 

@@ -19,6 +19,7 @@ __all__ = [
     "validate_linearized",
     "validate_lr_x",
     "validate_mode",
+    "validate_seed",
     "validate_sigma",
 ]
 
@@ -95,6 +96,48 @@ def validate_sigma(value: Any, *, mode: str = "noise") -> Any:
     expected = "a finite number >= 0 (the standard deviation of the noise displacement)"
     fix = "Pass e.g. sigma=0.01 with mode='noise'."
     return _checked_number("sigma", value, expected, fix, lambda x: x >= 0.0)
+
+
+def validate_seed(value: Any, *, mode: str = "noise", below: int | None = None) -> int:
+    """Checks ``seed``, the seed of the noise displacement; returns it (0 for ``None``).
+
+    ``mode="noise"``: ``None`` (0) or an int >= 0, and under ``below`` where the adapter's
+    generator takes no larger seed (TensorFlow's: ``2**31``). The other modes draw no
+    noise and take ``None`` only.
+
+    Raises:
+      ValueError: naming the argument, the value given, the valid range and the fix.
+
+    Example:
+      >>> validate_seed(None), validate_seed(7, below=2**31)
+      (0, 7)
+    """
+    if mode != "noise":
+        if value is None:
+            return 0
+        raise ValueError(
+            f"Invalid seed: got {_describe(value)} with mode={mode!r}; expected None: the seed "
+            "draws the noise of mode='noise' only. Leave seed=None, or pass mode='noise'."
+        )
+    if value is None:
+        return 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 0
+        or (below is not None and value >= below)
+    ):
+        if below is None:
+            expected = "an int >= 0"
+        elif below & (below - 1) == 0:  # a power of two, as generators' bounds are
+            expected = f"an int in [0, 2**{below.bit_length() - 1})"
+        else:
+            expected = f"an int in [0, {below})"
+        raise ValueError(
+            f"Invalid seed: got {_describe(value)}; expected {expected} (the noise of "
+            "iteration t is a function of (seed, t) only). Pass e.g. seed=0."
+        )
+    return value
 
 
 def validate_linearized(value: Any) -> bool:

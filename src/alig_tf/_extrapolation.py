@@ -31,14 +31,9 @@ from alig_core import (
     select_call,
     update_inputs,
 )
-from alig_tf._optimizer import (
-    AliG,
-    _as_loss,
-    _backend_name,
-    _multi_replica_context,
-    _PendingLosses,
-    _sum_of_squares,
-)
+from alig_tf import _backend
+from alig_tf._base import LossTakingOptimizer, loss_in
+from alig_tf._optimizer import AliG
 
 __all__ = ["EvaluateAtAnchor", "Extrapolation"]
 
@@ -66,7 +61,8 @@ _REFUSED_BASE_OPTIONS: dict[str, str] = {
 }
 """Options of the base optimizer that would break the wrapper, and why (refused)."""
 
-_MAX_SEED = 2**31 - 1
+_SEED_BOUND = 2**31
+"""Seeds are below this: TensorFlow's stateless generators take an int32 seed pair."""
 
 
 def _describe(value: Any) -> str:
@@ -96,7 +92,7 @@ def _snapshot(variable: Any) -> Any:
 @contextlib.contextmanager
 def _no_grad() -> Iterator[None]:
     """torch: no autograd graph through the optimizer's arithmetic (as Keras' own steps)."""
-    if _backend_name() != "torch":
+    if _backend.name() != "torch":
         yield
         return
     import torch
@@ -123,7 +119,7 @@ def _standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any
     ``like``'s device seeded with a hash of both (read on the host: torch steps eagerly).
     Both arguments may be tensors (optimizer variables).
     """
-    backend = _backend_name()
+    backend = _backend.name()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -155,37 +151,24 @@ def _standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any
 
 
 @keras.saving.register_keras_serializable(package="alig")
-class Extrapolation(keras.optimizers.Optimizer):
+class Extrapolation(LossTakingOptimizer):
     r"""Extrapolated steps around any Keras optimizer (EXTRAP-SGD and relatives).
 
-    With :math:`w_t` the iterate (the *anchor*), each iteration evaluates the loss and the
-    gradient at an extrapolated point and lets the base optimizer step **from the anchor**
-    with that gradient (extragradient):
+    Each iteration displaces the iterate :math:`w_t` (the *anchor*) by :math:`d_t`,
+    evaluates the loss and the gradient there, and lets the base optimizer step **from the
+    anchor** with that gradient (extragradient):
+    :math:`w_{t+1} = \mathrm{Base}\big(w_t,\ g(w_t + d_t)\big)`. ``mode`` picks
+    :math:`d_t` (the rules: ``docs/extrapolation.md``, "What it does"): ``"gradient"``
+    (EXTRAP-SGD) :math:`-\mathrm{lr_x}\, g(w_t)`, two evaluations per iteration;
+    ``"past"`` :math:`-\mathrm{lr_x}` times the gradient the previous update used;
+    ``"noise"`` :math:`\sigma \xi_t`, standard normal numbers of ``(seed, t)`` only (the
+    perturbation baseline); the last two, one evaluation per iteration.
 
-    .. math::
-
-        \tilde w_t = w_t + d_t, \qquad
-        w_{t+1} = \mathrm{Base}\big(w_t,\ g(\tilde w_t)\big)
-
-    with the displacement :math:`d_t`, by ``mode``:
-
-    * ``"gradient"`` (EXTRAP-SGD): :math:`d_t = -\mathrm{lr_x}\, g(w_t)`, a minibatch
-      gradient at the anchor (two evaluations per iteration);
-    * ``"past"``: :math:`d_t = -\mathrm{lr_x}\, g(\tilde w_{t-1})`, the gradient the
-      previous update used, :math:`d_0 = 0` (one evaluation per iteration);
-    * ``"noise"``: :math:`d_t = \sigma \xi_t`, :math:`\xi_t` standard normal, a function of
-      ``(seed, t)`` only (one evaluation per iteration; the perturbation baseline).
-
-    The base's state (momentum buffers, its ``iterations``) moves once per iteration. With
-    :class:`~alig_tf.AliG` as the base, ALI-G takes the Polyak step of the linear model of
-    the loss at :math:`\tilde w_t` seen from the anchor,
-
-    .. math::
-
-        \hat\gamma = \frac{l(\tilde w) - f_\star + \langle g(\tilde w), w_t - \tilde w\rangle}
-                          {\|g(\tilde w)\|^2 + \epsilon},
-
-    then its usual clamp at 0 and cap (``linearized=False``: the plain :math:`l(\tilde w)`):
+    The base's state (momentum buffers, its ``iterations``) moves once per iteration. An
+    :class:`~alig_tf.AliG` base takes the Polyak step of the loss linearised at
+    :math:`\tilde w_t = w_t + d_t` and seen from the anchor, :math:`l(\tilde w) +
+    \langle g(\tilde w), w_t - \tilde w\rangle` in place of the loss (``linearized=False``:
+    the plain :math:`l(\tilde w)`);
     the wrapper hands AliG the corrected loss through ``apply(..., loss=...)``. Every other
     base is applied as it is. Projection (AliG's ``max_norm``) applies to
     :math:`w_{t+1}`, never to :math:`\tilde w_t`. ``lr_x=None`` (the default) takes the
@@ -300,7 +283,7 @@ class Extrapolation(keras.optimizers.Optimizer):
     ) -> None:
         config = ExtrapolationConfig(mode=mode, lr_x=lr_x, sigma=sigma, linearized=linearized)
         _check_base(base_optimizer)
-        seed = _validate_seed(seed, config.mode)
+        seed = alig_core.validate_seed(seed, mode=config.mode, below=_SEED_BOUND)
         super().__init__(learning_rate=0.0, name=name)
         self.base_optimizer = base_optimizer
         self.mode = config.mode
@@ -315,7 +298,6 @@ class Extrapolation(keras.optimizers.Optimizer):
             linearized=config.linearized,
         )
         self._is_alig = isinstance(base_optimizer, AliG)
-        self._pending_losses = _PendingLosses()
         self._in_anchor_context = False
 
     def _float_schedule(self, iteration: Any) -> Any:
@@ -336,19 +318,7 @@ class Extrapolation(keras.optimizers.Optimizer):
         if self.built:
             return
         variables = list(variables)
-        if not variables:
-            raise ValueError(
-                "Extrapolation got no variables to optimize (an empty list). Pass the model's "
-                "trainable variables: optimizer.build(model.trainable_variables)."
-            )
-        for variable in variables:
-            dtype = keras.backend.standardize_dtype(variable.dtype)
-            if "float" not in dtype:
-                raise ValueError(
-                    f"Extrapolation moves real floating-point variables; {variable.path!r} "
-                    f"has dtype {dtype}. Leave integer variables out of the optimized list "
-                    "(trainable=False)."
-                )
+        dtype = self._check_variables(variables, "optimizer.build(model.trainable_variables)")
         base = self.base_optimizer
         if base.built:
             ours = [base._var_key(v) for v in variables]
@@ -364,9 +334,7 @@ class Extrapolation(keras.optimizers.Optimizer):
             with keras.name_scope(base.name, caller=base):
                 base.build(variables)
         super().build(variables)
-        self._dtype = alig_core.accumulation_dtype(
-            "float64" if any(v.dtype == "float64" for v in variables) else "float32"
-        )
+        self._dtype = dtype
         self.anchors = self.add_optimizer_variables(variables, "anchor")
         self.phase = self.add_variable((), initializer="zeros", dtype="int", name="phase")
         self.iteration_count = self.add_variable(
@@ -510,12 +478,6 @@ class Extrapolation(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ the loss
 
-    def scale_loss(self, loss: Any) -> Any:
-        """Keeps the training loss for the next call (the TensorFlow and torch trainers)."""
-        if _backend_name() != "jax":  # the JAX trainer runs this in a scope it discards
-            self._pending_losses.put(_as_loss(loss))
-        return loss
-
     def apply(
         self, grads: list[Any], trainable_variables: list[Any] | None = None, loss: Any = None
     ) -> None:
@@ -535,9 +497,7 @@ class Extrapolation(keras.optimizers.Optimizer):
                 "Extrapolation.apply() inside opt.at_anchor(): the weights hold the anchor "
                 "only for evaluation and saving. Train after the with-block."
             )
-        if loss is not None:
-            self._pending_losses.put(_as_loss(loss))
-        try:
+        with self._loss_of_this_call(loss):
             if len(grads) == 0:  # Keras' own no-op
                 return
             if trainable_variables is None:
@@ -562,16 +522,14 @@ class Extrapolation(keras.optimizers.Optimizer):
                     "No gradient reached Extrapolation for any variable (every gradient is "
                     "None). Check that the loss depends on the trainable variables."
                 )
-            if _backend_name() == "tensorflow":  # e.g. an Embedding's sparse gradient
-                import tensorflow as tf
+            if _backend.name() == "tensorflow":  # e.g. an Embedding's sparse gradient
+                from alig_tf import _tensorflow
 
-                grads = [
-                    tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads
-                ]
+                grads = _tensorflow.dense(grads)
             full: list[Any] = [None] * len(self._trainable_variables)
             for g, v in zip(grads, trainable_variables, strict=True):
                 full[self._get_variable_index(v)] = g
-            if _multi_replica_context() is not None:
+            if _backend.multi_replica_context() is not None:
                 raise NotImplementedError(
                     "alig_tf.Extrapolation under tf.distribute with more than one replica is "
                     "not supported yet. Train on one replica, or use the base optimizer "
@@ -583,29 +541,6 @@ class Extrapolation(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self), _no_grad():
                 self._step(full, loss_value)
             self._iterations.assign_add(1)
-        finally:
-            self._pending_losses.clear()  # a loss serves one call only
-
-    def apply_gradients(self, grads_and_vars: Any, loss: Any = None) -> Any:
-        """``apply_gradients`` with the loss, for tf.keras-style loops."""
-        grads, trainable_variables = zip(*grads_and_vars, strict=True)
-        self.apply(list(grads), list(trainable_variables), loss=loss)
-        return self._iterations
-
-    def stateless_apply(
-        self,
-        optimizer_variables: list[Any],
-        grads: list[Any],
-        trainable_variables: list[Any],
-        loss: Any = None,
-    ) -> tuple[list[Any], list[Any]]:
-        """``stateless_apply`` with the loss (JAX: custom loops, :class:`AliGTrainStep`)."""
-        if loss is not None:
-            self._pending_losses.put(_as_loss(loss))
-        try:
-            return super().stateless_apply(optimizer_variables, grads, trainable_variables)
-        finally:
-            self._pending_losses.clear()
 
     # ------------------------------------------------------------------ the step
 
@@ -616,12 +551,8 @@ class Extrapolation(keras.optimizers.Optimizer):
         params = tuple(ops.cast(_snapshot(v), dtype) for v in variables)
         gradients = tuple(None if g is None else ops.cast(g, dtype) for g in grads)
         if loss is not None:
-            loss = (
-                ops.convert_to_tensor(loss, dtype=dtype)
-                if isinstance(loss, float)
-                else ops.cast(loss, dtype)
-            )
-        sq_grad_norm = _sum_of_squares([g for g in gradients if g is not None], dtype)
+            loss = loss_in(loss, dtype)
+        sq_grad_norm = _backend.sum_of_squares([g for g in gradients if g is not None], dtype)
         state = ExtrapolationState(
             anchor=tuple(ops.cast(_snapshot(a), dtype) for a in self.anchors),
             phase=_snapshot(self.phase),
@@ -758,24 +689,6 @@ def _check_base(base: Any) -> None:
                 f"Invalid base_optimizer: it has {option}={value!r}, and Extrapolation does not "
                 f"support that: {why}. Build the base optimizer without {option}."
             )
-
-
-def _validate_seed(seed: Any, mode: str) -> int:
-    if mode != "noise":
-        if seed is None:
-            return 0
-        raise ValueError(
-            f"Invalid seed: got {_describe(seed)} with mode={mode!r}; expected None: the seed "
-            "draws the noise of mode='noise' only. Leave seed=None, or pass mode='noise'."
-        )
-    if seed is None:
-        return 0
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(
-            f"Invalid seed: got {_describe(seed)}; expected an int in [0, 2**31) (the noise of "
-            "iteration t is a function of (seed, t)). Pass e.g. seed=0."
-        )
-    return seed
 
 
 class EvaluateAtAnchor(keras.callbacks.Callback):

@@ -1,28 +1,25 @@
 """ALI-G as a Keras 3 optimizer (TensorFlow, JAX and torch backends).
 
-The numbers come from :mod:`alig_core`, called with ``keras.ops``; this module receives
-the loss, gathers the gradients once per step in ``_backend_update_step`` (as Nadam does
-for its global scalar) and assigns the results.
+In Keras' own shape (as ``keras.optimizers.Nadam``): ``_backend_update_step`` takes the
+loss, computes the step size once per step from it and the global gradient norm, moves
+the records, and hands the step to Keras' per-variable loop, where :meth:`AliG.update_step`
+updates one variable; the projection follows. The numbers come from :mod:`alig_core`,
+called with ``keras.ops``; what only TensorFlow needs is in :mod:`alig_tf._tensorflow`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
+from keras.src.optimizers.base_optimizer import BaseOptimizer
 
 import alig_core
-from alig_core import (
-    AliGConfig,
-    momentum_buffer_update,
-    momentum_coefficients,
-    momentum_param_update,
-    projection_scale,
-)
+from alig_core import AliGConfig, momentum_buffer_update, momentum_coefficients
+from alig_tf import _backend
+from alig_tf._base import LossTakingOptimizer, loss_in
 
 __all__ = ["AliG", "project_onto_ball"]
 
@@ -35,10 +32,6 @@ _LOSS_HELP = (
     "LossScaleOptimizer that does not pass the loss on: use mixed_bfloat16 instead, "
     "which needs no loss scaling."
 )
-
-
-def _backend_name() -> str:
-    return keras.backend.backend()
 
 
 # ---------------------------------------------------------------- Keras' own arguments
@@ -110,234 +103,20 @@ def _check_keras_arguments(kwargs: dict[str, Any]) -> None:
         )
 
 
-# ---------------------------------------------------------------- the loss of the next step
+class _Step(NamedTuple):
+    """This step's numbers for every variable's update (passed as Keras' ``learning_rate``).
 
-
-def _replica_key() -> Any:
-    """Which replica is running: its id under a multi-replica ``tf.distribute`` strategy.
-
-    ``None`` elsewhere (one replica, other backends). MirroredStrategy runs each replica
-    in a thread of its own, all in the same optimizer; they meet at every merge call.
-    """
-    if _backend_name() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    if not tf.distribute.has_strategy():
-        return None
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync < 2:
-        return None
-    replica = tf.get_static_value(context.replica_id_in_sync_group)
-    return ("thread", threading.get_ident()) if replica is None else int(replica)
-
-
-class _PendingLosses:
-    """The loss handed over for the next step: one slot per replica.
-
-    Filled by ``scale_loss`` (or ``loss=``), taken by the step. Under MirroredStrategy the
-    replicas' threads share the optimizer and may pass a merge call between the two (Keras'
-    own steps make several), so each replica keeps its loss in a slot of its own.
+    ALI-G's learning rate is its step size: Keras' per-variable loop hands this to
+    :meth:`AliG.update_step` in the place of the learning rate, and ``tf.distribute``
+    hands each replica its own copy.
     """
 
-    def __init__(self) -> None:
-        self._slots: dict[Any, Any] = {}
-
-    def put(self, loss: Any) -> None:
-        self._slots[_replica_key()] = loss
-
-    def take(self) -> Any:
-        """This replica's loss (``None`` if there is none), and the slot emptied."""
-        return self._slots.pop(_replica_key(), None)
-
-    def clear(self) -> None:
-        self._slots.pop(_replica_key(), None)
-
-
-def _multi_replica_context() -> Any:
-    """The tf.distribute replica context when training on more than one replica, else None."""
-    if _backend_name() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    if not tf.distribute.has_strategy() or tf.distribute.get_strategy().num_replicas_in_sync < 2:
-        return None
-    context = tf.distribute.get_replica_context()
-    if context is None:
-        raise NotImplementedError(
-            "alig_tf.AliG steps inside a replica context (model.fit, or strategy.run in a "
-            "custom loop); calling apply() in cross-replica context is not supported."
-        )
-    return context
-
-
-def _run_updates(
-    updates: list[tuple[Any, Any, tuple[Any, ...]]], replica_context: Any, strategy: Any
-) -> None:
-    """Runs ``fn(variable, *args)`` for each update.
-
-    Directly, or under tf.distribute on every replica's copy of the variable (as Keras' own
-    TensorFlow optimizer does).
-    """
-    if replica_context is None:
-        for fn, variable, args in updates:
-            fn(variable, *args)
-        return
-    import tensorflow as tf
-
-    def distributed(distribution: Any, args_list: list[tuple[Any, ...]]) -> None:
-        for (fn, variable, _), args in zip(updates, args_list, strict=True):
-            target = variable.value if isinstance(variable, keras.Variable) else variable
-            distribution.extended.update(target, fn, args=args, group=False)
-
-    tf.__internal__.distribute.interim.maybe_merge_call(
-        distributed, strategy, [args for _, _, args in updates]
-    )
-
-
-def _keep_if(skipped: Any, old: Any, new: Any) -> Any:
-    """``old`` if the step is skipped (a 0-d bool), else ``new``: a whole tensor either way.
-
-    On TensorFlow this is the v1 ``Select``, which forwards one of its inputs when the
-    condition is a scalar; ``SelectV2`` (``ops.where``) broadcasts the condition and picks
-    entry by entry on one thread (without XLA 4x slower than a multiplication: it made the
-    momentum step 4.4x SGD's). Under XLA both compile to the same fused select.
-    """
-    if _backend_name() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.compat.v1.where(skipped, old, new)
-    return ops.where(skipped, old, new)
-
-
-def _value(variable: Any) -> Any:
-    """The current value of a Keras variable (the scoped one inside ``stateless_apply``)."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
-_FOLD = 8
-"""Slices per fold of the TensorFlow norm (see :func:`_sum_of_squares`)."""
-
-_FIRST_FOLD_FROM = 8 * 1024
-"""A tensor is folded once from this many entries on, ..."""
-
-_NEXT_FOLD_FROM = 1 << 20
-"""... and again while the folded result still has this many."""
-
-
-def _sum_of_squares(tensors: list[Any], dtype: str) -> Any:
-    """Sum of all squared entries, in ``dtype``.
-
-    On TensorFlow under XLA (``jit_compile=True``), each flattened tensor is first
-    *folded*: cut into 8 equal slices whose squares are added entry by entry (the result,
-    again in 8 slices while it has a million entries or more); only that goes to a
-    reduction. A fold is an elementwise loop, which XLA runs vectorized near the memory
-    bandwidth, while its CPU reduction of a squared tensor is a scalar loop (ResNet-18
-    shapes: about 2 ms for the folds against 22 ms). Each folded entry is a short sum, so the
-    total stays accurate (at most 2e-6 relative error in float32 up to 1e8 entries, where
-    the plain reduction drifts to 6e-5; one long ``ops.vdot`` is 2% low). The small
-    tensors, and the entries left over by the slices, are joined into one vector, folded
-    in turn: one reduction instead of one per tensor.
-
-    On TensorFlow without XLA (eagerly, or a plain ``tf.function``), ``tf.nn.l2_loss``:
-    one kernel per tensor that squares and sums in a single pass (5x faster than the folds,
-    which there become 15 kernels a tensor), as accurate. Elsewhere, plain
-    ``sum(square(.))`` (Keras' torch ``vdot`` also loses float64 precision, keras 3.15).
-    """
-    if _backend_name() != "tensorflow":
-        total = ops.zeros((), dtype)
-        for tensor in tensors:
-            total = total + _sq(ops.cast(tensor, dtype))
-        return total
-    import tensorflow as tf
-
-    if not _in_xla():
-        halves = [tf.nn.l2_loss(ops.cast(tensor, dtype)) for tensor in tensors]
-        return 2 * functools.reduce(ops.add, halves, ops.zeros((), dtype))
-    sums: list[Any] = []
-    loose: list[Any] = []  # flat entries still to be squared: small tensors, remainders
-    for tensor in tensors:
-        flat = ops.reshape(ops.cast(tensor, dtype), (-1,))
-        if flat.shape[0] is None:  # a size known only when the step runs
-            sums.append(_sq(flat))
-        elif flat.shape[0] < _FIRST_FOLD_FROM:
-            loose.append(flat)
-        else:
-            sums.append(_fold(flat, loose))
-    if loose:
-        joined = ops.concatenate(loose) if len(loose) > 1 else loose[0]
-        if joined.shape[0] >= _FIRST_FOLD_FROM:
-            left_over: list[Any] = []
-            sums.append(_fold(joined, left_over))
-            sums.extend(_sq(entries) for entries in left_over)
-        else:
-            sums.append(_sq(joined))
-    return functools.reduce(ops.add, sums) if sums else ops.zeros((), dtype)
-
-
-def _in_xla() -> bool:
-    """Whether TensorFlow is tracing for XLA (``jit_compile=True``, also of an outer function).
-
-    Through ``tf.__internal__.get_enclosing_xla_context`` (exported, but internal: should a
-    release drop it, every step takes the XLA formulation, correct everywhere).
-    """
-    import tensorflow as tf
-
-    find = getattr(tf.__internal__, "get_enclosing_xla_context", None)
-    return find is None or find() is not None
-
-
-def _sq(flat: Any) -> Any:
-    """The plain sum of squares of ``flat``."""
-    return ops.sum(ops.square(flat))
-
-
-def _fold(flat: Any, loose: list[Any]) -> Any:
-    """The sum of squares of ``flat`` (1-D, at least ``_FIRST_FOLD_FROM`` entries) by folds.
-
-    The entries that do not fill the first fold's slices are appended to ``loose``.
-    """
-    squared = False  # whether the entries of flat are sums of squares already
-    remainders: list[Any] = []
-    while flat.shape[0] >= (_NEXT_FOLD_FROM if squared else _FIRST_FOLD_FROM):
-        size = flat.shape[0]
-        whole = size - size % _FOLD
-        if whole < size:
-            (remainders if squared else loose).append(flat[whole:])
-        parts = ops.reshape(flat[:whole], (_FOLD, whole // _FOLD))
-        terms = [parts[i] if squared else ops.square(parts[i]) for i in range(_FOLD)]
-        flat = functools.reduce(ops.add, terms)
-        squared = True
-    return functools.reduce(ops.add, [ops.sum(r) for r in remainders], ops.sum(flat))
-
-
-def _as_loss(loss: Any) -> Any:
-    """Checks the loss and returns it as a tensor with no gradient attached."""
-    if isinstance(loss, str | bytes | bool):
-        raise ValueError(
-            f"ALI-G needs the loss as a real scalar tensor or number, got {loss!r} "
-            f"(type {type(loss).__name__}). Pass the value that was differentiated: "
-            "optimizer.apply(grads, variables, loss=loss)."
-        )
-    if isinstance(loss, int | float):  # converted at the step, in the accumulation dtype
-        return float(loss)
-    tensor = ops.convert_to_tensor(loss)
-    if len(tensor.shape) != 0 and math.prod(tensor.shape) != 1:
-        raise ValueError(
-            f"ALI-G needs the loss as a scalar, got a tensor of shape {tuple(tensor.shape)}. "
-            "Reduce it first (e.g. ops.mean(loss)) and pass the value that was differentiated."
-        )
-    dtype = keras.backend.standardize_dtype(tensor.dtype)
-    if "float" not in dtype and "int" not in dtype:
-        raise ValueError(
-            f"ALI-G needs the loss as a real scalar, got {loss!r} of dtype {dtype}. "
-            "Pass the real-valued loss that was differentiated."
-        )
-    return ops.stop_gradient(ops.reshape(tensor, ()))
+    size: alig_core.StepSize
+    coefficients: alig_core.MomentumCoefficients
 
 
 @keras.saving.register_keras_serializable(package="alig")
-class AliG(keras.optimizers.Optimizer):
+class AliG(LossTakingOptimizer):
     r"""ALI-G: SGD with the Polyak step size, capped at ``max_lr``, for Keras 3.
 
     .. math::
@@ -447,7 +226,6 @@ class AliG(keras.optimizers.Optimizer):
         self.eps = config.eps
         self.f_star = config.f_star
         self.max_norm = config.max_norm
-        self._pending_losses = _PendingLosses()
 
     # ------------------------------------------------------------------ variables
 
@@ -456,26 +234,13 @@ class AliG(keras.optimizers.Optimizer):
         if self.built:
             return
         variables = list(variables)
-        if not variables:
-            raise ValueError(
-                "AliG got no variables to optimize (an empty list). Pass the model's "
-                "trainable variables: optimizer.build(model.trainable_variables), or "
-                "optimizer.apply(grads, model.trainable_variables, loss=loss)."
-            )
-        for variable in variables:
-            dtype = keras.backend.standardize_dtype(variable.dtype)
-            if "float" not in dtype:
-                raise ValueError(
-                    f"AliG optimizes real floating-point variables; {variable.path!r} has "
-                    f"dtype {dtype} and shape {tuple(variable.shape)}. Leave integer "
-                    "variables out of the optimized list (trainable=False), and optimize a "
-                    "complex quantity as two float variables (its real and imaginary parts)."
-                )
-        super().build(variables)
-        self._accumulation_dtype = alig_core.accumulation_dtype(
-            "float64" if any(v.dtype == "float64" for v in variables) else "float32"
+        dtype = self._check_variables(
+            variables,
+            "optimizer.build(model.trainable_variables), or "
+            "optimizer.apply(grads, model.trainable_variables, loss=loss)",
         )
-        dtype = self._accumulation_dtype
+        super().build(variables)
+        self._accumulation_dtype = dtype
         self.momentums = (
             self.add_optimizer_variables(variables, "momentum") if self.momentum != 0 else []
         )
@@ -524,15 +289,6 @@ class AliG(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ the loss
 
-    def scale_loss(self, loss: Any) -> Any:
-        """Keeps the (unscaled) training loss for the next step, then scales it as Keras does.
-
-        The TensorFlow and torch trainers call this just before differentiating.
-        """
-        if _backend_name() != "jax":  # the JAX trainer runs this in a scope it discards
-            self._pending_losses.put(_as_loss(loss))
-        return super().scale_loss(loss)
-
     def apply(
         self, grads: list[Any], trainable_variables: list[Any] | None = None, loss: Any = None
     ) -> None:
@@ -547,49 +303,15 @@ class AliG(keras.optimizers.Optimizer):
                 "that the loss depends on the variables passed with the gradients and that "
                 "they are trainable (a frozen model has nothing to step)."
             )
-        if loss is not None:
-            self._pending_losses.put(_as_loss(loss))
-        try:
+        with self._loss_of_this_call(loss):
             super().apply(grads, trainable_variables)
-        finally:
-            self._pending_losses.clear()  # a loss serves one step only
-
-    def apply_gradients(self, grads_and_vars: Any, loss: Any = None) -> Any:
-        """``apply_gradients`` with the loss, for tf.keras-style loops."""
-        grads, trainable_variables = zip(*grads_and_vars, strict=True)
-        self.apply(list(grads), list(trainable_variables), loss=loss)
-        return self._iterations
-
-    def stateless_apply(
-        self,
-        optimizer_variables: list[Any],
-        grads: list[Any],
-        trainable_variables: list[Any],
-        loss: Any = None,
-    ) -> tuple[list[Any], list[Any]]:
-        """``stateless_apply`` with the loss (JAX backend custom loops and train steps)."""
-        if loss is not None:
-            self._pending_losses.put(_as_loss(loss))
-        try:
-            return super().stateless_apply(optimizer_variables, grads, trainable_variables)
-        finally:
-            self._pending_losses.clear()
-
-    # ------------------------------------------------------------------ the step
-
-    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-        """Not used: ALI-G's step is global (see ``_backend_update_step``)."""
-        raise NotImplementedError("AliG updates all variables at once in _backend_update_step.")
 
     def _take_loss(self) -> Any:
         """This replica's pending loss, in the accumulation dtype; raises if there is none."""
         loss = self._pending_losses.take()
         if loss is None:
             raise ValueError(_LOSS_HELP)
-        dtype = self._accumulation_dtype
-        if isinstance(loss, float):  # not through float32 (TensorFlow's default)
-            return ops.convert_to_tensor(loss, dtype=dtype)
-        return ops.cast(loss, dtype)
+        return loss_in(loss, self._accumulation_dtype)
 
     def _backend_apply_gradients(self, grads: list[Any], trainable_variables: list[Any]) -> None:
         """With ``gradient_accumulation_steps``: the loss accumulates with the gradients.
@@ -601,7 +323,7 @@ class AliG(keras.optimizers.Optimizer):
         """
         if self.gradient_accumulation_steps:
             steps = self.gradient_accumulation_steps
-            total = _value(self.accumulated_loss) + self._take_loss()
+            total = _backend.value(self.accumulated_loss) + self._take_loss()
             last = (self._iterations + 1) % steps == 0
             self._pending_losses.put(total / steps)  # taken by the k-th call's step
             # Assigned before Keras' JAX path saves the optimizer variables that a
@@ -609,100 +331,126 @@ class AliG(keras.optimizers.Optimizer):
             self.assign(self.accumulated_loss, ops.where(last, ops.zeros_like(total), total))
         super()._backend_apply_gradients(grads, trainable_variables)
 
+    # ------------------------------------------------------------------ the step
+
     def _backend_update_step(
         self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
     ) -> None:
+        """The step size once per step (as Nadam's scalar), then Keras' per-variable loop.
+
+        Then the records (``alig_core.record_step``) and, with ``max_norm``, the projection
+        (``alig_core.projection_scale``), both skip-gated by the core.
+        """
         loss = self._take_loss()
         dtype = self._accumulation_dtype
-        replica_context = _multi_replica_context()
-        if replica_context is not None:
-            # tf.distribute: Keras divided each replica's loss by the number of replicas and
-            # sums the gradients here, so the sums are the global batch's mean loss and
-            # gradient: every replica then computes the same step size.
-            import tensorflow as tf
+        replicas = _backend.multi_replica_context()
+        if replicas is not None:  # tf.distribute: the step of the global batch
+            from alig_tf import _tensorflow
 
-            pairs = self._all_reduce_sum_gradients(
-                list(zip(grads, trainable_variables, strict=True))
+            grads, loss = _tensorflow.all_reduce_sum(
+                self, replicas, grads, trainable_variables, loss
             )
-            grads = [g for g, _ in pairs]
-            loss = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, loss)
         size = alig_core.step_size(
             ops,
             loss,
-            _sum_of_squares(grads, dtype),
+            _backend.sum_of_squares(grads, dtype),
             max_lr=self._cap(learning_rate, dtype),
             eps=self.eps,
             f_star=self.f_star,
         )
-        coefficients = momentum_coefficients(
-            size.gamma, momentum=self.momentum, adjusted_momentum=self.adjusted_momentum
+        step = _Step(
+            size,
+            momentum_coefficients(
+                size.gamma, momentum=self.momentum, adjusted_momentum=self.adjusted_momentum
+            ),
         )
+        records = alig_core.record_step(ops, self._records(), size)
         updates: list[tuple[Any, Any, tuple[Any, ...]]] = [
-            (self._update_variable, variable, (g, size, coefficients))
-            for g, variable in zip(grads, trainable_variables, strict=True)
+            (self._assign_record, variable, (new,))
+            for variable, new in zip(self._record_variables(), records, strict=True)
         ]
-        for record, new in (
-            (self.gamma, size.gamma),
-            (self.gamma_hat, size.gamma_hat),
-            (self.capped, size.capped),
-        ):
-            updates.append((self._keep_or_assign, record, (size.skipped, new)))
-        one, zero = ops.ones((), self.steps_taken.dtype), ops.zeros((), self.steps_taken.dtype)
-        updates.append((self._add, self.steps_taken, (ops.where(size.skipped, zero, one),)))
-        updates.append((self._add, self.steps_skipped, (ops.where(size.skipped, one, zero),)))
-        _run_updates(updates, replica_context, self._distribution_strategy_or_none())
+        if replicas is None:
+            # Keras' per-variable loop, the base optimizer's (what Nadam's super() call
+            # reaches on JAX and torch). Not the TensorFlow backend's override: it sums the
+            # gradients over the replicas, which the step size needed first (above), and
+            # wraps each update for tf.distribute, a cost of eager steps (benchmarks/README.md,
+            # "Keras on TensorFlow: the sum of squares").
+            BaseOptimizer._backend_update_step(self, grads, trainable_variables, step)
+        else:  # the gradients are summed already: each replica's copies updated
+            updates = [
+                (self._update_replica_variable, variable, (g, step))
+                for g, variable in zip(grads, trainable_variables, strict=True)
+            ] + updates
+        _backend.run_updates(updates, replicas)
 
         if self.max_norm is not None:  # after the updates: the norm of the new values
             managed = self._trainable_variables
-            sq_norm = _sum_of_squares([_value(v) for v in managed], dtype)
-            scale = ops.where(size.skipped, 1.0, projection_scale(ops, sq_norm, self.max_norm))
-            _run_updates(
-                [(self._scale_variable, v, (scale, dtype)) for v in managed],
-                replica_context,
-                self._distribution_strategy_or_none(),
+            scale = alig_core.projection_scale(
+                ops,
+                _backend.sum_of_squares([_backend.value(v) for v in managed], dtype),
+                self.max_norm,
+                skipped=size.skipped,
+            )
+            _backend.run_updates(
+                [(self._scale_variable, v, (scale, dtype)) for v in managed], replicas
             )
 
-    # The per-variable updates, called directly or, under tf.distribute, on each replica's
-    # copy of the variable (``variable`` is then a tf.Variable).
+    def update_step(self, gradient: Any, variable: Any, learning_rate: _Step) -> None:
+        """One variable's update with this step's numbers; kept as it is if skipped.
 
-    def _update_variable(
-        self,
-        variable: Any,
-        g: Any,
-        size: alig_core.StepSize,
-        coefficients: alig_core.MomentumCoefficients,
-    ) -> None:
+        Args:
+          gradient: the variable's gradient (summed over the replicas).
+          variable: the variable (under tf.distribute, one replica's ``tf.Variable``).
+          learning_rate: the step's :class:`_Step` (ALI-G's learning rate is its step size).
+        """
+        size, coefficients = learning_rate
         dtype = self._accumulation_dtype
-        value = ops.cast(_value(variable), dtype)
-        g = ops.cast(g, dtype)
+        value = ops.cast(_backend.value(variable), dtype)
+        g = ops.cast(gradient, dtype)
         if self.momentum == 0:
             new_value = alig_core.sgd_update(value, g, size.gamma)
         else:
             buffer = self.momentums[self._get_variable_index(variable)]
-            old_buffer = _value(buffer)
+            old_buffer = _backend.value(buffer)
             new_buffer = momentum_buffer_update(g, ops.cast(old_buffer, dtype), coefficients)
             self.assign(
-                buffer, _keep_if(size.skipped, old_buffer, ops.cast(new_buffer, buffer.dtype))
+                buffer,
+                _backend.keep_if(size.skipped, old_buffer, ops.cast(new_buffer, buffer.dtype)),
             )
             if keras.backend.standardize_dtype(buffer.dtype) == dtype:
                 # The buffer as written (equal unless the step is skipped, and then the
                 # parameter keeps its value): XLA then reads it instead of recomputing it
-                # from the old buffer, which it would have to copy first (2 passes more).
-                new_buffer = _value(buffer)
-            new_value = momentum_param_update(value, g, new_buffer, coefficients)
+                # from the old buffer, which it would have to copy first (2 passes more;
+                # test_the_compiled_momentum_step_copies_no_buffer).
+                new_buffer = _backend.value(buffer)
+            new_value = alig_core.momentum_param_update(value, g, new_buffer, coefficients)
         self.assign(
             variable,
-            _keep_if(size.skipped, _value(variable), ops.cast(new_value, variable.dtype)),
+            _backend.keep_if(
+                size.skipped, _backend.value(variable), ops.cast(new_value, variable.dtype)
+            ),
         )
 
-    def _keep_or_assign(self, record: Any, skipped: Any, new: Any) -> None:
-        self.assign(record, ops.where(skipped, _value(record), ops.cast(new, record.dtype)))
+    # Called directly or, under tf.distribute, on each replica's copy of the variable
+    # (``variable`` is then a tf.Variable).
 
-    def _add(self, counter: Any, increment: Any) -> None:
-        self.assign_add(counter, increment)
+    def _update_replica_variable(self, variable: Any, gradient: Any, step: _Step) -> None:
+        self.update_step(gradient, variable, step)
+
+    def _records(self) -> alig_core.Records:
+        """The records before this step (:class:`alig_core.Records`)."""
+        return alig_core.Records(*(_backend.value(v) for v in self._record_variables()))
+
+    def _record_variables(self) -> tuple[Any, ...]:
+        """The optimizer variables that hold the records, in :class:`alig_core.Records` order."""
+        return (self.gamma, self.gamma_hat, self.capped, self.steps_taken, self.steps_skipped)
+
+    def _assign_record(self, record: Any, new: Any) -> None:
+        self.assign(record, ops.cast(new, record.dtype))
 
     def _scale_variable(self, variable: Any, scale: Any, dtype: str) -> None:
-        self.assign(variable, ops.cast(ops.cast(_value(variable), dtype) * scale, variable.dtype))
+        value = ops.cast(_backend.value(variable), dtype)
+        self.assign(variable, ops.cast(value * scale, variable.dtype))
 
     def _get_current_learning_rate(self) -> Any:
         """A ``max_lr`` schedule is evaluated at ``steps_taken`` (skipped steps don't count).
@@ -714,9 +462,6 @@ class AliG(keras.optimizers.Optimizer):
         ):
             return self._learning_rate(self.steps_taken)
         return super()._get_current_learning_rate()
-
-    def _distribution_strategy_or_none(self) -> Any:
-        return getattr(self, "_distribution_strategy", None)
 
     def _cap(self, learning_rate: Any, dtype: str) -> Any:
         """The cap for this step, in the accumulation dtype (``None``: no cap).
@@ -799,7 +544,7 @@ def project_onto_ball(variables: list[keras.Variable], max_norm: float) -> None:
     if not variables:
         return
     dtype = "float64" if any(v.dtype == "float64" for v in variables) else "float32"
-    sq_norm = _sum_of_squares([v.value for v in variables], dtype)
-    scale = projection_scale(ops, sq_norm, max_norm)
+    sq_norm = _backend.sum_of_squares([v.value for v in variables], dtype)
+    scale = alig_core.projection_scale(ops, sq_norm, max_norm)
     for v in variables:
         v.assign(ops.cast(ops.cast(v, dtype) * scale, v.dtype))

@@ -35,6 +35,11 @@ class AliGTrainStep:
 
 
 def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
+    """Keras 3.15's ``JAXTrainer.train_step``, with the loss passed to ``stateless_apply``.
+
+    A copy of Keras' private step: ``tests/keras/test_keras_jax_train_step.py`` fails when
+    Keras' source changes (re-derive this from it, then record the new hash there).
+    """
     import jax
     from keras.src.trainers.data_adapters import data_adapter_utils
 

@@ -30,6 +30,7 @@ from alig_core import (
     extrapolate,
     finish_update,
     update_inputs,
+    validate_seed,
 )
 from alig_torch._functional import select_path
 from alig_torch._loss import loss_as_tensor, summed_losses
@@ -321,7 +322,7 @@ class Extrapolation(Optimizer):
         self._config = config
         self.alternate = alternate
         self.anchor_gradient = anchor_gradient
-        self.seed = self._validate_seed(seed, config.mode)
+        self.seed = validate_seed(seed, mode=config.mode)
         self.base_optimizer = base_optimizer
         self._is_alig = isinstance(base_optimizer, AliG)
         self._constructing = True
@@ -341,26 +342,6 @@ class Extrapolation(Optimizer):
         self._install_guard()
 
     # ------------------------------------------------------------------ construction
-
-    @staticmethod
-    def _validate_seed(seed: Any, mode: str) -> int:
-        if mode != "noise":
-            if seed is None:
-                return 0
-            raise ValueError(
-                f"Invalid seed: got {_describe(seed)} with mode={mode!r}; expected None: the "
-                "seed draws the noise of mode='noise' only. Leave seed=None, or pass "
-                "mode='noise'."
-            )
-        if seed is None:
-            return 0
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(
-                f"Invalid seed: got {_describe(seed)}; expected an int >= 0 (the noise of "
-                "iteration t is drawn from a generator seeded with (seed, t)). Pass e.g. "
-                "seed=0."
-            )
-        return seed
 
     @staticmethod
     def _check_param(p: torch.Tensor) -> None:

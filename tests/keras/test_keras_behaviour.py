@@ -274,7 +274,7 @@ def test_the_norm_of_a_large_float32_gradient_is_accurate(compiled: bool) -> Non
     rng = np.random.default_rng(0)
     # Under XLA, TensorFlow folds the large ones (8388669 entries: twice, both with entries
     # left over) and joins the small ones; eagerly it takes tf.nn.l2_loss (see
-    # alig_tf._optimizer._sum_of_squares): every path.
+    # alig_tf._tensorflow.sum_of_squares): every path.
     shapes = ((512, 512, 3, 3), (1000, 512), (8_388_669,), (3001, 7), (64,), (1000,))
     grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     exact = sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads)
