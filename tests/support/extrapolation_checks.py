@@ -1,5 +1,5 @@
 """The extrapolation checks every adapter runs, written once: the oracle table, skipped
-iterations bit for bit.
+iterations bit for bit, d = 0 is the base.
 
 As :mod:`alig_checks` does for ALI-G: one declaration per *adapter*, an
 :class:`ExtrapolationRun` (``tests/<framework>/extrapolation_worker.py``: the wrapper on a
@@ -52,11 +52,11 @@ from extrapolation_cases import (
 __all__ = [
     "PLAIN_CASES",
     "UNPROJECTED_ALIG",
+    "BareBase",
     "ExtrapolationOracleChecks",
     "ExtrapolationRun",
     "MakeRun",
     "Recording",
-    "BareBase",
     "Replay",
     "RunBase",
     "SkipWatch",
