@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from abstract_values import AbstractScalar
 from alig_core import AliGConfig, validate_max_lr
 
 nan, inf = math.nan, math.inf
@@ -100,14 +101,5 @@ def test_schedule_is_accepted_only_where_allowed() -> None:
 
 
 def test_abstract_value_that_refuses_float_is_accepted_unchecked() -> None:
-    class Traced:
-        """Stands for a JAX tracer: 0-d, float dtype, but no concrete value."""
-
-        shape = ()
-        dtype = "float32"
-
-        def __float__(self) -> float:
-            raise TypeError("abstract value")
-
-    traced = Traced()
+    traced = AbstractScalar()
     assert AliGConfig(max_lr=traced, momentum=traced).momentum is traced  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from abstract_values import AbstractScalar
 from alig_core import (
     EXTRAPOLATION_MODES,
     ExtrapolationConfig,
@@ -123,13 +124,5 @@ def test_the_validators_are_usable_alone() -> None:
 
 def test_an_abstract_lr_x_that_refuses_float_is_accepted_unchecked() -> None:
     """A traced value (a JAX tracer inside jit) cannot be checked; it was at construction."""
-
-    class Abstract:
-        shape = ()
-        dtype = "float32"
-
-        def __float__(self) -> float:
-            raise TypeError("abstract value")
-
-    value = Abstract()
+    value = AbstractScalar()
     assert validate_lr_x(value) is value

@@ -28,11 +28,15 @@ from alig_core import AliGConfig  # noqa: E402
 from alig_core.oracle_extrapolation import SGDNesterov  # noqa: E402
 from alig_jax import AliGState, alig, extrapolation, extrapolation_anchor  # noqa: E402
 from alig_jax._extrapolation import draw_noise  # noqa: E402
-from extrapolation_cases import CASES, ExtrapolationCase, Problem, initial_params  # noqa: E402
+from extrapolation_cases import (  # noqa: E402
+    CASES,
+    SEED,
+    ExtrapolationCase,
+    Problem,
+    initial_params,
+    wrapper_options,
+)
 from jax_checkpoints import load, save  # noqa: E402
-
-KEY = 11
-"""The noise key's seed."""
 
 TOTAL, SPLIT = 61, 33
 """Calls in all, and where the run is cut (odd: in "gradient" mode the params hold w~)."""
@@ -73,13 +77,7 @@ def base_transformation(case: ExtrapolationCase) -> optax.GradientTransformation
 
 def wrapper(case: ExtrapolationCase, **options: Any) -> optax.GradientTransformationExtraArgs:
     """``extrapolation(base)`` with the row's options (``options`` override them)."""
-    kwargs = {
-        "mode": case.mode,
-        "lr_x": case.lr_x,
-        "sigma": case.sigma,
-        "linearized": case.linearized,
-        "key": KEY if case.mode == "noise" else None,
-    } | options
+    kwargs = wrapper_options(case.config, seed_name="key") | options
     return extrapolation(base_transformation(case), **kwargs)
 
 
@@ -96,7 +94,7 @@ def build(case: ExtrapolationCase | str, dtype: Any = np.float64, fresh: bool = 
 
 def oracle_noise(state: Any, like: list[jax.Array]):
     """``noise(t)`` for the oracle: the wrapper's own draws, as float64."""
-    impl = jax.random.key_impl(jax.random.key(KEY))
+    impl = jax.random.key_impl(jax.random.key(SEED))
 
     def noise(t: int) -> list[np.ndarray]:
         draws = draw_noise(state.key, impl, t, like)

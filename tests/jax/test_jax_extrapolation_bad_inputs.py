@@ -13,29 +13,12 @@ import optax
 import pytest
 
 from alig_jax import alig, extrapolation
+from extrapolation_cases import invalid_options_for
 
 SGD = optax.sgd(0.1, momentum=0.9, nesterov=True)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"mode": "extragradient"}, r"Invalid mode: got 'extragradient'.*'gradient', 'past'"),
-        ({"mode": None}, "Invalid mode: got None"),
-        ({"lr_x": -0.1}, r"Invalid lr_x: got -0\.1.*>= 0"),
-        ({"lr_x": float("nan")}, "Invalid lr_x: got nan"),
-        ({"lr_x": "0.1"}, "Invalid lr_x"),
-        ({"mode": "noise", "sigma": 0.1, "key": 0, "lr_x": 0.1}, "lr_x.*mode='noise'"),
-        ({"sigma": 0.1}, r"Invalid sigma: got 0\.1 .*mode='gradient'.*sigma=None"),
-        ({"mode": "noise", "key": 0}, "Invalid sigma: got None.*sigma=0.01"),
-        ({"mode": "noise", "sigma": -1.0, "key": 0}, r"Invalid sigma: got -1\.0"),
-        ({"linearized": "yes"}, "Invalid linearized: got 'yes'"),
-        ({"mode": "noise", "sigma": 0.1}, "Invalid key: got None with mode='noise'.*key=0"),
-        ({"key": 0, "lr_x": 0.1}, "Invalid key: got 0 with mode='gradient'.*key=None"),
-        ({"mode": "noise", "sigma": 0.1, "key": "seed"}, "Invalid key: got 'seed'.*int seed"),
-        ({"mode": "noise", "sigma": 0.1, "key": True}, "Invalid key: got True"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "match"), invalid_options_for("jax"))
 def test_invalid_options_are_refused_at_construction(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         extrapolation(alig(max_lr=0.1), **kwargs)

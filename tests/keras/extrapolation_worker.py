@@ -2,13 +2,14 @@
 
 Imported by test_keras_extrapolation*.py (``import_script``):
 
-- :class:`KerasRun` drives the wrapper directly with the (loss, gradient) evaluations of
-  ``extrapolation_cases.Problem`` (NumPy float64, so the 1e-10 checks measure the
-  optimizer, not Keras' float64 forward passes), call by call, in both call forms, as
-  ``model.fit`` runs it (TensorFlow: XLA; JAX: ``jax.jit`` of ``stateless_apply``; torch:
-  eagerly) or another way (``mode``);
+- :class:`KerasRun` (the ``extrapolation_checks.ExtrapolationRun`` of Keras; its base
+  outside a wrapper: :class:`BareBase`) drives the wrapper directly with the (loss,
+  gradient) evaluations of ``extrapolation_cases.Problem`` (NumPy float64, so the 1e-10
+  checks measure the optimizer, not Keras' float64 forward passes), call by call, in both
+  call forms, as ``model.fit`` runs it (TensorFlow: XLA; JAX: ``jax.jit`` of
+  ``stateless_apply``; torch: eagerly) or another way (``mode``);
 - :func:`build_model` is the same problem as a Keras model (float64-safe layer and loss:
-  an elementwise product and sums), for ``model.fit``.
+  ``keras_float64.Linear`` with a scalar offset, and sums), for ``model.fit``.
 
 Run as a script by test_keras_extrapolation_fit.py: ``python extrapolation_worker.py
 MODEL.keras OUT`` loads the ``.keras`` file (model, weights, the wrapper's and the base's
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,14 +42,14 @@ from alig_core import AliGConfig, ExtrapolationConfig  # noqa: E402
 from alig_core.oracle_extrapolation import SGDNesterov  # noqa: E402
 from alig_tf import AliG, AliGTrainStep, Extrapolation  # noqa: E402
 from extrapolation_cases import (  # noqa: E402
-    CASES,
     ExtrapolationCase,
     Problem,
     initial_params,
+    wrapper_options,
 )
-
-SEED = 11
-"""The seed of the noise of every run."""
+from extrapolation_checks import RunBase  # noqa: E402
+from keras_driver import floatx_scope  # noqa: E402
+from keras_float64 import Linear  # noqa: E402
 
 DEFAULT_MODE = {"tensorflow": "xla", "jax": "jit", "torch": "eager"}[BACKEND]
 """How ``model.fit`` runs an optimizer on this backend (TensorFlow's ``jit_compile="auto"``
@@ -56,10 +58,6 @@ is XLA; the JAX trainer jits ``stateless_apply``; torch's trainer steps eagerly)
 MODES = {"tensorflow": ("xla", "graph", "eager"), "jax": ("jit", "eager"), "torch": ("eager",)}[
     BACKEND
 ]
-
-
-def find_case(name: str) -> ExtrapolationCase:
-    return next(c for c in CASES if c.name == name)
 
 
 def make_base(config: SGDNesterov | AliGConfig) -> keras.optimizers.Optimizer:
@@ -81,18 +79,13 @@ def make_base(config: SGDNesterov | AliGConfig) -> keras.optimizers.Optimizer:
     )
 
 
-def wrapper_options(config: ExtrapolationConfig) -> dict[str, Any]:
-    return {
-        "mode": config.mode,
-        "lr_x": config.lr_x,
-        "sigma": config.sigma,
-        "linearized": config.linearized,
-        "seed": SEED if config.mode == "noise" else None,
-    }
-
-
 def numpy(x: Any) -> np.ndarray:
     return np.array(ops.convert_to_numpy(x.value if isinstance(x, keras.Variable) else x))
+
+
+def bits(arrays: Sequence[Any]) -> list[bytes]:
+    """Each variable's (or tensor's, or array's) bytes."""
+    return [numpy(a).tobytes() for a in arrays]
 
 
 def stepper(
@@ -143,8 +136,47 @@ def stepper(
     return jitted
 
 
-class KerasRun:
-    """One wrapper run on ``case``: ``call(batch)`` is one call of the oracle's loop.
+CALL_COUNTERS = frozenset({"iteration", "skipped"})
+"""The base's variables that count calls (Keras' ``iterations``, AliG's ``steps_skipped``):
+the wrapper keeps the base's state on a skip, a bare base counts the skip."""
+
+
+def base_state_bits(opt: keras.optimizers.Optimizer) -> list[bytes]:
+    """Each variable of ``opt`` but :data:`CALL_COUNTERS`: its shape, dtype and bits (not
+    its name: Keras numbers the names of a second optimizer's variables)."""
+    out: list[bytes] = []
+    for v in opt.variables:
+        if v.name not in CALL_COUNTERS:
+            out += [repr((tuple(v.shape), v.dtype)).encode(), numpy(v).tobytes()]
+    return out
+
+
+class BareBase:
+    """The base of a run, outside a wrapper (an ``extrapolation_checks.BareBase``); eager."""
+
+    def __init__(self, config: SGDNesterov | AliGConfig, start: Sequence[np.ndarray]) -> None:
+        with floatx_scope("float64"):
+            self.variables = [keras.Variable(p, dtype="float64") for p in start]
+            self.opt = make_base(config)
+            self.opt.build(self.variables)
+
+    def step(self, loss: float, grads: Sequence[np.ndarray | None]) -> None:
+        tensors = [None if g is None else ops.convert_to_tensor(g) for g in grads]
+        if isinstance(self.opt, AliG):
+            self.opt.apply(tensors, self.variables, loss=loss)
+        else:
+            self.opt.apply(tensors, self.variables)
+
+    def params(self) -> list[np.ndarray]:
+        return [numpy(v) for v in self.variables]
+
+    def state_bits(self) -> list[bytes]:
+        return base_state_bits(self.opt)
+
+
+class KerasRun(RunBase):
+    """One wrapper run on ``case`` (an ``extrapolation_checks.ExtrapolationRun``):
+    ``call(batch)`` is one call of the oracle's loop; ``variables`` are the weights.
 
     The alternating form makes one evaluation and one ``apply`` per call (``model.fit``'s
     form). The same-batch form (a custom loop) evaluates and applies, and where the
@@ -153,32 +185,18 @@ class KerasRun:
     kind ``"anchor"`` (the call that places w~ in "gradient" mode) or ``"update"``.
     """
 
-    def __init__(
-        self,
-        case: ExtrapolationCase,
-        dtype: str = "float64",
-        *,
-        config: ExtrapolationConfig | None = None,
-        problem: Problem | None = None,
-        mode: str = DEFAULT_MODE,
-    ) -> None:
-        self.case = case
-        self.config = config if config is not None else case.config
-        self.problem: Any = problem if problem is not None else Problem()
-        self.dtype = dtype
-        start = [np.asarray(p, dtype=dtype) for p in initial_params()]
-        self.initial = [p.astype(np.float64) for p in start]
-        previous = keras.config.floatx()
-        keras.config.set_floatx(dtype)
-        try:
-            self.variables = [keras.Variable(p, dtype=dtype) for p in start]
-            self.base = make_base(case.base_config)
+    def __init__(self, *args: Any, mode: str = DEFAULT_MODE, **options: Any) -> None:
+        """``RunBase``'s arguments; ``mode``: how ``apply`` runs (:data:`MODES`)."""
+        super().__init__(*args, **options)
+        with floatx_scope(self.dtype):
+            self.variables = [keras.Variable(p, dtype=self.dtype) for p in self.start]
+            self.base = make_base(self.case.base_config)
             self.opt = Extrapolation(self.base, **wrapper_options(self.config))
             self.opt.build(self.variables)
-        finally:
-            keras.config.set_floatx(previous)
-        self.apply = stepper(self.opt, self.variables, mode, dtype)
-        self.log: list[tuple[int, str, list[np.ndarray], float, list[Any]]] = []
+        self.apply = stepper(self.opt, self.variables, mode, self.dtype)
+        base = self.case.base_config
+        if isinstance(base, SGDNesterov):  # Keras' SGD keeps m = -lr * b (a constant lr)
+            self.sgd_buffer_scale = -base.lr
 
     def params(self) -> list[np.ndarray]:
         return [numpy(v) for v in self.variables]
@@ -203,10 +221,6 @@ class KerasRun:
         ):
             self.evaluate_and_apply(batch)
 
-    def run(self, start: int, stop: int) -> None:
-        for batch in range(start, stop):
-            self.call(batch)
-
     def noise(self, t: int) -> list[np.ndarray]:
         """The wrapper's own xi_t (float64), for the oracle."""
         return [numpy(x).astype(np.float64) for x in self.opt.noise(t)]
@@ -221,32 +235,43 @@ class KerasRun:
     def counters(self) -> tuple[bool, int, int]:
         return self.opt.is_extrapolated, self.opt.iteration, self.opt.iterations_skipped
 
+    def alig_records(self) -> dict[str, Any] | None:
+        if not isinstance(self.base, AliG):
+            return None
+        return {
+            "gamma": float(numpy(self.base.gamma)),
+            "steps_taken": int(numpy(self.base.steps_taken)),
+            "steps_skipped": int(numpy(self.base.steps_skipped)),
+        }
+
+    def oracle_base(self) -> SGDNesterov | AliGConfig:
+        """On TensorFlow, Keras' SGD casts its Python-float momentum through float32
+        (``ops.cast(0.9, "float64")`` is 0.8999999761581421 there): the oracle's SGD has
+        that momentum."""
+        base = self.case.base_config
+        if isinstance(base, SGDNesterov) and BACKEND == "tensorflow":
+            return replace(base, momentum=float(np.float32(base.momentum)))
+        return base
+
+    def snapshot(self) -> dict[str, list[bytes]]:
+        return {
+            "anchor": bits(self.opt.anchor_weights()),
+            "stored": bits(self.opt.anchors),
+            "base": bits(self.base.variables),  # buffers, counters, records
+        }
+
+    def base_state_bits(self) -> list[bytes]:
+        return base_state_bits(self.base)
+
+    def bare_base(self) -> BareBase:
+        return BareBase(self.case.base_config, self.initial)
+
+    def watch(self, around: Callable[[Callable[..., None]], Callable[..., None]]) -> None:
+        """Every ``apply`` (two a call where the same-batch form evaluates twice)."""
+        self.apply = around(self.apply)
+
 
 # ---------------------------------------------------------------- the problem as a model
-
-
-@keras.saving.register_keras_serializable(package="alig_tests")
-class Affine(keras.layers.Layer):
-    """``x W + b + s`` (a kernel, a bias and a scalar offset: ``PARAM_SHAPES``), float64-safe.
-
-    Elementwise products and sums only (Keras 3.15 computes float64 ``matmul`` in float32 on
-    torch, see ``keras_float64``).
-    """
-
-    def __init__(self, units: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.units = units
-
-    def build(self, input_shape: tuple[int, ...]) -> None:
-        self.kernel = self.add_weight((input_shape[-1], self.units), initializer="zeros")
-        self.bias = self.add_weight((self.units,), initializer="zeros")
-        self.offset = self.add_weight((), initializer="zeros")
-
-    def call(self, x: Any) -> Any:
-        return ops.sum(ops.expand_dims(x, -1) * self.kernel, axis=-2) + self.bias + self.offset
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "units": self.units}
 
 
 @keras.saving.register_keras_serializable(package="alig_tests")
@@ -289,7 +314,7 @@ def build_model(
     if lr_x is not None:
         options["lr_x"] = lr_x
     cls = ProblemModel if mixin else PlainProblemModel
-    model = cls([keras.Input((5,)), Affine(3)])
+    model = cls([keras.Input((5,)), Linear(3, offset=True, kernel_initializer="zeros")])
     for v, p in zip(model.trainable_variables, initial_params(), strict=True):
         v.assign(p)
     model.compile(

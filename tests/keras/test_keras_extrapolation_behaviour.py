@@ -14,7 +14,7 @@ from alig_cases import max_relative_deviation
 from alig_core import ExtrapolationConfig
 from alig_core.oracle_extrapolation import ExtrapolationOracle, SGDNesterov
 from alig_tf import AliG, Extrapolation
-from extrapolation_cases import Problem, initial_params
+from extrapolation_cases import Problem, find_case, initial_params, invalid_options_for
 from worker_scripts import import_script
 
 HARNESS = import_script(Path(__file__).with_name("extrapolation_worker.py"))
@@ -43,23 +43,7 @@ def values(vs: list[Any]) -> list[np.ndarray]:
 # ---------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"mode": "extragradient"}, "Invalid mode: got 'extragradient'"),
-        ({"lr_x": -0.1}, "Invalid lr_x: got -0.1"),
-        ({"lr_x": float("nan")}, "Invalid lr_x: got nan"),
-        ({"mode": "noise", "sigma": 0.1, "lr_x": 0.1}, "Invalid lr_x.*mode='noise'"),
-        ({"mode": "noise"}, "Invalid sigma: got None"),
-        ({"mode": "noise", "sigma": -1.0}, "Invalid sigma: got -1.0"),
-        ({"sigma": 0.1}, "Invalid sigma.*mode='gradient'"),
-        ({"linearized": "yes"}, "Invalid linearized"),
-        ({"seed": 3}, "Invalid seed: got 3.*mode='gradient'"),
-        ({"mode": "noise", "sigma": 0.1, "seed": -2}, "Invalid seed: got -2"),
-        ({"mode": "noise", "sigma": 0.1, "seed": 2**31}, r"Invalid seed.*\[0, 2\*\*31\)"),
-        ({"mode": "noise", "sigma": 0.1, "seed": True}, "Invalid seed: got True"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "match"), invalid_options_for("keras"))
 def test_invalid_options_are_refused_with_the_fix(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Extrapolation(keras.optimizers.SGD(0.1), **kwargs)
@@ -153,7 +137,7 @@ def test_get_config_round_trips(index: int) -> None:
 
 
 def test_variables_of_another_mode_or_correction_are_refused(tmp_path: Path) -> None:
-    case = HARNESS.find_case("gradient-alig_standard_projected-alternating")
+    case = find_case("gradient-alig_standard_projected-alternating")
     model = HARNESS.build_model(case)
     HARNESS.fit(model, 1, rows=56)
     model.save_weights(tmp_path / "model.weights.h5")

@@ -18,7 +18,7 @@ import pytest
 from alig_cases import max_relative_deviation
 from alig_core.oracle_extrapolation import SGDNesterov, run_extrapolation_oracle
 from alig_tf import EvaluateAtAnchor
-from extrapolation_cases import ExtrapolationCase
+from extrapolation_cases import ExtrapolationCase, find_case
 from worker_scripts import import_script, run_script
 
 WORKER = Path(__file__).with_name("extrapolation_worker.py")
@@ -97,7 +97,7 @@ def loss_at(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
 @pytest.mark.parametrize("name", FIT_CASES)
 def test_model_fit_equals_the_oracle(name: str) -> None:
     """model.fit makes the oracle's calls (float64, 1e-10): weights, anchor, counters."""
-    case = HARNESS.find_case(name)
+    case = find_case(name)
     model = HARNESS.build_model(case)
     records = oracle_records(case, model, EPOCHS * 8)
     HARNESS.fit(model, EPOCHS)
@@ -136,7 +136,7 @@ def _loss_and_grads(model: keras.Model, x: np.ndarray, y: np.ndarray) -> tuple[A
 
 
 def test_model_fit_equals_a_custom_loop_driving_the_same_wrapper() -> None:
-    case = HARNESS.find_case("gradient-alig_standard_projected-alternating")
+    case = find_case("gradient-alig_standard_projected-alternating")
     fitted = HARNESS.build_model(case)
     HARNESS.fit(fitted, 3)
     looped = HARNESS.build_model(case)
@@ -156,13 +156,13 @@ def test_a_model_without_the_mixin() -> None:
     """TensorFlow and torch need nothing from the model; on JAX the loss reaches the
     optimizer only through AliGTrainStep: SGD trains without it (the skip rule then tests
     the gradient alone) and AliG refuses to step without a loss."""
-    sgd = HARNESS.find_case("past-sgd_nesterov-alternating")
+    sgd = find_case("past-sgd_nesterov-alternating")
     model = HARNESS.build_model(sgd, mixin=False)
     records = oracle_records(sgd, model, 16)
     HARNESS.fit(model, 2)
     check(model, records[-1])
 
-    alig = HARNESS.find_case("gradient-alig_adjusted_projected-alternating")
+    alig = find_case("gradient-alig_adjusted_projected-alternating")
     model = HARNESS.build_model(alig, mixin=False)
     if BACKEND == "jax":
         with pytest.raises(ValueError, match=r"add alig_tf\.AliGTrainStep"):
@@ -190,7 +190,7 @@ class Recorder(keras.callbacks.Callback):
 
 
 def test_evaluate_at_anchor_validates_at_the_anchor_and_training_carries_on() -> None:
-    case = HARNESS.find_case("past-sgd_nesterov-alternating")
+    case = find_case("past-sgd_nesterov-alternating")
     problem = HARNESS.fit_problem()
     x_val, y_val = problem.x[:32], problem.y[:32] + 0.25
     plain = HARNESS.build_model(case)
@@ -223,7 +223,7 @@ def test_evaluate_at_anchor_needs_the_wrapper() -> None:
 
 
 def test_at_anchor_evaluates_and_saves_the_anchor_then_puts_w_tilde_back(tmp_path: Path) -> None:
-    case = HARNESS.find_case("past-alig_adjusted_projected-alternating")
+    case = find_case("past-alig_adjusted_projected-alternating")
     problem = HARNESS.fit_problem()
     model = HARNESS.build_model(case)
     HARNESS.fit(model, 1)
@@ -264,7 +264,7 @@ def test_resume_in_a_new_process_is_the_uninterrupted_run(name: str, tmp_path: P
     """Fit, save a .keras file mid-run, load and fit on in a new process: bitwise the run
     that was not interrupted (the weights, the anchor, every variable of the wrapper and of
     the base)."""
-    case = HARNESS.find_case(name)
+    case = find_case(name)
     lr_x = HARNESS.resume_lr_x(name)
     rows, epochs, split = HARNESS.RESUME_ROWS, HARNESS.RESUME_EPOCHS, HARNESS.RESUME_SPLIT
     uninterrupted = HARNESS.build_model(case, lr_x=lr_x)

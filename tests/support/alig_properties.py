@@ -1,27 +1,30 @@
 """Property tests shared by every adapter: random configurations and random sequences.
 
 Each framework's bad-input test file runs :func:`check_random_run` with its ``Driver`` (see
-``bad_inputs.py``) under hypothesis, on configurations drawn from the valid ranges of
-SPEC.md and (loss, gradient) sequences that mix zeros, tiny and huge magnitudes. After
-every step: the parameters equal the oracle's (float64, SPEC's 1e-10), gamma lies in
-``[0, max_lr]``, the parameter norm is at most ``max_norm``, and no NaN appeared.
+``bad_inputs.py``) under hypothesis (the suite :class:`RandomRunChecks`), on configurations
+drawn from the valid ranges of SPEC.md and (loss, gradient) sequences that mix zeros, tiny
+and huge magnitudes. After every step: the parameters equal the oracle's (float64, SPEC's
+1e-10), gamma lies in ``[0, max_lr]``, the parameter norm is at most ``max_norm``, and no
+NaN appeared.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alig_cases import max_relative_deviation
+from alig_checks import AdapterSuite
 from alig_core import AliGConfig
 from alig_core.oracle import OracleState, oracle_step
 from bad_inputs import SHAPES
 
-__all__ = ["check_random_run", "configs", "runs"]
+__all__ = ["RandomRunChecks", "check_random_run", "configs", "runs"]
 
 MAGNITUDES = (0.0, 1e-30, 1e-8, 1e-3, 1.0, 1e3, 1e8)
 """Gradient scales: exact zeros, tiny, ordinary and huge (float64)."""
@@ -89,3 +92,21 @@ def check_random_run(
             assert norm <= config["max_norm"] * (1 + 1e-12), f"norm {norm} at {where}"
         deviation = max_relative_deviation(ours, oracle_params)
         assert deviation <= 1e-10, f"{deviation:.3g} from the oracle at {where}"
+
+
+class RandomRunChecks(AdapterSuite):
+    """:func:`check_random_run` under hypothesis (60 examples), in float64, each example on
+    one of :attr:`random_drivers` (drawn)."""
+
+    random_drivers: ClassVar[tuple[str, ...] | None] = None
+    """The names in ``drivers`` an example is drawn from (``None``: all of them)."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(config=configs, run=runs, data=st.data())
+    def test_random_configurations_and_sequences_follow_the_oracle(
+        self, config: dict[str, Any], run: Any, data: st.DataObject
+    ) -> None:
+        names = self.random_drivers or tuple(self.drivers)
+        name = data.draw(st.sampled_from(names), label="driver")
+        with self.dtype_scope("float64"):
+            check_random_run(self.drivers[name], config, run)

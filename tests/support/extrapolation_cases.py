@@ -5,6 +5,9 @@ against :mod:`alig_core.oracle_extrapolation` over 100 iterations for every mode
 Nesterov, ALI-G in both conventions, with projection) and call form. ``CASES`` is that
 table; :class:`Problem` gives the (loss, gradient)-at-a-point callbacks (NumPy float64), so a
 framework's suite evaluates the same function at its own parameters.
+:func:`wrapper_options` gives a row's options in a wrapper's keywords (the noise seeded
+with :data:`SEED`); :data:`INVALID_OPTIONS`, what every wrapper refuses at construction.
+The checks every adapter runs on the table are in ``extrapolation_checks``.
 
 The problem is least squares with a linear teacher (every minibatch can be fitted exactly,
 as ALI-G assumes), so the Polyak step ``l / ||g||^2`` moves within a range and, with the caps
@@ -40,12 +43,17 @@ __all__ = [
     "ITERATIONS",
     "NON_FINITE_EVENTS",
     "PARAM_SHAPES",
+    "INVALID_OPTIONS",
+    "SEED",
     "ExtrapolationCase",
     "Problem",
-    "initial_params",
-    "make_noise",
     "every_mode_base_and_form",
+    "find_case",
+    "initial_params",
+    "invalid_options_for",
+    "make_noise",
     "run_case_oracle",
+    "wrapper_options",
     "zero_displacement",
 ]
 
@@ -165,6 +173,72 @@ def _table() -> tuple[ExtrapolationCase, ...]:
 CASES: tuple[ExtrapolationCase, ...] = _table()
 """Every mode x base x call form with the default lr_x, then linearised-off, fixed-lr_x and
 schedule variants."""
+
+
+def find_case(name: str) -> ExtrapolationCase:
+    """The row of ``CASES`` named ``name``."""
+    return next(c for c in CASES if c.name == name)
+
+
+SEED = 11
+"""The seed (optax: the key) of the noise of every wrapper the suites build."""
+
+
+def wrapper_options(config: ExtrapolationConfig, *, seed_name: str = "seed") -> dict[str, Any]:
+    """``config`` as the keyword arguments of an adapter's wrapper; the noise seed
+    (:data:`SEED` in "noise" mode, else ``None``) under ``seed_name`` (optax: ``"key"``)."""
+    return {
+        "mode": config.mode,
+        "lr_x": config.lr_x,
+        "sigma": config.sigma,
+        "linearized": config.linearized,
+        seed_name: SEED if config.mode == "noise" else None,
+    }
+
+
+_ALL = frozenset({"torch", "keras", "jax"})
+
+INVALID_OPTIONS: tuple[tuple[dict[str, Any], str, frozenset[str]], ...] = (
+    ({"mode": "extragradient"}, r"Invalid mode: got 'extragradient'.*'gradient', 'past'", _ALL),
+    ({"mode": None}, "Invalid mode: got None", _ALL),
+    ({"lr_x": -0.1}, r"Invalid lr_x: got -0\.1.*>= 0", _ALL),
+    ({"lr_x": float("nan")}, "Invalid lr_x: got nan", _ALL),
+    ({"lr_x": "0.1"}, "Invalid lr_x: got '0.1'", _ALL),
+    ({"mode": "noise", "sigma": 0.1, "lr_x": 0.1}, "Invalid lr_x.*mode='noise'", _ALL),
+    ({"mode": "noise"}, "Invalid sigma: got None.*sigma=0.01", _ALL),
+    ({"mode": "noise", "sigma": -1.0}, r"Invalid sigma: got -1\.0", _ALL),
+    ({"sigma": 0.1}, r"Invalid sigma: got 0\.1 .*mode='gradient'.*sigma=None", _ALL),
+    ({"linearized": "yes"}, "Invalid linearized: got 'yes'", _ALL),
+    ({"seed": 3}, "Invalid {seed}: got 3 .*mode='gradient'.*{seed}=None", _ALL),
+    ({"mode": "noise", "sigma": 0.1, "seed": 1.5}, r"Invalid {seed}: got 1\.5", _ALL),
+    ({"mode": "noise", "sigma": 0.1, "seed": True}, "Invalid {seed}: got True", _ALL),
+    ({"mode": "noise", "sigma": 0.1, "seed": "seed"}, "Invalid {seed}: got 'seed'", _ALL),
+    # jax.random.key takes any int; torch's generator any int >= 0; Keras' [0, 2**31).
+    ({"mode": "noise", "sigma": 0.1, "seed": -2}, "Invalid seed: got -2", {"torch", "keras"}),
+    ({"mode": "noise", "sigma": 0.1, "seed": 2**31}, r"Invalid seed.*\[0, 2\*\*31\)", {"keras"}),
+    ({"mode": "noise", "sigma": 0.1, "seed": None}, "Invalid key: got None.*key=0", {"jax"}),
+    ({"mode": "noise", "sigma": 0.1, "seed": "seed"}, "int seed", {"jax"}),
+    ({"alternate": "no"}, "Invalid alternate", {"torch"}),
+    ({"anchor_gradient": "global"}, "Invalid anchor_gradient: got 'global'", {"torch"}),
+)
+"""(options, the error's pattern, the adapters it applies to): what every wrapper refuses
+at construction, with a message that says the fix. ``seed`` is the noise's seed (optax:
+``key``, which "noise" mode requires: a row in "noise" mode without one gets ``key=0``)."""
+
+
+def invalid_options_for(framework: str) -> list[Any]:
+    """The rows of :data:`INVALID_OPTIONS` that apply to ``framework``, as ``pytest.param``
+    (``kwargs``, ``match``) in that adapter's words."""
+    seed_name = "key" if framework == "jax" else "seed"
+    rows = []
+    for i, (options, match, frameworks) in enumerate(INVALID_OPTIONS):
+        if framework not in frameworks:
+            continue
+        kwargs = {seed_name if k == "seed" else k: v for k, v in options.items()}
+        if framework == "jax" and kwargs.get("mode") == "noise":
+            kwargs.setdefault("key", 0)
+        rows.append(pytest.param(kwargs, match.format(seed=seed_name), id=f"{i}-{kwargs}"))
+    return rows
 
 
 def initial_params(seed: int = 0) -> list[np.ndarray]:

@@ -21,21 +21,41 @@ __all__ = ["Linear", "mean_squared_error", "soft_sign"]
 
 @keras.saving.register_keras_serializable(package="alig_tests")
 class Linear(keras.layers.Layer):
-    """``Dense`` without activation, through elementwise products and a sum."""
+    """``Dense`` without activation, through elementwise products and a sum: ``x W + b``,
+    and with ``offset`` a scalar ``s`` added to every output (``x W + b + s``)."""
 
-    def __init__(self, units: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        units: int,
+        *,
+        offset: bool = False,
+        kernel_initializer: str = "glorot_uniform",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.units = units
+        self.has_offset = offset
+        self.kernel_initializer = kernel_initializer
 
     def build(self, input_shape: tuple[int, ...]) -> None:
-        self.kernel = self.add_weight((input_shape[-1], self.units), initializer="glorot_uniform")
+        self.kernel = self.add_weight(
+            (input_shape[-1], self.units), initializer=self.kernel_initializer
+        )
         self.bias = self.add_weight((self.units,), initializer="zeros")
+        if self.has_offset:
+            self.offset = self.add_weight((), initializer="zeros")
 
     def call(self, x: Any) -> Any:
-        return ops.sum(ops.expand_dims(x, -1) * self.kernel, axis=-2) + self.bias
+        y = ops.sum(ops.expand_dims(x, -1) * self.kernel, axis=-2) + self.bias
+        return y + self.offset if self.has_offset else y
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "units": self.units}
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "offset": self.has_offset,
+            "kernel_initializer": self.kernel_initializer,
+        }
 
 
 @keras.saving.register_keras_serializable(package="alig_tests")

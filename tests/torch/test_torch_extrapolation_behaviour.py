@@ -18,7 +18,7 @@ from alig_cases import max_relative_deviation
 from alig_core import ExtrapolationConfig
 from alig_core.oracle_extrapolation import ExtrapolationOracle
 from alig_torch import AliG, Extrapolation
-from extrapolation_cases import CASES, Problem
+from extrapolation_cases import CASES, Problem, invalid_options_for
 from worker_scripts import import_script
 
 HARNESS = import_script(Path(__file__).with_name("extrapolation_worker.py"))
@@ -349,7 +349,7 @@ def test_a_base_that_already_stepped_carries_on_from_its_state(name: str) -> Non
             base.step()
     assert any(base.state[p] for p in params)  # the base has state
     run = HARNESS.TorchRun(case, problem=problem)
-    run.params, run.base = params, base
+    run.tensors, run.base = params, base
     run.opt = Extrapolation(base, **HARNESS.wrapper_options(case.config))
 
     oracle = ExtrapolationOracle(
@@ -394,24 +394,7 @@ def test_the_base_steps_only_through_the_wrapper() -> None:
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"mode": "extragradient"}, "Invalid mode: got 'extragradient'"),
-        ({"lr_x": -0.1}, "Invalid lr_x: got -0.1"),
-        ({"lr_x": float("nan")}, "Invalid lr_x: got nan"),
-        ({"mode": "noise", "sigma": 0.1, "lr_x": 0.1}, "Invalid lr_x.*mode='noise'"),
-        ({"mode": "noise"}, "Invalid sigma: got None"),
-        ({"mode": "noise", "sigma": -1.0}, "Invalid sigma: got -1.0"),
-        ({"sigma": 0.1}, "Invalid sigma.*mode='gradient'"),
-        ({"linearized": "yes"}, "Invalid linearized"),
-        ({"seed": 3}, "Invalid seed: got 3.*mode='gradient'"),
-        ({"mode": "noise", "sigma": 0.1, "seed": -2}, "Invalid seed: got -2"),
-        ({"mode": "noise", "sigma": 0.1, "seed": 1.5}, "Invalid seed: got 1.5"),
-        ({"alternate": "no"}, "Invalid alternate"),
-        ({"anchor_gradient": "global"}, "Invalid anchor_gradient: got 'global'"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "match"), invalid_options_for("torch"))
 def test_invalid_options_are_refused_with_the_fix(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Extrapolation(torch.optim.SGD(make_model().parameters(), lr=0.1), **kwargs)
