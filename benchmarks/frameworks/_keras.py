@@ -1,11 +1,19 @@
 """Keras in the benchmarks (``benchmarks.frameworks``' shape): ``alig_tf.AliG``.
 
-The parity run needs the TensorFlow backend; the step-time rows are in
-``benchmarks._step_time_keras`` and ``benchmarks._step_time_keras_graph``.
+The parity run and the step-time rows need the TensorFlow backend. The step-time rows
+time AliG against SGD(nesterov) under ``tf.function``, with XLA (``jit_compile=True``) and
+without (what a custom loop gets by default, and ``model.fit(jit_compile=False)``: each
+operation its own TensorFlow kernel). With XLA a third row is a floor, not an optimizer:
+the SGD step followed by one read of every gradient at the machine's memory bandwidth (a
+NumPy dot product of each with itself). An ALI-G step must read all gradients once for
+the norm before it can update anything, and then makes the same update as SGD (XLA's CPU
+backend has no multi-output fusion that would make AliG's update cheaper than SGD's), so
+no XLA implementation of ALI-G can beat it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,15 +120,80 @@ def _half_mse(y_true, y_pred):
     return 0.5 * keras.ops.mean(keras.ops.square(y_pred - y_true))
 
 
-def step_time_rows(shapes: list[tuple[int, ...]]) -> StepTimeRows:
-    """AliG against SGD under ``tf.function(jit_compile=True)`` (TensorFlow backend)."""
-    from benchmarks._step_time_keras import candidates
+def _stepper(
+    optimizer: keras.optimizers.Optimizer,
+    shapes: list[tuple[int, ...]],
+    with_loss: bool,
+    jit_compile: bool = True,
+) -> Callable[[], None]:
+    """One blocking step of ``optimizer`` on fixed random gradients, traced and warmed up."""
+    import tensorflow as tf
 
-    return candidates(shapes)
+    rng = np.random.default_rng(0)
+    variables = [keras.Variable(rng.standard_normal(s).astype("float32")) for s in shapes]
+    grads = [tf.constant(1e-2 * rng.standard_normal(s).astype("float32")) for s in shapes]
+    optimizer.build(variables)
+    loss = tf.constant(1.0)
+
+    @tf.function(jit_compile=jit_compile)
+    def step() -> None:
+        if with_loss:
+            optimizer.apply(grads, variables, loss=loss)
+        else:
+            optimizer.apply(grads, variables)
+
+    def run() -> None:
+        step()
+        variables[0].value.numpy()  # block until the step is done
+
+    for _ in range(3):  # trace, compile, warm up
+        run()
+    return run
+
+
+def _sgd_then_read(sgd: Callable[[], None], shapes: list[tuple[int, ...]]) -> Callable[[], None]:
+    """The SGD step, then every gradient read once at memory speed (see the module doc)."""
+    rng = np.random.default_rng(1)
+    grads = [rng.standard_normal(math.prod(s)).astype("float32") for s in shapes]
+
+    def run() -> None:
+        sgd()
+        for g in grads:
+            np.dot(g, g)
+
+    return run
+
+
+def _check_backend() -> None:
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError("the Keras rows run on the TensorFlow backend: KERAS_BACKEND=tensorflow")
+
+
+def _nesterov_sgd() -> keras.optimizers.Optimizer:
+    return keras.optimizers.SGD(learning_rate=0.1, momentum=0.9, nesterov=True)
+
+
+def step_time_rows(shapes: list[tuple[int, ...]]) -> StepTimeRows:
+    """AliG against SGD under ``tf.function(jit_compile=True)``, and the floor."""
+    _check_backend()
+    baseline = "keras SGD nesterov momentum=0.9 (XLA)"
+    sgd = _stepper(_nesterov_sgd(), shapes, False)
+    rows = {
+        baseline: sgd,
+        "alig_tf.AliG momentum=0.9 (XLA)": _stepper(AliG(max_lr=0.1, momentum=0.9), shapes, True),
+        "floor: SGD + one read of the gradients": _sgd_then_read(sgd, shapes),
+    }
+    return baseline, rows
 
 
 def step_time_rows_graph(shapes: list[tuple[int, ...]]) -> StepTimeRows:
-    """The same under plain ``tf.function`` (no XLA)."""
-    from benchmarks._step_time_keras_graph import candidates
-
-    return candidates(shapes)
+    """The same under plain ``tf.function`` (no XLA), without the floor."""
+    _check_backend()
+    baseline = "keras SGD nesterov momentum=0.9 (graph)"
+    rows = {
+        baseline: _stepper(_nesterov_sgd(), shapes, False, jit_compile=False),
+        "alig_tf.AliG momentum=0.9 (graph)": _stepper(
+            AliG(max_lr=0.1, momentum=0.9), shapes, True, jit_compile=False
+        ),
+    }
+    return baseline, rows
