@@ -45,16 +45,17 @@ def _run_tests(
     frameworks: str,
     env: dict[str, str] | None = None,
     doctests: str | None = None,
+    doctest_ignore: tuple[str, ...] = (),
 ) -> None:
-    """Runs pytest on ``tests/<folder>`` (and the doctests of ``src/<doctests>``), or skips
-    the session, loudly, if the folder has no test."""
+    """Runs pytest on ``tests/<folder>`` (and the doctests of ``src/<doctests>``, but the
+    modules of ``doctest_ignore``), or skips the session, loudly, if the folder has no test."""
     if not any((ROOT / "tests" / folder).glob("**/test_*.py")):
         session.skip(f"tests/{folder} holds no test yet: nothing was run for '{session.name}'")
     run_env = {"ALIG_TEST_FRAMEWORKS": frameworks, **QUIET_TF, **(env or {})}
     if doctests:  # a run of its own: --doctest-modules would import every file it is given
         # integrations/ imports trainers that only the integrations session installs
-        ignore = f"--ignore=src/{doctests}/integrations"
-        session.run("pytest", "--doctest-modules", f"src/{doctests}", ignore, env=run_env)
+        ignore = [f"--ignore=src/{doctests}/{name}" for name in ("integrations", *doctest_ignore)]
+        session.run("pytest", "--doctest-modules", f"src/{doctests}", *ignore, env=run_env)
     session.run(
         "pytest",
         f"tests/{folder}",
@@ -113,7 +114,16 @@ def jax(session: nox.Session) -> None:
 def _keras_tests(session: nox.Session, backend: str, *packages: str) -> None:
     """The Keras tests and alig_tf's doctests on one backend (fixed at import: a session each)."""
     _install(session, "keras", *packages)
-    _run_tests(session, "keras", "keras", {"KERAS_BACKEND": backend}, doctests="alig_tf")
+    # alig_tf._tensorflow imports TensorFlow, installed in the TensorFlow session only
+    tensorflow_only = () if backend == "tensorflow" else ("_tensorflow.py",)
+    _run_tests(
+        session,
+        "keras",
+        "keras",
+        {"KERAS_BACKEND": backend},
+        doctests="alig_tf",
+        doctest_ignore=tensorflow_only,
+    )
 
 
 @nox.session
