@@ -41,6 +41,7 @@ iteration ``t``'s displacement is drawn with key counter ``t`` (``state.iteratio
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -57,6 +58,7 @@ __all__ = [  # in the order of this module: the state, the pieces, the calls of 
     "anchor_step_size",
     "gradient_displacement",
     "noise_displacement",
+    "noise_generator_seed",
     "extrapolated_point",
     "current_anchor",
     "anchor_params",
@@ -219,6 +221,23 @@ def noise_displacement(noise: Array, sigma: Array | float) -> Array:
     -0.15000000000000002
     """
     return sigma * noise
+
+
+def noise_generator_seed(seed: int, iteration: int) -> int:
+    """The seed of a stateful generator that draws iteration ``iteration``'s noise ``xi``.
+
+    A function of ``(seed, iteration)`` only (a hash of both, 63 bits), for the backends
+    whose generators take one integer seed (torch's ``torch.Generator.manual_seed``): a
+    resumed run, or another process, draws the same noise for the same iteration.
+
+    Example:
+      >>> noise_generator_seed(0, 1) == noise_generator_seed(0, 1) != noise_generator_seed(0, 2)
+      True
+    """
+    digest = hashlib.blake2b(
+        f"alig-extrapolation-noise:{seed}:{iteration}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def extrapolated_point(anchor: Array, displacement: Array) -> Array:

@@ -12,7 +12,6 @@ the paper's and which are this project's.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -101,14 +100,6 @@ def _no_grad() -> Iterator[None]:
         yield
 
 
-def _noise_seed(seed: int, iteration: int) -> int:
-    """torch: the generator seed of iteration ``iteration``'s noise (a function of both only)."""
-    digest = hashlib.blake2b(
-        f"alig-extrapolation-noise:{seed}:{iteration}".encode(), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def _standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any) -> Any:
     """``size`` standard normal numbers of ``dtype``, a function of ``(seed, iteration)`` only.
 
@@ -146,7 +137,7 @@ def _standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any
     import torch
 
     generator = torch.Generator(device=like.device)
-    generator.manual_seed(_noise_seed(int(seed), int(iteration)))
+    generator.manual_seed(alig_core.noise_generator_seed(int(seed), int(iteration)))
     return torch.randn(size, generator=generator, dtype=getattr(torch, dtype), device=like.device)
 
 

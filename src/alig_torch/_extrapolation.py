@@ -11,7 +11,6 @@ from the core; see ``docs/extrapolation.md``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,6 +28,7 @@ from alig_core import (
     evaluation_skipped,
     extrapolate,
     finish_update,
+    noise_generator_seed,
     update_inputs,
     validate_seed,
 )
@@ -79,14 +79,6 @@ _WRAPPED: weakref.WeakKeyDictionary[Optimizer, weakref.ref[Extrapolation]] = (
 
 def _describe(value: Any) -> str:
     return f"{value!r} (type {type(value).__name__})"
-
-
-def _noise_seed(seed: int, iteration: int) -> int:
-    """The generator seed of iteration ``iteration``'s noise: a function of both only."""
-    digest = hashlib.blake2b(
-        f"alig-extrapolation-noise:{seed}:{iteration}".encode(), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _world_size() -> int:
@@ -484,7 +476,7 @@ class Extrapolation(Optimizer):
             generator = generators.get(p.device)
             if generator is None:
                 generator = torch.Generator(device=p.device)
-                generator.manual_seed(_noise_seed(self.seed, int(iteration)))
+                generator.manual_seed(noise_generator_seed(self.seed, int(iteration)))
                 generators[p.device] = generator
             xi.append(torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device))
         return xi
