@@ -321,6 +321,7 @@ def check_step_row(make_driver: Callable[[], Driver], row: Row) -> None:
     driver.step(bad_loss, bad_grads)
     state_after = driver.state()
     if outcome == "skipped":
+        _check_first_step_skipped_outside_the_ball(make_driver, config, bad_loss, bad_grads)
         _assert_params_bitwise(driver.params(), params_before, "after the skipped step")
         for key, before in state_before.items():
             after = state_after[key]
@@ -355,6 +356,26 @@ def check_step_row(make_driver: Callable[[], Driver], row: Row) -> None:
         [(GOOD_LOSSES[0], first_grads), (float(bad_loss), bad_grads), (GOOD_LOSSES[1], last_grads)],
     )
     _assert_close(driver.params(), expected, 1e-10)
+
+
+def _check_first_step_skipped_outside_the_ball(
+    make_driver: Callable[[], Driver],
+    config: dict[str, Any],
+    bad_loss: Any,
+    bad_grads: Sequence[np.ndarray | None],
+) -> None:
+    """A skipped first step leaves parameters outside the ``max_norm`` ball where they are.
+
+    The projection follows a step taken, never a skipped one: after a normal step the
+    parameters are inside the ball and a projection would change nothing, so only a skip
+    that meets them outside it (here the first step, the ball half their norm) tells.
+    """
+    start = _initial_params()
+    radius = 0.5 * math.sqrt(sum(float(np.sum(p.astype(np.float64) ** 2)) for p in start))
+    driver = make_driver()
+    driver.build(start, **{**config, "max_norm": radius})
+    driver.step(bad_loss, bad_grads)
+    _assert_params_bitwise(driver.params(), start, "after a skipped first step (max_norm)")
 
 
 def _assert_close(actual: list[np.ndarray], expected: list[np.ndarray], tolerance: float) -> None:
