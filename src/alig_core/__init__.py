@@ -32,6 +32,7 @@ Interpolation", ICML 2020, arXiv:1906.05661.
 from alig_core._config import (
     AliGConfig,
     describe_momentum_convention,
+    describe_value,
     momentum_convention,
     validate_adjusted_momentum,
     validate_eps,
@@ -103,6 +104,7 @@ __all__ = [
     "anchor_step_size",
     "current_anchor",
     "describe_momentum_convention",
+    "describe_value",
     "evaluation_skipped",
     "extrapolate",
     "extrapolated_point",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "describe_value",
     "AliGConfig",
     "describe_momentum_convention",
     "momentum_convention",
@@ -21,7 +22,12 @@ __all__ = [
 ]
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """A value as an error message shows it: its repr and its type.
+
+    >>> describe_value(True)
+    'True (type bool)'
+    """
     return f"{value!r} (type {type(value).__name__})"
 
 
@@ -34,7 +40,7 @@ def _concrete_float(name: str, value: Any, expected: str, fix: str) -> float | N
     accepted unchecked: its concrete value was validated when the optimizer was built.
     """
     if isinstance(value, bool) or value is None or isinstance(value, str | bytes):
-        raise ValueError(f"Invalid {name}: got {_describe(value)}; expected {expected}. {fix}")
+        raise ValueError(f"Invalid {name}: got {describe_value(value)}; expected {expected}. {fix}")
     if isinstance(value, numbers.Real):
         return float(value)
     shape = getattr(value, "shape", None)
@@ -42,14 +48,14 @@ def _concrete_float(name: str, value: Any, expected: str, fix: str) -> float | N
         dtype_name = str(getattr(value, "dtype", ""))
         if "bool" in dtype_name or "int" in dtype_name or "complex" in dtype_name:
             raise ValueError(
-                f"Invalid {name}: got {_describe(value)} of dtype {dtype_name}; "
+                f"Invalid {name}: got {describe_value(value)} of dtype {dtype_name}; "
                 f"expected {expected}. {fix}"
             )
         try:
             return float(value)
         except Exception:  # an abstract value (e.g. a JAX tracer): checked at construction
             return None
-    raise ValueError(f"Invalid {name}: got {_describe(value)}; expected {expected}. {fix}")
+    raise ValueError(f"Invalid {name}: got {describe_value(value)}; expected {expected}. {fix}")
 
 
 def _checked_number(
@@ -62,7 +68,7 @@ def _checked_number(
     """
     number = _concrete_float(name, value, expected, fix)
     if number is not None and not (math.isfinite(number) and valid(number)):
-        raise ValueError(f"Invalid {name}: got {_describe(value)}; expected {expected}. {fix}")
+        raise ValueError(f"Invalid {name}: got {describe_value(value)}; expected {expected}. {fix}")
     return value
 
 
@@ -73,7 +79,7 @@ def _checked_bool(name: str, value: Any, fix: str) -> bool:
     kind = type(value)
     if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy.bool_
         return bool(value)
-    raise ValueError(f"Invalid {name}: got {_describe(value)}; expected True or False. {fix}")
+    raise ValueError(f"Invalid {name}: got {describe_value(value)}; expected True or False. {fix}")
 
 
 def validate_max_lr(value: Any, *, allow_schedule: bool = False) -> Any:

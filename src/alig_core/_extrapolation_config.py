@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alig_core._config import _checked_bool, _checked_number, _describe
+from alig_core._config import _checked_bool, _checked_number, describe_value
 
 __all__ = [
     "EXTRAPOLATION_MODES",
@@ -43,7 +43,7 @@ def validate_mode(value: Any) -> str:
         return value
     choices = ", ".join(repr(m) for m in EXTRAPOLATION_MODES)
     raise ValueError(
-        f"Invalid mode: got {_describe(value)}; expected one of {choices}. {_MODE_FIX}"
+        f"Invalid mode: got {describe_value(value)}; expected one of {choices}. {_MODE_FIX}"
     )
 
 
@@ -63,8 +63,8 @@ def validate_lr_x(value: Any, *, mode: str = "gradient") -> Any:
         return value
     if mode == "noise":
         raise ValueError(
-            f"Invalid lr_x: got {_describe(value)} with mode='noise'; expected None: the noise "
-            "displacement is sigma * xi and takes no lr_x. Pass sigma=... instead, or a "
+            f"Invalid lr_x: got {describe_value(value)} with mode='noise'; expected None: the "
+            "noise displacement is sigma * xi and takes no lr_x. Pass sigma=... instead, or a "
             "gradient mode ('gradient', 'past') to use lr_x."
         )
     if callable(value) and getattr(value, "shape", None) is None:
@@ -90,7 +90,7 @@ def validate_sigma(value: Any, *, mode: str = "noise") -> Any:
         if value is None:
             return value
         raise ValueError(
-            f"Invalid sigma: got {_describe(value)} with mode={mode!r}; expected None: sigma "
+            f"Invalid sigma: got {describe_value(value)} with mode={mode!r}; expected None: sigma "
             "is the scale of mode='noise' only. Leave sigma=None, or pass mode='noise'."
         )
     expected = "a finite number >= 0 (the standard deviation of the noise displacement)"
@@ -116,8 +116,8 @@ def validate_seed(value: Any, *, mode: str = "noise", below: int | None = None) 
         if value is None:
             return 0
         raise ValueError(
-            f"Invalid seed: got {_describe(value)} with mode={mode!r}; expected None: the seed "
-            "draws the noise of mode='noise' only. Leave seed=None, or pass mode='noise'."
+            f"Invalid seed: got {describe_value(value)} with mode={mode!r}; expected None: the "
+            "seed draws the noise of mode='noise' only. Leave seed=None, or pass mode='noise'."
         )
     if value is None:
         return 0
@@ -134,7 +134,7 @@ def validate_seed(value: Any, *, mode: str = "noise", below: int | None = None) 
         else:
             expected = f"an int in [0, {below})"
         raise ValueError(
-            f"Invalid seed: got {_describe(value)}; expected {expected} (the noise of "
+            f"Invalid seed: got {describe_value(value)}; expected {expected} (the noise of "
             "iteration t is a function of (seed, t) only). Pass e.g. seed=0."
         )
     return value

@@ -160,7 +160,7 @@ def _keep_unless_stepped(stepped: jax.Array, old: Any, new: Any) -> Any:
     """
     if old is None or new is None:
         return old
-    return jnp.where(stepped, new, old)
+    return alig_core.keep_if_skipped(jnp, jnp.logical_not(stepped), old, new)
 
 
 def _delta(target: jax.Array, param: jax.Array) -> jax.Array:

@@ -64,10 +64,6 @@ _SEED_BOUND = 2**31
 """Seeds are below this: TensorFlow's stateless generators take an int32 seed pair."""
 
 
-def _describe(value: Any) -> str:
-    return f"{value!r} (type {type(value).__name__})"
-
-
 def _config_code(mode: str, linearized: bool) -> int:
     """What the saved variables were made by: ``mode`` and ``linearized`` as one int."""
     return 2 * EXTRAPOLATION_MODES.index(mode) + int(linearized)
@@ -575,7 +571,7 @@ class Extrapolation(LossTakingOptimizer):
         new_base = [_snapshot(v) for v in base_variables]
         default = None
         if config.mode == "past" and config.lr_x is None:  # the step size of this update
-            default = ops.cast(_snapshot(base.gamma), dtype) if isinstance(base, AliG) else base_lr
+            default = ops.cast(_snapshot(base.gamma), dtype) if self._is_alig else base_lr
         noise = None
         if config.mode == "noise":  # d_{t+1} = sigma * xi_{t+1}
             noise = self._noise(self.noise_seed.value, state.iteration + 1)
@@ -587,7 +583,7 @@ class Extrapolation(LossTakingOptimizer):
             default = None
             if config.lr_x is None:
                 default = base_lr
-                if isinstance(base, AliG):  # its step size at the anchor; no record moves
+                if self._is_alig:  # its step size at the anchor; no record moves
                     default = anchor_step_size(
                         ops,
                         loss,
@@ -657,7 +653,7 @@ class Extrapolation(LossTakingOptimizer):
 def _check_base(base: Any) -> None:
     if not isinstance(base, keras.optimizers.Optimizer):
         raise ValueError(
-            f"Invalid base_optimizer: got {_describe(base)}; expected a "
+            f"Invalid base_optimizer: got {alig_core.describe_value(base)}; expected a "
             "keras.optimizers.Optimizer (e.g. keras.optimizers.SGD(0.1, momentum=0.9, "
             "nesterov=True) or alig_tf.AliG(max_lr=0.1)). Build the optimizer first, then "
             "wrap it."

@@ -543,8 +543,8 @@ def project_onto_ball(variables: list[keras.Variable], max_norm: float) -> None:
     alig_core.validate_max_norm(max_norm)
     if not variables:
         return
-    dtype = "float64" if any(v.dtype == "float64" for v in variables) else "float32"
-    sq_norm = _backend.sum_of_squares([v.value for v in variables], dtype)
+    dtype = alig_core.accumulation_dtype(*(v.dtype for v in variables))
+    sq_norm = _backend.sum_of_squares([_backend.value(v) for v in variables], dtype)
     scale = alig_core.projection_scale(ops, sq_norm, max_norm)
     for v in variables:
         v.assign(ops.cast(ops.cast(v, dtype) * scale, v.dtype))

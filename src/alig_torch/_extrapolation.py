@@ -25,6 +25,7 @@ from alig_core import (
     UpdateInputs,
     anchor_params,
     anchor_step_size,
+    describe_value,
     evaluation_skipped,
     extrapolate,
     finish_update,
@@ -75,10 +76,6 @@ _WRAPPED: weakref.WeakKeyDictionary[Optimizer, weakref.ref[Extrapolation]] = (
     weakref.WeakKeyDictionary()
 )
 """Each base optimizer's live wrapper (a base is wrapped at most once)."""
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} (type {type(value).__name__})"
 
 
 def _world_size() -> int:
@@ -281,7 +278,7 @@ class Extrapolation(Optimizer):
         config = ExtrapolationConfig(mode=mode, lr_x=lr_x, sigma=sigma, linearized=linearized)
         if not isinstance(base_optimizer, Optimizer):
             raise ValueError(
-                f"Invalid base_optimizer: got {_describe(base_optimizer)}; expected a "
+                f"Invalid base_optimizer: got {describe_value(base_optimizer)}; expected a "
                 "torch.optim.Optimizer (e.g. torch.optim.SGD(params, lr=0.1, momentum=0.9, "
                 "nesterov=True) or alig_torch.AliG(params, max_lr=0.1)). Build the optimizer "
                 "first, then wrap it."
@@ -300,13 +297,13 @@ class Extrapolation(Optimizer):
             )
         if not isinstance(alternate, bool):
             raise ValueError(
-                f"Invalid alternate: got {_describe(alternate)}; expected True or False. Pass "
+                f"Invalid alternate: got {describe_value(alternate)}; expected True or False. Pass "
                 "alternate=True for one closure call per step (calls alternate between the "
                 "anchor and the extrapolated point), False for both on the same batch."
             )
         if anchor_gradient not in ANCHOR_GRADIENTS:
             raise ValueError(
-                f"Invalid anchor_gradient: got {_describe(anchor_gradient)}; expected "
+                f"Invalid anchor_gradient: got {describe_value(anchor_gradient)}; expected "
                 "'all_reduced' (the anchor pass is an ordinary DDP backward: every rank "
                 "extrapolates along the averaged gradient) or 'local' (the anchor pass runs "
                 "under ddp_model.no_sync(): each rank along its own)."
