@@ -134,7 +134,8 @@ def step_size(
         \hat\gamma = \frac{l - f_\star}{S + \delta}, \qquad
         \gamma = \min(\max(\hat\gamma, 0), \eta)
 
-    with :math:`\hat\gamma = 0` where :math:`S + \delta = 0`, no upper clip where
+    with :math:`\hat\gamma = 0` where :math:`S + \delta = 0`, :math:`\gamma = 0` (never an
+    ascent step) where a cap reached at step time is below 0, no upper clip where
     ``max_lr`` is ``None`` or infinite, and :math:`\gamma = 0` plus ``skipped = True`` where
     ``loss`` or ``sq_grad_norm`` is not finite, or where, with no cap, :math:`\hat\gamma`
     overflows to infinity (finite values over a denominator near zero).
@@ -168,6 +169,9 @@ def step_size(
     cap = math.inf if max_lr is None else max_lr  # the one rule: None and inf are no cap
     hits_cap = clamped >= cap
     gamma = xp.where(hits_cap, cap, clamped)
+    # A cap below 0 (a schedule, or a group's lr set by hand, gone negative) must never give
+    # an ascent step: the clamp at 0 comes after the cap too (SPEC, "One step" 3).
+    gamma = xp.where(gamma > 0, gamma, 0.0)
     # Finite loss and norm whose quotient overflows (a denominator near zero, e.g. zero
     # gradients with a subnormal eps) give, with no cap, an infinite step: skipped.
     finite = xp.logical_and(finite, xp.isfinite(gamma))

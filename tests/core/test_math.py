@@ -63,6 +63,22 @@ def test_gap_below_zero_gives_no_ascent_step() -> None:
     assert not bool(s.skipped)
 
 
+@pytest.mark.parametrize("cap", [-0.1, np.float64(-1e-12), -math.inf])
+def test_a_cap_below_zero_at_step_time_gives_no_ascent_step(cap) -> None:
+    # a schedule or a hand-set group lr can reach the step below 0: gamma stays at 0
+    s = step_size(np, np.float64(1.0), np.float64(4.0), max_lr=cap, eps=0.0, f_star=0.0)
+    assert float(s.gamma) == 0.0
+    assert bool(s.capped)
+    assert not bool(s.skipped)
+
+
+def test_a_cap_of_exactly_zero_is_hit_and_gamma_hat_equal_to_the_cap_is_capped() -> None:
+    at_zero = step_size(np, np.float64(1.0), np.float64(4.0), max_lr=0.0, eps=0.0, f_star=0.0)
+    assert (float(at_zero.gamma), bool(at_zero.capped)) == (0.0, True)
+    at_cap = step_size(np, np.float64(1.0), np.float64(4.0), max_lr=0.25, eps=0.0, f_star=0.0)
+    assert (float(at_cap.gamma), float(at_cap.gamma_hat), bool(at_cap.capped)) == (0.25, 0.25, True)
+
+
 def test_zero_denominator_gives_gamma_zero_not_nan() -> None:
     s = _step_size(1.0, 0.0, eps=0.0, max_lr=1.0)
     assert (float(s.gamma), float(s.gamma_hat), bool(s.skipped)) == (0.0, 0.0, False)
