@@ -24,6 +24,18 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "keras": ("keras",),
     "integrations": ("torch", "lightning", "accelerate", "transformers", "jax", "optax", "flax"),
     "parity": ("torch", "tensorflow", "keras", "jax", "optax", "sklearn"),
+    # the README's and the docs' code blocks: any framework and trainer a page shows
+    "docs": (
+        "torch",
+        "tensorflow",
+        "keras",
+        "jax",
+        "optax",
+        "flax",
+        "lightning",
+        "accelerate",
+        "transformers",
+    ),
 }
 """Test folder -> the packages it needs."""
 
