@@ -61,9 +61,7 @@ def test_math_becomes_arithmatex_and_example_sections_are_read_as_examples() -> 
 
 def test_a_one_line_math_directive_keeps_its_continuation_lines() -> None:
     text = "Scale:\n\n.. math::  N = a, \\qquad\n           s = b\n\nThen."
-    assert (
-        griffe_rest.rest_to_markdown(text) == "Scale:\n\n$$\nN = a, \\qquad\ns = b\n$$\n\nThen."
-    )
+    assert griffe_rest.rest_to_markdown(text) == "Scale:\n\n$$\nN = a, \\qquad\ns = b\n$$\n\nThen."
 
 
 def test_a_note_becomes_an_admonition_and_ends_with_its_indent() -> None:
