@@ -3,8 +3,8 @@
 Each block is written to a file and run as a standalone script by a fresh Python process,
 in an empty temporary folder, with TensorFlow quiet and ``KERAS_BACKEND=tensorflow`` (a
 block that wants another backend sets ``os.environ["KERAS_BACKEND"]`` before importing
-Keras). A block fails with its stderr. The test ids are ``file:line`` (the line of the
-opening fence).
+Keras). A block fails with its stderr, whose tracebacks give the lines of the page. The
+test ids are ``file:line`` (the line of the opening fence).
 
 A block that must not run (several processes, a GPU) is fenced ```python {.notest}: the
 class in braces is what MkDocs (pymdownx.superfences) renders as Python and GitHub too.
@@ -135,8 +135,10 @@ RUNNABLE = [block for block in BLOCKS if block.runs]
 @pytest.mark.slow
 @pytest.mark.parametrize("block", RUNNABLE, ids=[block.id for block in RUNNABLE])
 def test_code_block_runs(block: Block, tmp_path: Path) -> None:
-    script = tmp_path / "block.py"
-    script.write_text(block.code, encoding="utf-8")
+    # named after its page, its lines where they are on the page: a traceback's "File
+    # "README.md.py", line 130" is line 130 of README.md
+    script = tmp_path / f"{block.path.name}.py"
+    script.write_text("\n" * block.line + block.code, encoding="utf-8")
     result = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
