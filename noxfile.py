@@ -18,6 +18,9 @@ PINS = str(ROOT / "requirements" / "pins.txt")
 TEST_TOOLS = ("numpy", "pytest", "hypothesis")
 EVERY_FRAMEWORK = ("torch", "tensorflow-cpu", "keras", "jax", "jaxlib", "optax")
 BENCHMARK_TOOLS = ("scikit-learn", "matplotlib")  # the datasets (load_digits, ...) and figures
+INTEGRATIONS = ("lightning", "accelerate", "transformers", "flax")
+DOCS_TOOLS = ("mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python", "ruff")
+"""The site's builder; ruff formats the API reference's signatures (mkdocstrings calls it)."""
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 nox.options.sessions = [
@@ -30,6 +33,7 @@ nox.options.sessions = [
     "keras_torch",
     "integrations",
     "parity",
+    "docs",
 ]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
@@ -166,6 +170,23 @@ def parity(session: nox.Session) -> None:
     """Every framework on the same model from the same start, plus the benchmark smoke runs."""
     _install(session, *EVERY_FRAMEWORK, *BENCHMARK_TOOLS, "pytorch_optimizer")
     _run_tests(session, "parity", "parity", {"KERAS_BACKEND": "tensorflow"})
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site: every ```python block of README.md and docs/ runs (``tests/docs``), the
+    examples run (``tests/examples``), then ``mkdocs build --strict`` builds the site into
+    ``site/``, warnings as errors (a broken link or API reference fails)."""
+    _install(session, *EVERY_FRAMEWORK, *INTEGRATIONS, *BENCHMARK_TOOLS, *DOCS_TOOLS)
+    folders = [name for name in ("docs", "examples") if (ROOT / "tests" / name).is_dir()]
+    session.run(
+        "pytest",
+        *(f"tests/{name}" for name in folders),
+        *session.posargs,
+        env={"ALIG_TEST_FRAMEWORKS": ",".join(folders), "KERAS_BACKEND": "tensorflow", **QUIET_TF},
+    )
+    session.chdir(ROOT)
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session

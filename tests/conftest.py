@@ -24,6 +24,21 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "keras": ("keras",),
     "integrations": ("torch", "lightning", "accelerate", "transformers", "jax", "optax", "flax"),
     "parity": ("torch", "tensorflow", "keras", "jax", "optax", "sklearn"),
+    # the README's and the docs' code blocks (any framework and trainer a page shows) and
+    # the site's build tools (tools/)
+    "docs": (
+        "mkdocs",
+        "griffe",
+        "torch",
+        "tensorflow",
+        "keras",
+        "jax",
+        "optax",
+        "flax",
+        "lightning",
+        "accelerate",
+        "transformers",
+    ),
 }
 """Test folder -> the packages it needs."""
 
