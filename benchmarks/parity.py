@@ -4,17 +4,18 @@ Trains the MLP 64-32-10 on scikit-learn's digits (no download) from the same ini
 weights (drawn once with NumPy) on the same minibatches, with ALI-G in every framework and
 in the NumPy float64 oracle, then prints one table (final training loss, test accuracy,
 largest parameter deviation from the oracle, median milliseconds per training step, mean
-gamma, share of steps at the cap) and writes a plot: the loss and gamma curves of every
-run overlaid, and their deviation from the oracle on a log scale.
+gamma, share of steps at the cap).
 
 Then the same run with ALI-G inside each framework's extrapolation wrapper
 (``--extrapolation past``, the default; ``none`` to leave it out): "past" mode, one
 gradient per step, the previous update's gradient as the displacement and ALI-G's
 linearised step, against ``alig_core.oracle_extrapolation``; a second table.
 
-Run (from the repository root): ``python -m benchmarks.parity [--dtype float64|float32]
-[--steps 200] [--max-lr 1.0 --momentum 0.9 --adjusted-momentum --max-norm R] [--frameworks ...]
-[--extrapolation past|none]``.
+The plot (``--plot``, ``parity.png``) has one row per table: the loss and gamma curves of
+every run overlaid (each run with its own line style and staggered markers, since the curves
+coincide), and their deviation from the oracle on a log scale.
+
+Run (from the repository root): ``python -m benchmarks.parity --help`` lists every option.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -69,52 +71,129 @@ def train(
     return records, seconds
 
 
-def plot(runs: dict[str, list[StepRecord]], path: Path) -> None:
-    """Loss and gamma curves overlaid, and the deviation from the oracle (log scale)."""
+# One look per run: the curves coincide to rounding, so each run also gets its own markers,
+# placed at staggered steps, to stay visible where the lines lie on top of each other.
+STYLES: dict[str, dict[str, Any]] = {
+    "oracle": {"color": "0.6", "linestyle": "-", "linewidth": 4.0, "marker": None},
+    "torch": {"color": "C0", "linestyle": "--", "linewidth": 1.2, "marker": "o"},
+    "keras": {"color": "C1", "linestyle": ":", "linewidth": 1.2, "marker": "s"},
+    "jax": {"color": "C2", "linestyle": "-.", "linewidth": 1.2, "marker": "^"},
+}
+
+
+def _style(name: str, index: int, steps: int) -> dict[str, Any]:
+    """Line style of one run; its markers every ``steps // 10`` steps, offset by run."""
+    style = dict(STYLES.get(name, {"color": f"C{3 + index}", "linestyle": "-", "marker": "x"}))
+    every = max(steps // 10, 1)
+    if style.get("marker"):
+        style |= {"markevery": (index * every // 4 % every, every), "markersize": 5}
+        style |= {"markerfacecolor": "none"}
+    return style | {"label": name}
+
+
+def plot(tables: dict[str, dict[str, list[StepRecord]]], path: Path) -> None:
+    """One row per table (the plain run, the extrapolated run): the loss, gamma and the
+    deviation from the oracle (log scales for the loss and the deviation) of every run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    styles = {"oracle": ("k", "-", 3.0), "torch": ("C0", "--", 1.5)}
-    styles |= {"keras": ("C1", ":", 1.5), "jax": ("C2", "-.", 1.5)}
-    oracle = runs["oracle"]
-    for name, records in runs.items():
-        color, style, width = styles.get(name, ("C3", "-", 1.0))
-        steps = np.arange(1, len(records) + 1)
-        kwargs = {"color": color, "linestyle": style, "linewidth": width, "label": name}
-        axes[0].plot(steps, [r.loss for r in records], **kwargs)
-        axes[1].plot(steps, [r.gamma for r in records], **kwargs)
-        if name != "oracle":
-            gaps = [
-                max(deviation(r.params, o.params), 1e-17)
-                for r, o in zip(records, oracle, strict=True)
-            ]
-            axes[2].semilogy(steps, gaps, **kwargs)
-    axes[0].set(title="training loss (minibatch)", xlabel="step", yscale="log")
-    axes[1].set(title="ALI-G step size gamma_t", xlabel="step")
-    axes[2].set(title="parameter deviation from the oracle", xlabel="step")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig, axes = plt.subplots(len(tables), 3, figsize=(15, 3.6 * len(tables)), squeeze=False)
+    for row, (title, runs) in zip(axes, tables.items(), strict=True):
+        oracle = runs["oracle"]
+        for index, (name, records) in enumerate(runs.items()):
+            steps = np.arange(1, len(records) + 1)
+            style = _style(name, index, len(records))
+            row[0].plot(steps, [r.loss for r in records], **style)
+            row[1].plot(steps, [r.gamma for r in records], **style)
+            if name != "oracle":  # the oracle's own deviation is 0
+                gaps = [
+                    max(deviation(r.params, o.params), 1e-17)
+                    for r, o in zip(records, oracle, strict=True)
+                ]
+                row[2].plot(steps, gaps, **style)
+        row[0].set(title=f"{title}: training loss", ylabel="minibatch loss", yscale="log")
+        row[1].set(title=f"{title}: ALI-G step size", ylabel="gamma_t")
+        row[2].set(title=f"{title}: deviation from the oracle", yscale="log")
+        row[2].set(ylabel="max |p - p_oracle| / max |p_oracle|")
+        for ax in row:
+            ax.set(xlabel="step")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    # above the panels, outside every axis: the legend covers no data
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
     fig.savefig(path, dpi=80)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-lr", type=float, default=1.0)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--adjusted-momentum", action="store_true")
-    parser.add_argument("--max-norm", type=float, default=None)
-    parser.add_argument("--frameworks", default=",".join(n for n in RUNNERS if n != "oracle"))
-    parser.add_argument("--plot", type=Path, default=Path("parity.png"))
-    parser.add_argument("--extrapolation", choices=["past", "none"], default="past")
-    args = parser.parse_args()
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """The command line (``python -m benchmarks.parity --help``, ``nox -s demo -- --help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.parity",
+        description=(
+            "The main job: the same ALI-G training run (an MLP 64-32-10 on scikit-learn's "
+            "digits) in PyTorch, Keras/TensorFlow, JAX and the NumPy float64 oracle, from the "
+            "same initial weights on the same minibatches; then the same run inside each "
+            "framework's extrapolation wrapper. Prints a table per run and writes a plot."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="dtype of the parameters and the data in every framework (the oracle: float64)",
+    )
+    parser.add_argument("--steps", type=int, default=200, help="training steps of each run")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="minibatch size (the same batches everywhere)"
+    )
+    parser.add_argument(
+        "--max-lr", type=float, default=1.0, help="ALI-G's cap on the step size, max_lr"
+    )
+    parser.add_argument(
+        "--momentum", type=float, default=0.9, help="ALI-G's momentum mu, 0 <= mu < 1"
+    )
+    parser.add_argument(
+        "--adjusted-momentum",
+        action="store_true",
+        help="the adjusted momentum convention (b <- mu*b - g) instead of the standard one "
+        "(b <- mu*b - gamma*g): docs/update-rule.md",
+    )
+    parser.add_argument(
+        "--max-norm",
+        type=float,
+        default=None,
+        help="radius of ALI-G's l2-ball constraint on the parameters; None: no constraint",
+    )
+    parser.add_argument(
+        "--frameworks",
+        default=",".join(n for n in RUNNERS if n != "oracle"),
+        help="comma-separated frameworks to run beside the oracle "
+        f"(any of {', '.join(n for n in RUNNERS if n != 'oracle')})",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("parity.png"),
+        help="where to write the figure (PNG): loss, gamma and deviation from the oracle of "
+        "every run, one row per table",
+    )
+    parser.add_argument(
+        "--extrapolation",
+        choices=["past", "none"],
+        default="past",
+        help="the second run: ALI-G inside each framework's extrapolation wrapper in 'past' "
+        "mode (docs/extrapolation.md), or 'none' to leave it out",
+    )
+    return parser.parse_args(argv), parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, parser = parse_args(argv)
     alig_kwargs = {
         "max_lr": args.max_lr,
         "momentum": args.momentum,
@@ -127,12 +206,14 @@ def main() -> None:
         parser.error(f"unknown frameworks {unknown}; available: {sorted(RUNNERS)}")
 
     print(f"ALI-G {alig_kwargs}, MLP 64-32-10 on digits, {args.steps} steps, {args.dtype}")
-    runs = run_table(names, alig_kwargs, args)
-    plot(runs, args.plot)
+    tables = {"ALI-G": run_table(names, alig_kwargs, args)}
     if args.extrapolation != "none":
         extrapolation = {"mode": args.extrapolation}
         print(f"\nThe same run, ALI-G inside the extrapolation wrapper {extrapolation}")
-        run_table(names, alig_kwargs | {"extrapolation": extrapolation}, args)
+        tables[f"extrapolation ({args.extrapolation})"] = run_table(
+            names, alig_kwargs | {"extrapolation": extrapolation}, args
+        )
+    plot(tables, args.plot)
     print(f"\nwrote {args.plot}")
 
 
