@@ -28,7 +28,10 @@ from alig_torch._groups import (
     check_group_hyperparameters,
     check_group_keys,
     check_group_params,
+    check_keyword_options,
     check_saved_group,
+    check_step_caps,
+    cap_argument,
     stored_cap,
 )
 from alig_torch._loss import loss_as_tensor, summed_losses
@@ -36,6 +39,20 @@ from alig_torch._norms import Norms, accumulation_dtype
 from alig_torch._records import RecordProperty, stored_shape, write_records
 
 __all__ = ["AliG"]
+
+
+def _refuse_as_not_a_state_dict(state_dict: Any) -> NoReturn:
+    keys = f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""
+    raise ValueError(
+        f"AliG.load_state_dict needs an optimizer state_dict (a dict with 'state' and "
+        f"'param_groups'), got {type(state_dict).__name__}{keys}. {FRESH_STATE_HELP}"
+    )
+
+
+def _checked_for_loading(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """AliG's check of a state to load, run as torch's last ``load_state_dict`` pre-hook."""
+    assert isinstance(optimizer, AliG)
+    return optimizer._checked(state_dict)
 
 _LOSS_HELP = (
     "ALI-G computes its step size from the loss of the gradient it applies. Hand it over in "
@@ -49,6 +66,10 @@ _LOSS_HELP = (
     "opt.add_loss(loss) of the unscaled loss, then scaler.step(opt)). In a trainer: "
     f"{INTEGRATIONS_HELP}"
 )
+
+
+_NOT_GIVEN: Any = object()
+"""The default of ``AliG(lr=...)``: not given (``None`` is a value of the cap: no cap)."""
 
 
 class AliG(Optimizer):
@@ -203,7 +224,18 @@ class AliG(Optimizer):
         all_reduce_loss: bool = True,
         partitioned: bool | None = None,
         process_group: Any = None,
+        lr: Any = _NOT_GIVEN,
+        **other_options: Any,
     ) -> None:
+        if isinstance(params, torch.Tensor):  # torch.optim's own error and words
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or "
+                f"dicts, but got {torch.typename(params)}"
+            )
+        check_keyword_options(other_options)
+        max_lr = cap_argument(max_lr, lr, lr is not _NOT_GIVEN)
+        if max_lr is not None:
+            max_lr = stored_cap(max_lr)  # a one-element tensor as a 0-d one
         config = AliGConfig(
             max_lr=validate_max_lr(max_lr),
             momentum=momentum,
@@ -254,7 +286,9 @@ class AliG(Optimizer):
         if isinstance(param_group, dict) and "max_lr" in param_group:
             if "lr" in param_group:
                 raise ValueError(
-                    "A param group sets both 'max_lr' and 'lr'; they are the same thing "
+                    f"Param group {len(self.param_groups)} sets both 'max_lr' = "
+                    f"{alig_core.describe_value(param_group['max_lr'])} and 'lr' = "
+                    f"{alig_core.describe_value(param_group['lr'])}; they are the same thing "
                     "(the cap on the step size): set only one."
                 )
             param_group = dict(param_group)
@@ -262,8 +296,8 @@ class AliG(Optimizer):
             param_group["lr"] = stored_cap(max_lr)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = stored_cap(group["lr"])
         try:
+            group["lr"] = stored_cap(group["lr"])
             check_group_hyperparameters(group)
             check_group_params(group)
         except ValueError:
@@ -305,19 +339,24 @@ class AliG(Optimizer):
         * keys of other optimizers (as :meth:`add_param_group`) or invalid hyperparameters.
 
         State dicts saved before the marker existed (their groups hold ``adjusted_momentum``,
-        ``eps`` and ``f_star``) load as before.
+        ``eps`` and ``f_star``) load as before. The checks run on the state that the hooks of
+        :meth:`register_load_state_dict_pre_hook` return (torch runs them first), so a hook
+        can mend an old checkpoint, and a hook's edits are checked too.
         """
+        if not isinstance(state_dict, dict):
+            _refuse_as_not_a_state_dict(state_dict)
+        # torch runs the load_state_dict pre-hooks first (a hook may mend an old checkpoint,
+        # or spoil a good one): AliG checks the state they return, as the last pre-hook.
+        handle = self.register_load_state_dict_pre_hook(_checked_for_loading)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+
+    def _checked(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` checked as :meth:`load_state_dict` says, without its markers."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
-            raise ValueError(
-                f"AliG.load_state_dict needs an optimizer state_dict (a dict with 'state' and "
-                f"'param_groups'), got {type(state_dict).__name__}"
-                + (
-                    f" with keys {sorted(map(str, state_dict))}"
-                    if isinstance(state_dict, dict)
-                    else ""
-                )
-                + f". {FRESH_STATE_HELP}"
-            )
+            _refuse_as_not_a_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for index, saved in enumerate(saved_groups):
             check_saved_group(index, saved, state_dict.get("state"))
@@ -331,7 +370,7 @@ class AliG(Optimizer):
                     f"adjusted_momentum={saved['adjusted_momentum']} to resume."
                 )
         groups = [{k: v for k, v in g.items() if k != CONVENTION_KEY} for g in saved_groups]
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        return {**state_dict, "param_groups": groups}
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -414,6 +453,14 @@ class AliG(Optimizer):
           The closure's return value when it gave one, else the loss the step used
           (``loss=`` as given, or the sum of a list or of the added losses).
         """
+        if closure is not None and not callable(closure):
+            # step(loss): a loss handed over positionally (a tensor, a number or a list)
+            if loss is not None:
+                raise ValueError(
+                    f"AliG.step() got a loss positionally ({alig_core.describe_value(closure)}) "
+                    f"and loss= as well; give it once. {_LOSS_HELP}"
+                )
+            closure, loss = None, closure
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -534,6 +581,7 @@ class AliG(Optimizer):
         accumulate = accumulation_dtype(all_params) if all_params else torch.float64
         device = all_params[0].device if all_params else torch.device("cpu")
         try:  # the checks of this rank: under torch.distributed, failed on every rank at once
+            check_step_caps(self.param_groups)  # before anything moves
             loss_t = loss_as_tensor(loss, device, accumulate, who="ALI-G", loss_help=_LOSS_HELP)
             groups = [(group, *self._collect(group)) for group in self.param_groups]
             partitioned = set() if ranks is None else ranks.partitioned_ids(all_params)
