@@ -389,7 +389,11 @@ class AliG(Optimizer):
                     "change the trajectory. Set the group's 'adjusted_momentum' to the value "
                     "it was trained with."
                 )
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not differentiable:  # torch adds it; AliG has no differentiable step: a copy is equal
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("max_norm", None)
         self.__dict__.setdefault("all_reduce_loss", True)
         self.__dict__.setdefault("partitioned", None)
