@@ -35,8 +35,11 @@ core's :func:`alig_core.step_size` takes ``inf`` as no cap, so the step reads it
 
 
 def stored_cap(max_lr: Any) -> Any:
-    """A ``max_lr`` as a group's ``lr`` holds it: ``None`` (no cap) becomes ``inf``, and a
-    one-element tensor a 0-d one (as ``torch.optim``'s ``_to_scalar`` reads a tensor ``lr``)."""
+    """A ``max_lr`` as a group's ``lr`` holds it: ``None`` (no cap) becomes ``inf``.
+
+    A one-element tensor becomes a 0-d one (as ``torch.optim``'s ``_to_scalar`` reads a
+    tensor ``lr``); a tensor of several entries is refused, in torch's words.
+    """
     if max_lr is None:
         return _NO_CAP
     if isinstance(max_lr, torch.Tensor) and max_lr.dim() != 0:
@@ -52,8 +55,11 @@ def stored_cap(max_lr: Any) -> Any:
 
 
 def cap_argument(max_lr: Any, lr: Any, given: bool) -> Any:
-    """The cap of ``AliG(params, max_lr=..., lr=...)``: ``lr`` is another name of ``max_lr``
-    (the key the param groups keep it under, as every torch optimizer); not both."""
+    """The cap of ``AliG(params, max_lr=..., lr=...)``; not both.
+
+    ``lr`` is another name of ``max_lr``: the key the param groups keep it under, as in
+    every torch optimizer.
+    """
     if not given:
         return max_lr
     if max_lr is not None:
@@ -188,15 +194,17 @@ def check_keyword_options(options: dict[str, Any]) -> None:
 
 
 def check_step_caps(groups: list[dict[str, Any]]) -> None:
-    """Refuses, before a step moves anything, a group cap that is a Python number and below
-    0 or NaN, or infinite under an LR scheduler (which then does nothing).
+    """Refuses, before a step moves anything, a cap that cannot be stepped with.
+
+    That is a group ``lr`` that is a Python number below 0 or NaN, or one built with no
+    cap under an LR scheduler (which then does nothing).
 
     A tensor ``lr`` is not read (that would synchronise with the device): the core's clamp
     at 0 after the cap keeps such a step from ever going uphill (``gamma = 0``).
     """
     for index, group in enumerate(groups):
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor) or isinstance(lr, bool):
+        if isinstance(lr, torch.Tensor | bool):
             continue
         where = f"AliG param group {index} has 'lr' = {lr!r} at this step"
         initial = group.get("initial_lr")

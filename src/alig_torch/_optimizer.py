@@ -25,13 +25,13 @@ from alig_torch._functional import alig, project, select_path
 from alig_torch._groups import (
     CONVENTION_KEY,
     FRESH_STATE_HELP,
+    cap_argument,
     check_group_hyperparameters,
     check_group_keys,
     check_group_params,
     check_keyword_options,
     check_saved_group,
     check_step_caps,
-    cap_argument,
     stored_cap,
 )
 from alig_torch._loss import loss_as_tensor, summed_losses
@@ -53,6 +53,7 @@ def _checked_for_loading(optimizer: Optimizer, state_dict: dict[str, Any]) -> di
     """AliG's check of a state to load, run as torch's last ``load_state_dict`` pre-hook."""
     assert isinstance(optimizer, AliG)
     return optimizer._checked(state_dict)
+
 
 _LOSS_HELP = (
     "ALI-G computes its step size from the loss of the gradient it applies. Hand it over in "

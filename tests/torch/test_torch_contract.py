@@ -20,9 +20,7 @@ from alig_torch import AliG
 
 
 def _params(*sizes: int, dtype: torch.dtype = torch.float64) -> list[torch.nn.Parameter]:
-    return [
-        torch.nn.Parameter(torch.arange(1.0, n + 1.0, dtype=dtype)) for n in (sizes or (2, 3))
-    ]
+    return [torch.nn.Parameter(torch.arange(1.0, n + 1.0, dtype=dtype)) for n in (sizes or (2, 3))]
 
 
 def _set_grads(params: list[torch.nn.Parameter], scale: float = 1.0) -> None:
@@ -50,7 +48,9 @@ def _snapshot(opt: AliG, params: list[torch.nn.Parameter]) -> list[Any]:
 
 def _same(a: list[Any], b: list[Any]) -> bool:
     flat_a, flat_b = _flatten(a), _flatten(b)
-    return len(flat_a) == len(flat_b) and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b))
+    if len(flat_a) != len(flat_b):
+        return False
+    return all(torch.equal(x, y) for x, y in zip(flat_a, flat_b, strict=True))
 
 
 def _flatten(tree: Any) -> list[torch.Tensor]:
@@ -214,7 +214,10 @@ def test_a_one_element_tensor_cap_is_taken_as_torch_takes_a_tensor_lr(shape) -> 
     as_tensor, as_float = _params(), _params()
     opt = AliG(as_tensor, max_lr=cap, momentum=0.9)
     assert opt.param_groups[0]["lr"].shape == ()
-    runs = [_trajectory(opt, as_tensor), _trajectory(AliG(as_float, lr=0.1, momentum=0.9), as_float)]
+    runs = [
+        _trajectory(opt, as_tensor),
+        _trajectory(AliG(as_float, lr=0.1, momentum=0.9), as_float),
+    ]
     assert runs[0] == runs[1]
     a, b = _params()
     grouped = AliG([{"params": [a], "lr": torch.tensor([[0.2]])}], max_lr=0.1)

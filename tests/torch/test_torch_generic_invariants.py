@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import expecttest  # noqa: F401  (torch's harness needs it: an ImportError here says so)
+import pytest
 import torch
 from torch.optim.lr_scheduler import (
     ExponentialLR,
@@ -43,6 +44,8 @@ from torch.testing._internal.common_utils import TestCase
 
 from alig_torch import AliG
 from alig_torch._functional import _SMALL_TENSOR
+
+close = torch.testing.assert_close
 
 LARGE = (256, 256)
 """A weight of 65,536 entries (``_SMALL_TENSOR``): the CPU step updates it on its own."""
@@ -181,8 +184,8 @@ class TestAliGGenericInvariants(TestCase):
             problem = Problem(device, dtype)
             opt = optim_info.optim_cls(problem.params, **optim_input.kwargs)
             losses = problem.train(opt, 8)
-            self.assertLess(losses[-1], losses[0], msg=optim_input.desc)
-            self.assertTrue(all(p.dtype == dtype for p in problem.params))
+            assert losses[-1] < losses[0], optim_input.desc
+            assert all(p.dtype == dtype for p in problem.params)
 
     @optims([ALIG_INFO], dtypes=[torch.float32])
     def test_every_input_goes_downhill_under_each_scheduler(self, device, dtype, optim_info):
@@ -192,7 +195,7 @@ class TestAliGGenericInvariants(TestCase):
                 opt = optim_info.optim_cls(problem.params, **_with_cap(optim_input.kwargs))
                 schedulers = tuple(make(opt) for make in make_schedulers)
                 losses = problem.train(opt, 8, schedulers)
-                self.assertLess(losses[-1], losses[0], msg=optim_input.desc)
+                assert losses[-1] < losses[0], optim_input.desc
 
     @optims([ALIG_INFO], dtypes=[torch.float32, torch.float64])
     def test_foreach_matches_the_for_loop(self, device, dtype, optim_info) -> None:
@@ -207,7 +210,7 @@ class TestAliGGenericInvariants(TestCase):
                     + [s["momentum_buffer"] for s in opt.state.values() if s]
                 )
             tolerance = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {}
-            self.assertEqual(runs[0], runs[1], msg=optim_input.desc, **tolerance)
+            close(runs[0], runs[1], msg=optim_input.desc, **tolerance)
 
     @optims([ALIG_INFO], dtypes=[torch.float32])
     def test_state_dict_round_trip_resumes_the_same_steps(self, device, dtype, optim_info):
@@ -216,7 +219,7 @@ class TestAliGGenericInvariants(TestCase):
             opt = optim_info.optim_cls(problem.params, **optim_input.kwargs)
             problem.train(opt, 3)
             saved = opt.state_dict()
-            self.assertEqual(saved, opt.state_dict())  # deterministic
+            close(saved, opt.state_dict(), atol=0, rtol=0)  # deterministic
             buffer = io.BytesIO()
             torch.save(saved, buffer)
             buffer.seek(0)
@@ -228,12 +231,10 @@ class TestAliGGenericInvariants(TestCase):
             resumed.load_state_dict(torch.load(buffer, weights_only=True))
             for state in resumed.state.values():  # a copy, never the saved tensors
                 for value in state.values():
-                    self.assertFalse(
-                        any(value is s for st in opt.state.values() for s in st.values())
-                    )
+                    assert not any(value is s for st in opt.state.values() for s in st.values())
             problem.train(opt, 3)
             resumed_problem.train(resumed, 3)
-            self.assertEqual(problem.params, resumed_problem.params, atol=0, rtol=0)
+            close(problem.params, resumed_problem.params, atol=0, rtol=0)
 
     @optims([ALIG_INFO])
     def test_state_dict_and_load_hooks_run(self, device, dtype, optim_info) -> None:
@@ -244,12 +245,12 @@ class TestAliGGenericInvariants(TestCase):
         opt.register_state_dict_pre_hook(lambda o: calls.append("save pre"))
         opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": "kept"})
         saved = opt.state_dict()
-        self.assertEqual(saved["note"], "kept")
+        assert saved["note"] == "kept"
         target = optim_info.optim_cls(Problem(device, dtype).params, max_lr=0.05, momentum=0.9)
         target.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load pre"))
         target.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
         target.load_state_dict(saved)
-        self.assertEqual(calls, ["save pre", "load pre", "load post"])
+        assert calls == ["save pre", "load pre", "load post"]
 
     @optims([ALIG_INFO])
     def test_step_hooks_see_every_step(self, device, dtype, optim_info) -> None:
@@ -263,9 +264,9 @@ class TestAliGGenericInvariants(TestCase):
         loss.backward()
         opt.step(loss)  # the loss positionally: hooks see it as the step's argument
         opt.step(loss=loss.detach())
-        self.assertEqual([s[0] for s in seen], ["pre", "post", "pre", "post"])
-        self.assertIs(seen[0][1][-1], loss)  # args: (the optimizer, the loss)
-        self.assertIn("loss", seen[2][2])
+        assert [s[0] for s in seen] == ["pre", "post", "pre", "post"]
+        assert seen[0][1][-1] is loss  # args: (the optimizer, the loss)
+        assert "loss" in seen[2][2]
 
     @optims([ALIG_INFO])
     def test_a_param_group_added_later_is_stepped(self, device, dtype, optim_info) -> None:
@@ -274,11 +275,11 @@ class TestAliGGenericInvariants(TestCase):
         problem.train(opt, 2)
         before = problem.bias.detach().clone()
         opt.add_param_group({"params": [problem.bias], "lr": 0.01, "momentum": 0.5})
-        self.assertEqual(opt.param_groups[1]["adjusted_momentum"], False)  # the defaults
+        assert opt.param_groups[1]["adjusted_momentum"] is False  # the defaults
         problem.train(opt, 2)
-        self.assertNotEqual(problem.bias, before)
-        self.assertIn("momentum_buffer", opt.state[problem.bias])
-        self.assertEqual(opt.param_groups[1]["steps_taken"], 2)
+        assert not torch.equal(problem.bias, before)
+        assert "momentum_buffer" in opt.state[problem.bias]
+        assert int(opt.param_groups[1]["steps_taken"]) == 2
 
     @optims([ALIG_INFO])
     def test_zero_grad_sets_to_none_or_zeroes(self, device, dtype, optim_info) -> None:
@@ -289,9 +290,9 @@ class TestAliGGenericInvariants(TestCase):
             opt.zero_grad(set_to_none=set_to_none)
             for p in problem.params:
                 if set_to_none:
-                    self.assertIsNone(p.grad)
+                    assert p.grad is None
                 else:
-                    self.assertEqual(p.grad, torch.zeros_like(p), atol=0, rtol=0)
+                    close(p.grad, torch.zeros_like(p), atol=0, rtol=0)
 
     @optims([ALIG_INFO])
     def test_no_gradient_and_zero_gradients_change_nothing(self, device, dtype, optim_info):
@@ -302,7 +303,7 @@ class TestAliGGenericInvariants(TestCase):
         for p in problem.params:
             p.grad = torch.zeros_like(p)
         opt.step(loss=1.0)
-        self.assertEqual(problem.params, before, atol=0, rtol=0)
+        close(problem.params, before, atol=0, rtol=0)
 
     @optims([ALIG_INFO])
     def test_deepcopy_and_pickle_keep_every_public_attribute(self, device, dtype, optim_info):
@@ -312,18 +313,18 @@ class TestAliGGenericInvariants(TestCase):
         public = {k: v for k, v in vars(opt).items() if not k.startswith("_")}
         for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
             copied_public = {k: v for k, v in vars(copied).items() if not k.startswith("_")}
-            self.assertEqual(sorted(public), sorted(copied_public))
-            self.assertEqual(copied.defaults, opt.defaults)
-            self.assertEqual(copied.state_dict(), opt.state_dict())
+            assert sorted(public) == sorted(copied_public)
+            close(copied.defaults, opt.defaults, atol=0, rtol=0)
+            close(copied.state_dict(), opt.state_dict(), atol=0, rtol=0)
 
     @optims([ALIG_INFO], dtypes=[torch.float32, torch.float64, torch.bfloat16])
     def test_parameters_keep_their_dtype(self, device, dtype, optim_info) -> None:
         problem = Problem(device, dtype)
         opt = optim_info.optim_cls(problem.params, max_lr=0.05, momentum=0.9)
         problem.train(opt, 2)
-        self.assertTrue(all(p.dtype == dtype for p in problem.params))
+        assert all(p.dtype == dtype for p in problem.params)
         buffers = [s["momentum_buffer"] for s in opt.state.values()]
-        self.assertTrue(all(b.dtype == dtype for b in buffers))
+        assert all(b.dtype == dtype for b in buffers)
 
     @optims([ALIG_INFO])
     def test_mixed_dtypes_in_one_optimizer(self, device, dtype, optim_info) -> None:
@@ -331,8 +332,8 @@ class TestAliGGenericInvariants(TestCase):
         mixed.bias.data = mixed.bias.data.float()
         opt = optim_info.optim_cls(mixed.params, max_lr=0.05)
         losses = mixed.train(opt, 4)
-        self.assertEqual(mixed.bias.dtype, torch.float32)
-        self.assertLess(losses[-1], losses[0])
+        assert mixed.bias.dtype == torch.float32
+        assert losses[-1] < losses[0]
 
     @optims([ALIG_INFO], dtypes=[torch.float64])
     def test_a_tensor_lr_steps_as_the_float(self, device, dtype, optim_info) -> None:
@@ -344,8 +345,8 @@ class TestAliGGenericInvariants(TestCase):
             scheduler = StepLR(opt, step_size=1, gamma=0.5)  # fills a tensor lr in place
             problem.train(opt, 4, (scheduler,))
             runs.append([p.detach().clone() for p in problem.params])
-        self.assertEqual(runs[0], runs[1], atol=0, rtol=0)
-        self.assertEqual(runs[0], runs[2], atol=0, rtol=0)
+        close(runs[0], runs[1], atol=0, rtol=0)
+        close(runs[0], runs[2], atol=0, rtol=0)
 
     @optims([ALIG_INFO])
     def test_named_parameters_are_kept_in_the_state_dict(self, device, dtype, optim_info):
@@ -353,14 +354,14 @@ class TestAliGGenericInvariants(TestCase):
         named = list(zip(("large", "small", "bias"), problem.params, strict=True))
         opt = optim_info.optim_cls(named, max_lr=0.05)
         problem.train(opt, 1)
-        self.assertEqual(opt.state_dict()["param_groups"][0]["param_names"], [n for n, _ in named])
+        assert opt.state_dict()["param_groups"][0]["param_names"] == [n for n, _ in named]
 
     @optims([ALIG_INFO])
     def test_can_be_printed(self, device, dtype, optim_info) -> None:
         opt = optim_info.optim_cls(Problem(device, dtype).params, lr=0.05)
         text = repr(opt)
-        self.assertTrue(text.startswith("AliG ("), text)
-        self.assertIn("lr: 0.05", text)
+        assert text.startswith("AliG ("), text
+        assert "lr: 0.05" in text
 
     @optims([ALIG_INFO])
     def test_errors_are_the_ones_listed(self, device, dtype, optim_info) -> None:
@@ -375,17 +376,17 @@ class TestAliGGenericInvariants(TestCase):
             if error_input.error_on == OptimizerErrorEnum.STEP_ERROR:
                 opt = build()
                 a.grad = torch.ones_like(a)
-                with self.assertRaisesRegex(error_input.error_type, error_input.error_regex):
+                with pytest.raises(error_input.error_type, match=error_input.error_regex):
                     opt.step()
             elif issubclass(error_input.error_type, Warning):
-                with self.assertWarnsRegex(error_input.error_type, error_input.error_regex):
+                with pytest.warns(error_input.error_type, match=error_input.error_regex):
                     build()
             else:
-                with self.assertRaisesRegex(error_input.error_type, error_input.error_regex):
+                with pytest.raises(error_input.error_type, match=error_input.error_regex):
                     build()
 
     def test_the_problem_reaches_the_one_tensor_at_a_time_update(self) -> None:
-        self.assertGreaterEqual(LARGE[0] * LARGE[1], _SMALL_TENSOR)
+        assert LARGE[0] * LARGE[1] >= _SMALL_TENSOR
 
 
 instantiate_device_type_tests(TestAliGGenericInvariants, globals(), only_for=("cpu", "cuda"))
