@@ -166,7 +166,11 @@ class AliG(Optimizer):
       params: the parameters to optimize, or dicts defining param groups (each may set
         ``max_lr``/``lr``, ``momentum``, ``adjusted_momentum``, ``eps``, ``f_star``).
       max_lr: the cap ``eta`` on the step size, stored as the group's ``lr`` so that LR
-        schedulers drive it; ``None`` for no cap (stored as ``lr = inf``).
+        schedulers drive it; ``None`` for no cap (stored as ``lr = inf``; a scheduler on it
+        is refused at the first step: give a finite cap to schedule). A number, or a
+        one-element tensor (kept as a 0-d one, as ``torch.optim`` takes a tensor ``lr``).
+        A cap that an LR scheduler or a hand drives below 0 raises at the step, before
+        anything moves (a tensor cap is not read back: its step is taken with gamma 0).
       momentum: ``mu``, with ``0 <= mu < 1``.
       adjusted_momentum: the momentum convention (see the note).
       eps: ``delta``, added to the squared gradient norm.
@@ -192,6 +196,17 @@ class AliG(Optimizer):
         sums are added and the agreement is checked over them; ``None`` for the default
         group. Not kept by ``pickle``/``copy.deepcopy`` (a process group cannot be copied):
         a copy uses the default group.
+      lr: another name of ``max_lr`` (the key the param groups keep it under, as in every
+        torch optimizer); giving both is a ``ValueError``.
+      **other_options: the options of other torch optimizers are accepted with the value
+        that changes nothing (``weight_decay=0``, ``maximize=False``, ``fused=None``,
+        ``differentiable=False``, ...) and otherwise refused with a ``ValueError`` that says
+        what to use instead (``weight_decay``: ``max_norm``; ``nesterov``:
+        ``adjusted_momentum``); an unknown name is a ``ValueError`` listing AliG's arguments.
+
+    Raises:
+      TypeError: ``params`` is a single tensor (as ``torch.optim``'s optimizers raise).
+      ValueError: an invalid setting, with its value and what to pass instead.
 
     Example:
       >>> model = torch.nn.Linear(3, 1)
@@ -449,7 +464,8 @@ class AliG(Optimizer):
 
         Args:
           closure: re-evaluates the model and returns the loss (called under
-            ``torch.enable_grad()``).
+            ``torch.enable_grad()``); or, if it is not callable, the loss itself
+            (``opt.step(loss)`` is ``opt.step(loss=loss)``).
           loss: the loss of the gradient in ``.grad``, a float or a 0-d tensor (unscaled
             under loss scaling), or a list of the losses of the backward passes that
             accumulated it (summed).
