@@ -97,8 +97,8 @@ def core(session: nox.Session) -> None:
 
 @nox.session
 def torch(session: nox.Session) -> None:
-    """The torch.optim adapter."""
-    _install(session, "torch")
+    """The torch.optim adapter (expecttest: torch's own optimizer test harness imports it)."""
+    _install(session, "torch", "expecttest")
     _run_tests(session, "torch", "torch", doctests="alig_torch")
 
 

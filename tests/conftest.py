@@ -19,7 +19,7 @@ TESTS = Path(__file__).parent
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "core": ("numpy", "hypothesis"),
-    "torch": ("torch",),
+    "torch": ("torch", "expecttest"),  # expecttest: torch.testing._internal's harness
     "jax": ("jax", "optax"),
     "keras": ("keras",),
     "integrations": ("torch", "lightning", "accelerate", "transformers", "jax", "optax", "flax"),

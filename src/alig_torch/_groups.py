@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 import alig_core
 from alig_core import AliGConfig, validate_max_lr, validate_momentum
 
@@ -20,7 +22,10 @@ __all__ = [
     "check_group_hyperparameters",
     "check_group_keys",
     "check_group_params",
+    "check_keyword_options",
     "check_saved_group",
+    "check_step_caps",
+    "cap_argument",
     "stored_cap",
 ]
 
@@ -30,8 +35,40 @@ core's :func:`alig_core.step_size` takes ``inf`` as no cap, so the step reads it
 
 
 def stored_cap(max_lr: Any) -> Any:
-    """A ``max_lr`` as a group's ``lr`` holds it: ``None`` (no cap) becomes ``inf``."""
-    return _NO_CAP if max_lr is None else max_lr
+    """A ``max_lr`` as a group's ``lr`` holds it: ``None`` (no cap) becomes ``inf``.
+
+    A one-element tensor becomes a 0-d one (as ``torch.optim``'s ``_to_scalar`` reads a
+    tensor ``lr``); a tensor of several entries is refused, in torch's words.
+    """
+    if max_lr is None:
+        return _NO_CAP
+    if isinstance(max_lr, torch.Tensor) and max_lr.dim() != 0:
+        if max_lr.numel() != 1:
+            raise ValueError(
+                f"Tensor lr must be 1-element, as in torch.optim: the cap max_lr (lr) got a "
+                f"tensor of shape {tuple(max_lr.shape)}. Pass one number, e.g. max_lr=0.1 or "
+                "max_lr=torch.tensor(0.1); give each param group its own cap with param-group "
+                "dicts."
+            )
+        return max_lr.reshape(())
+    return max_lr
+
+
+def cap_argument(max_lr: Any, lr: Any, given: bool) -> Any:
+    """The cap of ``AliG(params, max_lr=..., lr=...)``; not both.
+
+    ``lr`` is another name of ``max_lr``: the key the param groups keep it under, as in
+    every torch optimizer.
+    """
+    if not given:
+        return max_lr
+    if max_lr is not None:
+        raise ValueError(
+            f"AliG got both max_lr={alig_core.describe_value(max_lr)} and "
+            f"lr={alig_core.describe_value(lr)}; they are two names of the same setting (the cap "
+            "on the step size, kept as each param group's 'lr'): pass only one of them."
+        )
+    return lr
 
 
 def given_cap(lr: Any) -> Any:
@@ -123,6 +160,68 @@ def check_group_keys(group: dict[str, Any], where: str) -> None:
                 f"{where} sets {key!r} = {group[key]!r}, a setting of another optimizer that "
                 f"ALI-G does not have: AliG would ignore it or take a different step than "
                 f"the one asked for. {help_text}"
+            )
+
+
+_KEYWORDS = (
+    "max_lr (or lr), momentum, adjusted_momentum, eps, f_star, max_norm, foreach, "
+    "all_reduce_loss, partitioned, process_group"
+)
+
+
+def check_keyword_options(options: dict[str, Any]) -> None:
+    """Refuses keyword arguments ``AliG`` does not have, as a ``ValueError`` with the fix.
+
+    The options of other torch optimizers (:data:`_FOREIGN_GROUP_KEYS`) are accepted with a
+    value that changes nothing (``weight_decay=0``, ``maximize=False``, ``fused=None``, ...)
+    and refused otherwise with what to use instead, as in a param group; any other name is
+    refused with the list of AliG's arguments (never a bare ``TypeError`` from Python).
+    """
+    for key, value in options.items():
+        if key in _FOREIGN_GROUP_KEYS:
+            neutral, help_text = _FOREIGN_GROUP_KEYS[key]
+            if not _is_neutral(value, neutral):
+                raise ValueError(
+                    f"AliG got {key}={value!r}, an option of another optimizer that ALI-G "
+                    f"does not have: it would be ignored or take a different step than the "
+                    f"one asked for. {help_text}"
+                )
+            continue
+        raise ValueError(
+            f"AliG got an unknown keyword argument {key}={value!r}. Its arguments are params, "
+            f"{_KEYWORDS}; see help(alig_torch.AliG)."
+        )
+
+
+def check_step_caps(groups: list[dict[str, Any]]) -> None:
+    """Refuses, before a step moves anything, a cap that cannot be stepped with.
+
+    That is a group ``lr`` that is a Python number below 0 or NaN, or one built with no
+    cap under an LR scheduler (which then does nothing).
+
+    A tensor ``lr`` is not read (that would synchronise with the device): the core's clamp
+    at 0 after the cap keeps such a step from ever going uphill (``gamma = 0``).
+    """
+    for index, group in enumerate(groups):
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor | bool):
+            continue
+        where = f"AliG param group {index} has 'lr' = {lr!r} at this step"
+        initial = group.get("initial_lr")
+        if isinstance(initial, float) and initial == _NO_CAP:
+            raise ValueError(
+                f"{where} and an LR scheduler was built on it with no cap (max_lr=None, "
+                "initial_lr=inf). A schedule of an infinite cap stays infinite (or NaN), so the "
+                "scheduler would do nothing. Nothing was changed. Give a finite max_lr to "
+                "schedule (e.g. AliG(params, max_lr=0.1)), or drop the scheduler: ALI-G sets "
+                "its step size from the loss and needs none."
+            )
+        if isinstance(lr, int | float) and (math.isnan(lr) or lr < 0):
+            raise ValueError(
+                f"{where} (set by an LR scheduler or by hand): the cap on the step size must "
+                "be >= 0 (0 stops the steps, inf is no cap), and a cap below 0 would be an "
+                "ascent step. Nothing was changed. Give the group a cap >= 0, or a schedule "
+                "that stays >= 0 (e.g. a smaller decay, or eta_min >= 0)."
             )
 
 

@@ -25,10 +25,13 @@ from alig_torch._functional import alig, project, select_path
 from alig_torch._groups import (
     CONVENTION_KEY,
     FRESH_STATE_HELP,
+    cap_argument,
     check_group_hyperparameters,
     check_group_keys,
     check_group_params,
+    check_keyword_options,
     check_saved_group,
+    check_step_caps,
     stored_cap,
 )
 from alig_torch._loss import loss_as_tensor, summed_losses
@@ -36,6 +39,21 @@ from alig_torch._norms import Norms, accumulation_dtype
 from alig_torch._records import RecordProperty, stored_shape, write_records
 
 __all__ = ["AliG"]
+
+
+def _refuse_as_not_a_state_dict(state_dict: Any) -> NoReturn:
+    keys = f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else ""
+    raise ValueError(
+        f"AliG.load_state_dict needs an optimizer state_dict (a dict with 'state' and "
+        f"'param_groups'), got {type(state_dict).__name__}{keys}. {FRESH_STATE_HELP}"
+    )
+
+
+def _checked_for_loading(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """AliG's check of a state to load, run as torch's last ``load_state_dict`` pre-hook."""
+    assert isinstance(optimizer, AliG)
+    return optimizer._checked(state_dict)
+
 
 _LOSS_HELP = (
     "ALI-G computes its step size from the loss of the gradient it applies. Hand it over in "
@@ -49,6 +67,10 @@ _LOSS_HELP = (
     "opt.add_loss(loss) of the unscaled loss, then scaler.step(opt)). In a trainer: "
     f"{INTEGRATIONS_HELP}"
 )
+
+
+_NOT_GIVEN: Any = object()
+"""The default of ``AliG(lr=...)``: not given (``None`` is a value of the cap: no cap)."""
 
 
 class AliG(Optimizer):
@@ -144,7 +166,11 @@ class AliG(Optimizer):
       params: the parameters to optimize, or dicts defining param groups (each may set
         ``max_lr``/``lr``, ``momentum``, ``adjusted_momentum``, ``eps``, ``f_star``).
       max_lr: the cap ``eta`` on the step size, stored as the group's ``lr`` so that LR
-        schedulers drive it; ``None`` for no cap (stored as ``lr = inf``).
+        schedulers drive it; ``None`` for no cap (stored as ``lr = inf``; a scheduler on it
+        is refused at the first step: give a finite cap to schedule). A number, or a
+        one-element tensor (kept as a 0-d one, as ``torch.optim`` takes a tensor ``lr``).
+        A cap that an LR scheduler or a hand drives below 0 raises at the step, before
+        anything moves (a tensor cap is not read back: its step is taken with gamma 0).
       momentum: ``mu``, with ``0 <= mu < 1``.
       adjusted_momentum: the momentum convention (see the note).
       eps: ``delta``, added to the squared gradient norm.
@@ -170,6 +196,17 @@ class AliG(Optimizer):
         sums are added and the agreement is checked over them; ``None`` for the default
         group. Not kept by ``pickle``/``copy.deepcopy`` (a process group cannot be copied):
         a copy uses the default group.
+      lr: another name of ``max_lr`` (the key the param groups keep it under, as in every
+        torch optimizer); giving both is a ``ValueError``.
+      **other_options: the options of other torch optimizers are accepted with the value
+        that changes nothing (``weight_decay=0``, ``maximize=False``, ``fused=None``,
+        ``differentiable=False``, ...) and otherwise refused with a ``ValueError`` that says
+        what to use instead (``weight_decay``: ``max_norm``; ``nesterov``:
+        ``adjusted_momentum``); an unknown name is a ``ValueError`` listing AliG's arguments.
+
+    Raises:
+      TypeError: ``params`` is a single tensor (as ``torch.optim``'s optimizers raise).
+      ValueError: an invalid setting, with its value and what to pass instead.
 
     Example:
       >>> model = torch.nn.Linear(3, 1)
@@ -203,7 +240,18 @@ class AliG(Optimizer):
         all_reduce_loss: bool = True,
         partitioned: bool | None = None,
         process_group: Any = None,
+        lr: Any = _NOT_GIVEN,
+        **other_options: Any,
     ) -> None:
+        if isinstance(params, torch.Tensor):  # torch.optim's own error and words
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or "
+                f"dicts, but got {torch.typename(params)}"
+            )
+        check_keyword_options(other_options)
+        max_lr = cap_argument(max_lr, lr, lr is not _NOT_GIVEN)
+        if max_lr is not None:
+            max_lr = stored_cap(max_lr)  # a one-element tensor as a 0-d one
         config = AliGConfig(
             max_lr=validate_max_lr(max_lr),
             momentum=momentum,
@@ -254,7 +302,9 @@ class AliG(Optimizer):
         if isinstance(param_group, dict) and "max_lr" in param_group:
             if "lr" in param_group:
                 raise ValueError(
-                    "A param group sets both 'max_lr' and 'lr'; they are the same thing "
+                    f"Param group {len(self.param_groups)} sets both 'max_lr' = "
+                    f"{alig_core.describe_value(param_group['max_lr'])} and 'lr' = "
+                    f"{alig_core.describe_value(param_group['lr'])}; they are the same thing "
                     "(the cap on the step size): set only one."
                 )
             param_group = dict(param_group)
@@ -262,8 +312,8 @@ class AliG(Optimizer):
             param_group["lr"] = stored_cap(max_lr)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = stored_cap(group["lr"])
         try:
+            group["lr"] = stored_cap(group["lr"])
             check_group_hyperparameters(group)
             check_group_params(group)
         except ValueError:
@@ -305,19 +355,24 @@ class AliG(Optimizer):
         * keys of other optimizers (as :meth:`add_param_group`) or invalid hyperparameters.
 
         State dicts saved before the marker existed (their groups hold ``adjusted_momentum``,
-        ``eps`` and ``f_star``) load as before.
+        ``eps`` and ``f_star``) load as before. The checks run on the state that the hooks of
+        :meth:`register_load_state_dict_pre_hook` return (torch runs them first), so a hook
+        can mend an old checkpoint, and a hook's edits are checked too.
         """
+        if not isinstance(state_dict, dict):
+            _refuse_as_not_a_state_dict(state_dict)
+        # torch runs the load_state_dict pre-hooks first (a hook may mend an old checkpoint,
+        # or spoil a good one): AliG checks the state they return, as the last pre-hook.
+        handle = self.register_load_state_dict_pre_hook(_checked_for_loading)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+
+    def _checked(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` checked as :meth:`load_state_dict` says, without its markers."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
-            raise ValueError(
-                f"AliG.load_state_dict needs an optimizer state_dict (a dict with 'state' and "
-                f"'param_groups'), got {type(state_dict).__name__}"
-                + (
-                    f" with keys {sorted(map(str, state_dict))}"
-                    if isinstance(state_dict, dict)
-                    else ""
-                )
-                + f". {FRESH_STATE_HELP}"
-            )
+            _refuse_as_not_a_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for index, saved in enumerate(saved_groups):
             check_saved_group(index, saved, state_dict.get("state"))
@@ -331,7 +386,7 @@ class AliG(Optimizer):
                     f"adjusted_momentum={saved['adjusted_momentum']} to resume."
                 )
         groups = [{k: v for k, v in g.items() if k != CONVENTION_KEY} for g in saved_groups]
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        return {**state_dict, "param_groups": groups}
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -350,7 +405,11 @@ class AliG(Optimizer):
                     "change the trajectory. Set the group's 'adjusted_momentum' to the value "
                     "it was trained with."
                 )
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not differentiable:  # torch adds it; AliG has no differentiable step: a copy is equal
+            self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("max_norm", None)
         self.__dict__.setdefault("all_reduce_loss", True)
         self.__dict__.setdefault("partitioned", None)
@@ -405,7 +464,8 @@ class AliG(Optimizer):
 
         Args:
           closure: re-evaluates the model and returns the loss (called under
-            ``torch.enable_grad()``).
+            ``torch.enable_grad()``); or, if it is not callable, the loss itself
+            (``opt.step(loss)`` is ``opt.step(loss=loss)``).
           loss: the loss of the gradient in ``.grad``, a float or a 0-d tensor (unscaled
             under loss scaling), or a list of the losses of the backward passes that
             accumulated it (summed).
@@ -414,6 +474,14 @@ class AliG(Optimizer):
           The closure's return value when it gave one, else the loss the step used
           (``loss=`` as given, or the sum of a list or of the added losses).
         """
+        if closure is not None and not callable(closure):
+            # step(loss): a loss handed over positionally (a tensor, a number or a list)
+            if loss is not None:
+                raise ValueError(
+                    f"AliG.step() got a loss positionally ({alig_core.describe_value(closure)}) "
+                    f"and loss= as well; give it once. {_LOSS_HELP}"
+                )
+            closure, loss = None, closure
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -534,6 +602,7 @@ class AliG(Optimizer):
         accumulate = accumulation_dtype(all_params) if all_params else torch.float64
         device = all_params[0].device if all_params else torch.device("cpu")
         try:  # the checks of this rank: under torch.distributed, failed on every rank at once
+            check_step_caps(self.param_groups)  # before anything moves
             loss_t = loss_as_tensor(loss, device, accumulate, who="ALI-G", loss_help=_LOSS_HELP)
             groups = [(group, *self._collect(group)) for group in self.param_groups]
             partitioned = set() if ranks is None else ranks.partitioned_ids(all_params)

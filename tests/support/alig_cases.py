@@ -26,6 +26,7 @@ __all__ = [
     "CASES",
     "EVENTS",
     "FROZEN_FROM",
+    "LARGE_PARAM_SHAPES",
     "PARAM_SHAPES",
     "Case",
     "Step",
@@ -99,14 +100,27 @@ class Step:
     event: str | None
 
 
-def initial_params(dtype: Any = np.float64, seed: int = 0) -> list[np.ndarray]:
+LARGE_PARAM_SHAPES: tuple[tuple[int, ...], ...] = ((256, 256), *PARAM_SHAPES[1:])
+"""``PARAM_SHAPES`` with a matrix of 65,536 entries first: an adapter whose step takes
+another path from some tensor size on (torch's host path, one tensor at a time from
+``2**16`` entries) runs the table on these shapes too (``shapes=`` below)."""
+
+
+def initial_params(
+    dtype: Any = np.float64, seed: int = 0, *, shapes: Sequence[tuple[int, ...]] = PARAM_SHAPES
+) -> list[np.ndarray]:
     """The initial parameters (global norm about 5, outside the ``max_norm=3`` ball)."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(shape).astype(dtype) for shape in PARAM_SHAPES]
+    return [rng.standard_normal(shape).astype(dtype) for shape in shapes]
 
 
 def make_sequence(
-    steps: int, dtype: Any = np.float64, seed: int = 1, *, pinned: bool = False
+    steps: int,
+    dtype: Any = np.float64,
+    seed: int = 1,
+    *,
+    pinned: bool = False,
+    shapes: Sequence[tuple[int, ...]] = PARAM_SHAPES,
 ) -> list[Step]:
     """The (loss, gradients) sequence, already rounded to ``dtype``.
 
@@ -116,6 +130,9 @@ def make_sequence(
     With ``pinned=True``: no ``EVENTS``, no frozen parameter, and gradient scales in
     [0.03, 0.3], so that gamma_hat > 1e-2 and the cap of the ``pinned_at_cap`` cases is
     hit on every step (the sequence on which ALI-G equals Nesterov SGD).
+
+    ``shapes`` replaces ``PARAM_SHAPES`` (e.g. ``LARGE_PARAM_SHAPES``; the first must be a
+    matrix and the second a vector, as ``apply_event`` needs).
     """
     rng = np.random.default_rng(seed)
     sequence = []
@@ -124,7 +141,7 @@ def make_sequence(
         loss = float(rng.uniform(0.05, 2.0))
         scale = float(10.0 ** rng.uniform(-1.5, -0.5 if pinned else 1.5))
         grads: list[np.ndarray | None] = [
-            (scale * rng.standard_normal(shape)).astype(dtype) for shape in PARAM_SHAPES
+            (scale * rng.standard_normal(shape)).astype(dtype) for shape in shapes
         ]
         if t >= FROZEN_FROM and not pinned:
             grads[2] = None

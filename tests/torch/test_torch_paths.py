@@ -25,7 +25,7 @@ import alig_torch
 from alig_cases import CASES, Case, Step
 from alig_core import Records, python_scalars, record_step
 from alig_torch import AliG
-from alig_torch._functional import STEP_PATHS, project, select_path
+from alig_torch._functional import _SMALL_TENSOR, STEP_PATHS, project, select_path
 
 PATHS = sorted(STEP_PATHS)
 DTYPES = {"float64": (torch.float64, np.float64), "float32": (torch.float32, np.float32)}
@@ -117,15 +117,18 @@ def _functional_runner(case: Case, path: str, params: list[torch.Tensor]) -> Run
 
 
 def _check_against_oracle(
-    case: Case, dtype_name: str, make_runner: Callable[..., Runner], path: str
+    case: Case,
+    dtype_name: str,
+    make_runner: Callable[..., Runner],
+    path: str,
+    shapes: tuple[tuple[int, ...], ...] = table.PARAM_SHAPES,
 ) -> None:
     dtype, numpy_dtype = DTYPES[dtype_name]
     steps, tol = table.tolerance(numpy_dtype)
-    sequence = table.make_sequence(steps, numpy_dtype, pinned=case.pinned_at_cap)
-    history = table.run_oracle(case.config, table.initial_params(numpy_dtype), sequence)
-    params = [
-        torch.nn.Parameter(torch.tensor(p, dtype=dtype)) for p in table.initial_params(numpy_dtype)
-    ]
+    sequence = table.make_sequence(steps, numpy_dtype, pinned=case.pinned_at_cap, shapes=shapes)
+    initial = table.initial_params(numpy_dtype, shapes=shapes)
+    history = table.run_oracle(case.config, initial, sequence)
+    params = [torch.nn.Parameter(torch.tensor(p, dtype=dtype)) for p in initial]
     run = make_runner(case, path, params)
     gammas = set()
     for t, (step, (expected, state)) in enumerate(zip(sequence, history, strict=True)):
@@ -160,6 +163,17 @@ def test_every_path_follows_the_oracle(case: Case, dtype_name: str, path: str, f
     ``project``): float64 within 1e-10 over 100 steps, float32 within 1e-5 over 20, records
     and buffers included (the accelerator's path on CPU tensors)."""
     _check_against_oracle(case, dtype_name, RUNNERS[form], path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_the_host_path_follows_the_oracle_with_a_large_tensor(case: Case) -> None:
+    """The table again with a first parameter of 65,536 entries (``LARGE_PARAM_SHAPES``), in
+    float64 (1e-10 over 100 steps): from ``_SMALL_TENSOR`` entries on, the host path (the
+    CPU's default) updates each tensor on its own, code that the table's small shapes never
+    reach. The other paths have no size threshold: one code for every size."""
+    assert math.prod(table.LARGE_PARAM_SHAPES[0]) >= _SMALL_TENSOR > math.prod((4, 3))
+    shapes = table.LARGE_PARAM_SHAPES
+    _check_against_oracle(case, "float64", _optimizer_runner, "host", shapes)
 
 
 def test_each_situation_picks_one_path(monkeypatch: pytest.MonkeyPatch) -> None:
