@@ -225,9 +225,15 @@ def check_step_caps(groups: list[dict[str, Any]]) -> None:
             )
 
 
-def check_group_hyperparameters(group: dict[str, Any]) -> None:
-    """The core's validation of a group's ALI-G hyperparameters (``lr = inf``: no cap)."""
-    validate_max_lr(given_cap(group["lr"]))
+def check_group_hyperparameters(group: dict[str, Any], *, saved: bool = False) -> None:
+    """The core's validation of a group's ALI-G hyperparameters (``lr = inf``: no cap).
+
+    A ``saved`` group (from a checkpoint) may hold a cap of exactly 0: where a schedule
+    that decays to 0 (transformers' linear one, say) leaves it, and what a step accepts.
+    """
+    lr = group["lr"]
+    if not (saved and isinstance(lr, int | float | torch.Tensor) and bool(lr == 0)):
+        validate_max_lr(given_cap(lr))
     validate_momentum(group["momentum"])
     AliGConfig(
         momentum=group["momentum"],
@@ -282,7 +288,7 @@ def check_saved_group(index: int, saved: Any, saved_state: Any) -> None:
         )
     check_group_keys(saved, where)
     try:
-        check_group_hyperparameters(saved)
+        check_group_hyperparameters(saved, saved=True)
     except ValueError as error:
         raise ValueError(f"{where} holds an invalid setting: {error}") from None
     if CONVENTION_KEY not in saved:

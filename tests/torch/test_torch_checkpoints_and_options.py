@@ -145,7 +145,7 @@ def test_a_marker_that_contradicts_the_state_is_refused(marker) -> None:
         ({"nesterov": True}, "'nesterov' = True.*adjusted_momentum"),
         ({"momentum": 1.5}, "invalid setting: Invalid momentum"),
         ({"eps": -1.0}, "invalid setting: Invalid eps"),
-        ({"lr": 0.0}, "invalid setting: Invalid max_lr"),
+        ({"lr": -0.1}, "invalid setting: Invalid max_lr"),
     ],
 )
 def test_an_edited_alig_state_is_refused(edit, message) -> None:
@@ -156,6 +156,22 @@ def test_an_edited_alig_state_is_refused(edit, message) -> None:
     with pytest.raises(ValueError, match=message):
         target.load_state_dict(state)
     _assert_untouched(target, adjusted=False)
+
+
+def test_a_checkpoint_whose_schedule_reached_a_cap_of_zero_loads_and_steps_nowhere() -> None:
+    # a schedule decaying to 0 (transformers' linear one) leaves lr = 0 in the last checkpoint
+    _, opt = _trained(max_lr=0.05, momentum=0.0)
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 0.0
+    params = _params()
+    target = AliG(params, max_lr=0.05)
+    target.load_state_dict(state)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    target.step(loss=torch.tensor(1.0))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert float(target.param_groups[0]["gamma"]) == 0.0
 
 
 # ---------------------------------------------------------------- other optimizers' states
