@@ -55,7 +55,9 @@ class ParityRunner:
             self.params, self.state, x.astype(self.dtype), y
         )
         alig_state = self.alig_state_of(self.state)
-        buffers = None if alig_state.momentum is None else as_numpy(alig_state.momentum)
+        buffers = (
+            None if alig_state.momentum_buffer is None else as_numpy(alig_state.momentum_buffer)
+        )
         return StepRecord(
             float(loss),
             float(alig_state.gamma),

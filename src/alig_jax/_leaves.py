@@ -42,19 +42,21 @@ def sum_of_squares(leaves: list[jax.Array], dtype: jnp.dtype) -> jax.Array:
     return total
 
 
-def check_params(params: optax.Params, *, who: str, verb: str) -> None:
+def check_params(params: optax.Params, *, who: str, verb: str, allow_empty: bool = False) -> None:
     """Refuses a tree that cannot be stepped: no leaf at all, or a leaf not real floating.
 
     Args:
       params: the tree ``init`` was given.
       who: the transformation, as the messages name it (``"alig"``).
       verb: what it does to the parameters (``"optimizes"``, ``"displaces"``).
+      allow_empty: accept a tree with no leaf (``alig``, as ``optax.sgd``: a state for
+        ``optax.tree.map_params`` and for a partition label without parameters).
 
     Raises:
       ValueError: naming the leaf, its dtype and shape, and what to do instead.
     """
     with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    if not with_paths:
+    if not with_paths and not allow_empty:
         raise ValueError(
             f"{who} got a parameter tree with no arrays in it (an empty parameter list). "
             "Pass the model's trainable parameters to tx.init, e.g. tx.init(params) with the "

@@ -6,7 +6,7 @@ the trees, keeps the state and turns the new parameters into optax updates.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +29,7 @@ from alig_jax._leaves import (
     sum_of_squares,
 )
 
-if TYPE_CHECKING:
-    from typing import Unpack
-
-__all__ = ["AliGState", "StepOptions", "alig", "project_onto_ball", "scale_by_alig"]
+__all__ = ["AliGState", "alig", "project_onto_ball", "scale_by_alig"]
 
 _VALUE_HELP = (
     "Pass the loss of the minibatch whose gradients you pass as a keyword argument: "
@@ -44,9 +41,12 @@ _VALUE_HELP = (
 class AliGState(NamedTuple):
     """State of :func:`alig`: momentum buffers, the last step size and the step counters."""
 
-    momentum: optax.Updates | None
-    """Momentum buffers, a tree like the params (``None`` when ``momentum == 0``); in the
-    convention of ``adjusted_momentum`` (standard: ``-gamma * g`` terms; adjusted: ``-g``)."""
+    momentum_buffer: optax.Updates | None
+    """Momentum buffers, a tree like the params (``None`` without momentum: ``momentum``
+    ``None`` or a Python ``0``); in the convention of ``adjusted_momentum`` (standard:
+    ``-gamma * g`` terms; adjusted: ``-g``). Not named ``momentum``, the hyperparameter's
+    name, so that ``optax.tree.get``/``set`` of ``"momentum"`` under
+    ``optax.inject_hyperparams`` find the hyperparameter only."""
     gamma: jax.Array
     """() float32 (float64 for float64 params): the step size of the last step taken."""
     gamma_hat: jax.Array
@@ -65,27 +65,94 @@ class AliGState(NamedTuple):
     conventions hold different quantities)."""
 
 
-class StepOptions(TypedDict, total=False):
-    """The keyword options of :func:`scale_by_alig`: :func:`alig`'s, but ``max_norm``."""
+_UNKNOWN = "unknown"
+"""The name of the catch-all keyword parameter of :func:`alig` and :func:`scale_by_alig`."""
 
-    adjusted_momentum: bool
-    eps: float
-    f_star: float
+_CAP_INSTEAD = (
+    "ALI-G computes its own step size (the Polyak step, from the loss and the gradient "
+    "norm); the number you would give optax.sgd as its learning rate is the cap on that "
+    "step: pass it as max_lr=, e.g. alig(max_lr={value!r}) (optax.inject_hyperparams(alig)"
+    "(max_lr=...) to schedule it)."
+)
+
+_REFUSED_KEYWORDS: dict[str, str] = {
+    "learning_rate": _CAP_INSTEAD,
+    "lr": _CAP_INSTEAD,
+    "nesterov": (
+        "ALI-G's momentum is Nesterov's already: the default convention is "
+        "optax.sgd(nesterov=True) with the step size inside the buffer, and "
+        "adjusted_momentum=True is optax.sgd(learning_rate=gamma, momentum, nesterov=True) "
+        "exactly. Drop nesterov= (and pass momentum=, e.g. momentum=0.9)."
+    ),
+    "weight_decay": (
+        "ALI-G's step size comes from the loss, so a decay the loss does not see "
+        "(optax.add_decayed_weights, or an AdamW-style weight_decay) would make the step "
+        "inconsistent. Constrain the weights to an l2 ball instead, as the paper does: "
+        "alig(max_lr=..., max_norm=r), with alig_jax.project_onto_ball(params, r) once at "
+        "the start; or add an l2 penalty to the loss you pass as value=."
+    ),
+}
+"""Keywords of optax's aliases that :func:`alig` does not take, and what to do instead."""
 
 
-def _alig_transform(config: AliGConfig) -> optax.GradientTransformationExtraArgs:
+def _check_no_unknown(who: str, takes: str, unknown: dict[str, Any], **why: str) -> None:
+    """Raises a ``ValueError`` for keyword arguments ``who`` does not take.
+
+    Args:
+      who: the factory, as the message names it (``"alig"``).
+      takes: the arguments it takes, for the message.
+      unknown: the keyword arguments Python did not bind to a parameter.
+      **why: per argument name, why ``who`` refuses it (on top of :data:`_REFUSED_KEYWORDS`).
+
+    Raises:
+      ValueError: naming the argument, the value given, and what to pass instead.
+    """
+    # optax.inject_hyperparams binds the factory's signature (the catch-all included, as an
+    # empty dict by default) and passes every argument back by keyword: unwrap that.
+    if set(unknown) == {_UNKNOWN} and isinstance(unknown[_UNKNOWN], dict):
+        unknown = unknown[_UNKNOWN]
+    if not unknown:
+        return
+    reasons = _REFUSED_KEYWORDS | why
+    name = next((n for n in unknown if n in reasons), sorted(unknown)[0])
+    value = unknown[name]
+    if name in reasons:
+        raise ValueError(
+            f"{who} does not take {name}= (got {name}={value!r}). "
+            + reasons[name].format(value=value)
+        )
+    given = ", ".join(f"{n}={unknown[n]!r}" for n in sorted(unknown))
+    raise ValueError(f"{who} got unexpected keyword argument(s) {given}. It takes {takes}.")
+
+
+def _keeps_buffers(momentum: Any) -> bool:
+    """Whether ``momentum`` needs buffers: all but ``None`` and a Python ``0``.
+
+    The answer must not depend on a value that can be traced: under
+    ``optax.inject_hyperparams`` a number becomes an array that may change (by a schedule,
+    or by ``optax.tree.set``), so it keeps buffers even when it is 0 now; ``None`` (the
+    default) is left static by ``inject_hyperparams``, so ``alig`` and
+    ``inject_hyperparams(alig)`` have the same state without momentum.
+    """
+    if momentum is None:
+        return False
+    return not (isinstance(momentum, int | float) and momentum == 0)
+
+
+def _alig_transform(
+    config: AliGConfig, keeps_buffers: bool
+) -> optax.GradientTransformationExtraArgs:
     """The transformation of a validated configuration (:func:`alig` builds it)."""
-    momentum = config.momentum
-    # A traced momentum (inside inject_hyperparams) keeps buffers: only a literal 0 drops them.
-    keeps_buffers = not (isinstance(momentum, int | float) and momentum == 0)
     convention = alig_core.momentum_convention(keeps_buffers, config.adjusted_momentum)
 
     def init_fn(params: optax.Params) -> AliGState:
-        check_params(params, who="alig", verb="optimizes")
+        # An empty tree is a state, as optax.sgd's (optax.tree.map_params, a partition whose
+        # alig label has no parameters): its steps move nothing.
+        check_params(params, who="alig", verb="optimizes", allow_empty=True)
         dtype = accumulation_dtype(jax.tree.leaves(params))
         buffers = jax.tree.map(jnp.zeros_like, params) if keeps_buffers else None
         return AliGState(
-            momentum=buffers,
+            momentum_buffer=buffers,
             gamma=jnp.zeros((), dtype),
             gamma_hat=jnp.zeros((), dtype),
             capped=jnp.zeros((), bool),
@@ -139,7 +206,7 @@ def _alig_transform(config: AliGConfig) -> optax.GradientTransformationExtraArgs
 
         # The step as a delta: the core's update applied to a zero parameter.
         old_buffers = (
-            treedef.flatten_up_to(state.momentum) if keeps_buffers else [None] * len(grads)
+            treedef.flatten_up_to(state.momentum_buffer) if keeps_buffers else [None] * len(grads)
         )
         coefficients = momentum_coefficients(
             size.gamma, momentum=config.momentum, adjusted_momentum=config.adjusted_momentum
@@ -176,7 +243,7 @@ def _alig_transform(config: AliGConfig) -> optax.GradientTransformationExtraArgs
         )
         records = record_step(jnp, old, size)
         new_state = AliGState(
-            momentum=treedef.unflatten(new_buffers) if keeps_buffers else None,
+            momentum_buffer=treedef.unflatten(new_buffers) if keeps_buffers else None,
             gamma=records.gamma.astype(dtype),
             gamma_hat=records.gamma_hat.astype(dtype),
             capped=records.capped,
@@ -191,25 +258,85 @@ def _alig_transform(config: AliGConfig) -> optax.GradientTransformationExtraArgs
 
 def scale_by_alig(
     max_lr: float | optax.Schedule | None = None,
-    momentum: float = 0.0,
-    **options: Unpack[StepOptions],
+    *,
+    eps: float = 1e-5,
+    f_star: float = 0.0,
+    **unknown: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """The ALI-G step without the l2-ball projection: :func:`alig` with ``max_norm=None``.
+    r"""Scales the updates by ALI-G's step size: a building block, as ``optax.scale_by_polyak``.
 
-    Takes :func:`alig`'s arguments but ``max_norm`` (``adjusted_momentum``, ``eps`` and
-    ``f_star`` by keyword, with the same defaults); see there.
+    Returns :math:`\gamma_t u` for the updates :math:`u` it is given, with
+    :math:`\gamma_t` :func:`alig`'s step size computed from those updates (their squared
+    norm) and the loss ``value=``. As optax's ``scale_by_*`` transformations, it keeps the
+    sign: follow it with ``optax.scale(-1.0)`` to descend. Place it first in the chain, where
+    the updates are the raw gradient (gamma needs its norm). It keeps no momentum and does not
+    project: ``optax.chain(scale_by_alig(max_lr), optax.trace(decay=mu, nesterov=True),
+    optax.scale(-1.0))`` is ``alig(max_lr, momentum=mu)`` (the default convention) up to
+    rounding. A skipped step (``value`` or the norm not finite) gives zero updates; the
+    transformations after it still run (``optax.trace`` then decays its buffer), as they do
+    after any zero update. Its state is an :class:`AliGState` without buffers (the records
+    and counters; ``max_lr`` as a schedule is evaluated at ``steps_taken``).
+
+    Args:
+      max_lr: the cap ``eta`` on the step size, a number or an optax schedule of the
+        number of steps taken; ``None`` for no cap.
+      eps: ``delta``, added to the squared norm.
+      f_star: the lower bound of the loss.
+      **unknown: refused with a ``ValueError`` that says what to do instead (e.g.
+        ``momentum=``: chain ``optax.trace`` after it, or use :func:`alig`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the loss as
+      ``value=``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = optax.chain(scale_by_alig(max_lr=0.1), optax.scale(-1.0))
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params), params, value=5.0)
+      >>> [round(x, 6) for x in updates.tolist()], round(float(state[0].gamma), 6)
+      ([-0.2, 0.4], 0.1)
     """
-    return alig(max_lr, momentum, max_norm=None, **options)
+    _check_no_unknown(
+        "scale_by_alig",
+        "max_lr, eps and f_star (alig takes momentum and max_norm too)",
+        unknown,
+        momentum=(
+            "scale_by_alig is optax's building block and keeps no momentum: chain optax's, "
+            "optax.chain(scale_by_alig(max_lr), optax.trace(decay=momentum, nesterov=True), "
+            "optax.scale(-1.0)), or use alig(max_lr, momentum=...)."
+        ),
+        adjusted_momentum=(
+            "scale_by_alig keeps no momentum; use alig(max_lr, momentum=..., "
+            "adjusted_momentum=True)."
+        ),
+        max_norm=("scale_by_alig does not project the parameters; use alig(max_lr, max_norm=...)."),
+    )
+    config = AliGConfig(max_lr=max_lr, momentum=0.0, eps=eps, f_star=f_star, max_norm=None)
+    descent = _alig_transform(config, keeps_buffers=False)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: AliGState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, AliGState]:
+        # alig's updates are exactly -gamma * u (0 - gamma * u): their negation is gamma * u.
+        steps, new_state = descent.update(updates, state, params, **extra_args)
+        return jax.tree.map(jnp.negative, steps), new_state
+
+    return optax.GradientTransformationExtraArgs(descent.init, update_fn)
 
 
 def alig(
     max_lr: float | optax.Schedule | None = None,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     *,
     adjusted_momentum: bool = False,
     eps: float = 1e-5,
     f_star: float = 0.0,
     max_norm: float | None = None,
+    **unknown: Any,
 ) -> optax.GradientTransformationExtraArgs:
     r"""ALI-G: SGD with the Polyak step size capped at ``max_lr``, as an optax transformation.
 
@@ -244,13 +371,18 @@ def alig(
     Args:
       max_lr: the cap ``eta`` on the step size, a number or an optax schedule of the
         number of steps taken (``state.steps_taken``); ``None`` for no cap.
-      momentum: ``mu``, with ``0 <= mu < 1``.
+      momentum: ``mu``, with ``0 <= mu < 1``; ``None`` (the default) or a Python ``0``
+        for none (no buffers are kept). As ``optax.sgd``'s, a momentum given to
+        ``optax.inject_hyperparams(alig)`` keeps buffers even at 0 (it can change later);
+        leave it out there for none.
       adjusted_momentum: the momentum convention (see above): the two agree while gamma
         is constant (e.g. pinned at ``max_lr``) and differ when it moves.
       eps: ``delta``, added to the squared gradient norm.
       f_star: the lower bound of the loss.
       max_norm: radius of the l2-ball constraint; ``None`` for no projection. Project the
         initial parameters with :func:`project_onto_ball`.
+      **unknown: refused with a ``ValueError`` that says what to do instead
+        (``learning_rate=``: the cap is ``max_lr=``; ``nesterov=``, ``weight_decay=``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the loss as
@@ -278,15 +410,21 @@ def alig(
       L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for and by
       Interpolation", ICML 2020, arXiv:1906.05661.
     """
+    _check_no_unknown(
+        "alig",
+        "max_lr, momentum, adjusted_momentum, eps, f_star and max_norm",
+        unknown,
+    )
     return _alig_transform(
         AliGConfig(
             max_lr=max_lr,
-            momentum=momentum,
+            momentum=0.0 if momentum is None else momentum,
             adjusted_momentum=adjusted_momentum,
             eps=eps,
             f_star=f_star,
             max_norm=max_norm,
-        )
+        ),
+        keeps_buffers=_keeps_buffers(momentum),
     )
 
 

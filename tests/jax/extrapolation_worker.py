@@ -151,7 +151,7 @@ def base_buffers(state) -> list[np.ndarray]:
     """The base's momentum buffers: ALI-G's ``momentum``, or optax.sgd's trace."""
     found = alig_state(state)
     if found is not None:
-        return [np.asarray(b) for b in found.momentum]
+        return [np.asarray(b) for b in found.momentum_buffer]
     traces = [
         s
         for s in jax.tree.leaves(

@@ -237,7 +237,7 @@ def test_the_default_lr_x_of_alig_is_its_step_size_at_the_anchor_without_moving_
     alig_state = state.base_state
     assert isinstance(alig_state, AliGState)
     assert (int(alig_state.steps_taken), float(alig_state.gamma)) == (0, 0.0)  # untouched
-    assert bits(alig_state.momentum) == bits(jnp.zeros(3))
+    assert bits(alig_state.momentum_buffer) == bits(jnp.zeros(3))
 
 
 def test_alig_gets_the_linearised_loss_as_value() -> None:

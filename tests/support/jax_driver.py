@@ -65,14 +65,14 @@ class OptaxDriver:
 
     def state(self) -> dict[str, np.ndarray]:
         out = {name: np.asarray(getattr(self.opt_state, name)) for name in RECORDS}
-        for i, buffer in enumerate(jax.tree.leaves(self.opt_state.momentum)):
+        for i, buffer in enumerate(jax.tree.leaves(self.opt_state.momentum_buffer)):
             out[f"momentum.{i}"] = np.asarray(buffer)
         return out
 
     def buffers(self) -> list[np.ndarray | None]:
-        if self.opt_state.momentum is None:
+        if self.opt_state.momentum_buffer is None:
             return [None] * len(self.current)
-        return [None if b is None else np.asarray(b) for b in self.opt_state.momentum]
+        return [None if b is None else np.asarray(b) for b in self.opt_state.momentum_buffer]
 
 
 class OptaxSGD:
