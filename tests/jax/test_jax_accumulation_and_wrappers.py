@@ -3,7 +3,7 @@
 docs/specification.md, section 6: k micro-batches then one step equal
 one step on their union (float64, 1e-10, gamma moving). ``optax.MultiSteps(alig(...))``
 does not (it hands alig the last micro-batch's loss): :func:`alig_jax.multi_steps` does.
-The README's table of wrappers cites the tests below.
+The wrappers table of docs/guides/optax.md cites the tests below.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def test_multi_steps_over_k_micro_batches_equals_one_step_on_their_union(k, adju
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_plain_optax_multi_steps_takes_the_wrong_step(k) -> None:
-    """The pitfall the README warns about: ``optax.MultiSteps(alig(...))`` hands alig the
+    """The pitfall docs/guides/optax.md warns about: ``optax.MultiSteps(alig(...))`` hands alig the
     mean gradient with the *last* micro-batch's loss; its gamma is that of the pair."""
     params, x, y = _problem()
     expected, _ = _big_batch_run(alig(**KWARGS), params, x, y)
@@ -294,7 +294,7 @@ def test_wrappers_that_do_not_forward_the_loss_fail_loudly(wrap) -> None:
     ],
 )
 def test_unsafe_chains_change_the_step(name, make) -> None:
-    """The README's unsafe rows: each changes the step alig takes on the raw gradient."""
+    """The unsafe rows of docs/guides/optax.md's wrappers table: each changes the step alig takes on the raw gradient."""
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     grads = {"w": jnp.array([1.0, jnp.nan if name == "zero_nans" else 2.0, 0.5])}
     reference = alig()
