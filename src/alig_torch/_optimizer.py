@@ -149,7 +149,8 @@ class AliG(Optimizer):
     gradients are refused, ranks configured differently, different replicated gradients
     (e.g. a sharded optimizer without ``partitioned=True``) or different losses with
     ``all_reduce_loss=False`` raise the same error on every rank, after the collective,
-    so that none is left waiting in one. See the "Distributed and sharded training" table of ``docs/guides/torch.md``.
+    so that none is left waiting in one. See the "Distributed and sharded training" table
+    of ``docs/guides/torch.md``.
 
     **Checkpoints and other optimizers' options.** :meth:`state_dict` records each
     group's momentum convention; :meth:`load_state_dict` refuses another optimizer's state

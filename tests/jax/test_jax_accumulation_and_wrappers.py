@@ -294,7 +294,8 @@ def test_wrappers_that_do_not_forward_the_loss_fail_loudly(wrap) -> None:
     ],
 )
 def test_unsafe_chains_change_the_step(name, make) -> None:
-    """The unsafe rows of docs/guides/optax.md's wrappers table: each changes the step alig takes on the raw gradient."""
+    """The unsafe rows of the wrappers table (docs/guides/optax.md): each changes the step
+    alig takes on the raw gradient."""
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     grads = {"w": jnp.array([1.0, jnp.nan if name == "zero_nans" else 2.0, 0.5])}
     reference = alig()
