@@ -87,20 +87,21 @@ def main() -> None:
         metrics=["accuracy"],
     )
     opt = model.optimizer
-    first = model.evaluate(x_train, y_train, verbose=0)[0]
+    first = model.evaluate(x_train, y_train, batch_size=len(x_train), verbose=0)[0]
     model.fit(
         x_train,
         y_train,
         batch_size=args.batch,
         epochs=args.epochs,
         validation_data=(x_test, y_test),
+        validation_batch_size=len(x_test),
         callbacks=[EvaluateAtAnchor()],  # validation at the anchor; training carries on
         verbose=0 if args.tiny else 2,
     )
 
     with opt.at_anchor():  # the weights of the anchor, not w~
-        last = model.evaluate(x_train, y_train, verbose=0)[0]
-        accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
+        last = model.evaluate(x_train, y_train, batch_size=len(x_train), verbose=0)[0]
+        accuracy = model.evaluate(x_test, y_test, batch_size=len(x_test), verbose=0)[1]
     print(
         f"backend={keras.backend.backend()}, mode={args.mode}: final train loss {last:.4f} "
         f"(from {first:.4f}), test accuracy {accuracy:.3f}, iterations {opt.iteration}, "

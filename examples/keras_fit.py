@@ -83,13 +83,13 @@ def main() -> None:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    first = model.evaluate(x_train, y_train, verbose=0)[0]
+    first = model.evaluate(x_train, y_train, batch_size=len(x_train), verbose=0)[0]
     model.fit(
         x_train, y_train, batch_size=args.batch, epochs=args.epochs, verbose=0 if args.tiny else 2
     )
 
-    last = model.evaluate(x_train, y_train, verbose=0)[0]
-    accuracy = model.evaluate(x_test, y_test, verbose=0)[1]
+    last = model.evaluate(x_train, y_train, batch_size=len(x_train), verbose=0)[0]
+    accuracy = model.evaluate(x_test, y_test, batch_size=len(x_test), verbose=0)[1]
     opt = model.optimizer
     print(
         f"backend={keras.backend.backend()}: final train loss {last:.4f} (from {first:.4f}), "
