@@ -88,6 +88,7 @@ from alig_core._math import (
     step_size,
 )
 from alig_core._scalars import python_scalars
+from alig_core._version import distribution_version
 
 __all__ = [
     "AliGConfig",
@@ -143,4 +144,5 @@ __all__ = [
     "validate_sigma",
 ]
 
-__version__ = "0.1.0"
+__version__: str = distribution_version()
+"""The installed ``alig`` distribution's version (``"0+unknown"`` when it is not installed)."""

@@ -17,6 +17,7 @@ Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for 
 Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
+from alig_core import __version__ as __version__  # the alig distribution's (its metadata)
 from alig_jax._accumulation import AccumulationState, multi_steps
 from alig_jax._extrapolation import ExtrapolationState, extrapolation, extrapolation_anchor
 from alig_jax._transform import AliGState, alig, project_onto_ball, scale_by_alig

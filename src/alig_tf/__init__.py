@@ -11,6 +11,7 @@ Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for 
 Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
+from alig_core import __version__ as __version__  # the alig distribution's (its metadata)
 from alig_tf._extrapolation import EvaluateAtAnchor, Extrapolation
 from alig_tf._optimizer import AliG, project_onto_ball
 from alig_tf._train_step import AliGTrainStep

@@ -17,6 +17,7 @@ Reference: L. Berrada, A. Zisserman, M. P. Kumar, "Training Neural Networks for 
 Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
+from alig_core import __version__ as __version__  # the alig distribution's (its metadata)
 from alig_torch._extrapolation import Extrapolation
 from alig_torch._functional import alig, project_onto_ball
 from alig_torch._optimizer import AliG
