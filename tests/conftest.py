@@ -39,6 +39,19 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "accelerate",
         "transformers",
     ),
+    # the complete scripts of examples/, each run at a tiny size (Keras ones on every backend)
+    "examples": (
+        "torch",
+        "tensorflow",
+        "keras",
+        "jax",
+        "optax",
+        "flax",
+        "lightning",
+        "accelerate",
+        "transformers",
+        "sklearn",
+    ),
 }
 """Test folder -> the packages it needs."""
 
