@@ -21,6 +21,9 @@ BENCHMARK_TOOLS = ("scikit-learn", "matplotlib")  # the datasets (load_digits, .
 INTEGRATIONS = ("lightning", "accelerate", "transformers", "flax")
 DOCS_TOOLS = ("mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python", "ruff")
 """The site's builder; ruff formats the API reference's signatures (mkdocstrings calls it)."""
+PARALLEL_TOOLS = ("pytest-xdist",)
+"""The docs session's blocks and examples are each a fresh process, mostly importing a
+framework: two at a time on the CI machine's two cores (``pytest -n 2``)."""
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 nox.options.sessions = [
@@ -177,10 +180,14 @@ def docs(session: nox.Session) -> None:
     """The docs site: every ```python block of README.md and docs/ runs (``tests/docs``), the
     examples run (``tests/examples``), then ``mkdocs build --strict`` builds the site into
     ``site/``, warnings as errors (a broken link or API reference fails)."""
-    _install(session, *EVERY_FRAMEWORK, *INTEGRATIONS, *BENCHMARK_TOOLS, *DOCS_TOOLS)
+    _install(
+        session, *EVERY_FRAMEWORK, *INTEGRATIONS, *BENCHMARK_TOOLS, *DOCS_TOOLS, *PARALLEL_TOOLS
+    )
     folders = [name for name in ("docs", "examples") if (ROOT / "tests" / name).is_dir()]
     session.run(
         "pytest",
+        "-n",
+        "2",
         *(f"tests/{name}" for name in folders),
         *session.posargs,
         env={"ALIG_TEST_FRAMEWORKS": ",".join(folders), "KERAS_BACKEND": "tensorflow", **QUIET_TF},
