@@ -48,6 +48,13 @@ class AliGTrainStep:
             optimizer = LossScaleOptimizer(optimizer)
         super().compile(optimizer, *args, **kwargs)  # type: ignore[misc]
 
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        """Compiles a loaded model as Keras does (which skips a model whose ``compile`` is
+        overridden, as this mixin's is): ``.keras`` files of such models resume compiled."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if getattr(self, "optimizer", None) is not None and self.built:  # type: ignore[attr-defined]
+            self.optimizer.build(self.trainable_variables)  # type: ignore[attr-defined]
+
     def train_step(self, *args: Any) -> Any:
         """One training step; on JAX, ``args`` is ``(state, data)``."""
         if keras.backend.backend() != "jax":
