@@ -206,7 +206,7 @@ class AliG(LossTakingOptimizer):
         self,
         max_lr: float
         | keras.optimizers.schedules.LearningRateSchedule
-        | Callable[[], Any]
+        | Callable[..., Any]
         | None = None,
         momentum: float = 0.0,
         *,

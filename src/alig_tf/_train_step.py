@@ -49,8 +49,11 @@ class AliGTrainStep:
         super().compile(optimizer, *args, **kwargs)  # type: ignore[misc]
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
-        """Compiles a loaded model as Keras does (which skips a model whose ``compile`` is
-        overridden, as this mixin's is): ``.keras`` files of such models resume compiled."""
+        """Compiles a loaded model as Keras does.
+
+        Keras skips this for a model whose ``compile`` is overridden, as this mixin's is:
+        without it a ``.keras`` file of such a model would load uncompiled.
+        """
         self.compile(**keras.saving.deserialize_keras_object(config))
         if getattr(self, "optimizer", None) is not None and self.built:  # type: ignore[attr-defined]
             self.optimizer.build(self.trainable_variables)  # type: ignore[attr-defined]

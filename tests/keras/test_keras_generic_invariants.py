@@ -42,7 +42,9 @@ def half_a_tenth() -> float:
 
 
 def _numpy(value: Any) -> np.ndarray:
-    return np.array(ops.convert_to_numpy(value.value if isinstance(value, keras.Variable) else value))
+    return np.array(
+        ops.convert_to_numpy(value.value if isinstance(value, keras.Variable) else value)
+    )
 
 
 # ---------------------------------------------------------------- the table of models
@@ -335,19 +337,31 @@ def test_the_capped_record_at_the_edges(cap: float, loss: float, expected: tuple
     np.testing.assert_array_equal(_numpy(variable), before - [gamma, 0.0])
 
 
-def test_momentum_coasts_while_the_cap_is_zero() -> None:
-    """A departure from Keras' SGD with a learning rate of 0 (which stops): the paper's
-    standard momentum applies ``mu * b`` however small gamma is (b <- mu b - gamma g;
-    w <- w - gamma g + mu b), so with the cap at 0 the weights keep coasting."""
+@pytest.mark.parametrize("adjusted", [False, True], ids=["standard", "adjusted"])
+def test_momentum_coasts_while_the_cap_is_zero(adjusted: bool) -> None:
+    """A schedule that drives the cap to 0 does not freeze the weights under the paper's
+    standard momentum (b <- mu b - gamma g; w <- w - gamma g + mu b: as Keras' own
+    SGD(nesterov=True) at a learning rate of 0, the weights coast on mu b); under
+    ``adjusted_momentum`` (w <- w - gamma g + gamma mu b) they stop."""
     schedule = keras.optimizers.schedules.PolynomialDecay(0.5, 1, end_learning_rate=0.0)
     variable = keras.Variable([1.0, 2.0])
-    opt = AliG(max_lr=schedule, momentum=0.5, eps=0.0)
+    opt = AliG(max_lr=schedule, momentum=0.5, adjusted_momentum=adjusted, eps=0.0)
     g = ops.convert_to_tensor([1.0, 0.0])
-    opt.apply([g], [variable], loss=10.0)  # gamma 0.5: b = [-0.5, 0], w = [0.25, 2]
-    np.testing.assert_allclose(_numpy(variable), [0.25, 2.0])
-    opt.apply([g], [variable], loss=10.0)  # gamma 0: b = [-0.25, 0], w = [0.125, 2]
+    opt.apply([g], [variable], loss=10.0)  # gamma 0.5; standard: b = [-0.5, 0], w = [0.25, 2]
+    first = _numpy(variable)
+    np.testing.assert_allclose(first, [0.25, 2.0])  # adjusted: b = [-1, 0], the same w
+    opt.apply([g], [variable], loss=10.0)  # gamma 0
     assert float(_numpy(opt.gamma)) == 0.0
-    np.testing.assert_allclose(_numpy(variable), [0.125, 2.0])
+    if adjusted:
+        np.testing.assert_array_equal(_numpy(variable), first)  # stopped
+        return
+    np.testing.assert_allclose(_numpy(variable), [0.125, 2.0])  # b = [-0.25, 0]: coasting
+    sgd_variable = keras.Variable([1.0, 2.0])
+    sgd = keras.optimizers.SGD(0.5, momentum=0.5, nesterov=True)
+    for lr in (0.5, 0.0):  # Keras' own SGD, its learning rate set to 0 for the second step
+        sgd.learning_rate = lr
+        sgd.apply([g], [sgd_variable])
+    np.testing.assert_allclose(_numpy(sgd_variable), _numpy(variable))
 
 
 # ---------------------------------------------------------------- loss scaling
@@ -368,7 +382,9 @@ def _apply(opt: Any, grads: list[Any], variables: list[keras.Variable], **kwargs
     new_values, new_state = opt.stateless_apply(
         [v.value for v in opt.variables], grads, [v.value for v in variables], **kwargs
     )
-    for variable, value in zip([*variables, *opt.variables], [*new_values, *new_state], strict=True):
+    for variable, value in zip(
+        [*variables, *opt.variables], [*new_values, *new_state], strict=True
+    ):
         variable.assign(value)
 
 
@@ -470,7 +486,7 @@ def test_every_gradient_none_gets_keras_own_message() -> None:
     """The message Keras' optimizers give, unchanged."""
     messages = []
     for opt, kwargs in ((keras.optimizers.SGD(0.1), {}), (AliG(max_lr=0.1), {"loss": 1.0})):
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(ValueError, match="No gradients") as info:
             opt.apply([None], [keras.Variable([1.0, 2.0])], **kwargs)
         messages.append(str(info.value))
     assert messages[1] == messages[0] == "No gradients provided for any variable."
