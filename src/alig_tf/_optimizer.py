@@ -148,7 +148,12 @@ class AliG(LossTakingOptimizer):
     :class:`AliGTrainStep` mixin (Keras' JAX trainer drops what ``scale_loss`` does). In a
     custom loop: ``optimizer.apply(grads, variables, loss=loss)``. A step without a loss
     raises a ``ValueError`` (when the step runs eagerly, or when a compiled step is
-    traced): it is never taken with a stale value.
+    traced): it is never taken with a stale value. Under ``mixed_float16`` the loss scaling
+    goes through :class:`~alig_tf.LossScaleOptimizer`, which hands over the unscaled loss
+    (the mixin's ``compile`` wraps AliG in it).
+
+    Sparse gradients (``tf.IndexedSlices`` of an ``Embedding``, a JAX ``BCOO``, a torch
+    sparse tensor) are made dense before the step, their repeated indices summed.
 
     With ``gradient_accumulation_steps=k`` each call hands over its micro-batch's loss, as
     above; Keras adds the gradients up and AliG the losses (``accumulated_loss``), and the
