@@ -14,6 +14,7 @@ from keras import ops
 import alig_core
 
 __all__ = [
+    "dense",
     "keep_if",
     "multi_replica_context",
     "name",
@@ -48,6 +49,26 @@ def sum_of_squares(tensors: list[Any], dtype: str) -> Any:
     for tensor in tensors:
         total = total + ops.sum(ops.square(ops.cast(tensor, dtype)))
     return total
+
+
+def dense(grads: list[Any]) -> list[Any]:
+    """The gradients with the sparse ones made dense (entries at a repeated index summed).
+
+    TensorFlow's ``tf.IndexedSlices`` (an ``Embedding``'s gradient), JAX's
+    ``jax.experimental.sparse.BCOO``, torch's sparse COO tensors: each densified as its
+    framework sums it (what Keras' own optimizers apply), so the norm and the update see
+    the gradient the sparse value stands for.
+    """
+    backend = name()
+    if backend == "tensorflow":
+        from alig_tf import _tensorflow
+
+        return _tensorflow.dense(grads)
+    if backend == "jax":
+        from jax.experimental import sparse
+
+        return [g.todense() if isinstance(g, sparse.JAXSparse) else g for g in grads]
+    return [g.to_dense() if getattr(g, "is_sparse", False) else g for g in grads]
 
 
 def keep_if(skipped: Any, old: Any, new: Any) -> Any:

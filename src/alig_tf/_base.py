@@ -88,12 +88,17 @@ class LossTakingOptimizer(keras.optimizers.Optimizer):
         super().__init__(*args, **kwargs)
         self._pending_losses = PendingLosses()
 
-    def _check_variables(self, variables: list[Any], how_to_pass: str) -> str:
-        """Raises for no variable or a non-float one; returns their accumulation dtype.
+    def _check_variables(
+        self, variables: list[Any], how_to_pass: str, *, allow_empty: bool = False
+    ) -> str:
+        """Raises for a non-float variable (and no variable, unless ``allow_empty``).
 
-        ``how_to_pass`` ends the message for an empty list (how to give the variables).
+        Returns their accumulation dtype (``floatx``'s with no variable). ``how_to_pass``
+        ends the message for an empty list (how to give the variables).
         """
         who = type(self).__name__
+        if not variables and allow_empty:  # Keras' optimizers build on [] (nothing trains)
+            return alig_core.accumulation_dtype(keras.config.floatx())
         if not variables:
             raise ValueError(
                 f"{who} got no variables to optimize (an empty list). Pass the model's "

@@ -10,11 +10,13 @@ called with ``keras.ops``; what only TensorFlow needs is in :mod:`alig_tf._tenso
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import keras
 from keras import ops
 from keras.src.optimizers.base_optimizer import BaseOptimizer
+from keras.src.utils.naming import auto_name
 
 import alig_core
 from alig_core import AliGConfig, momentum_buffer_update, momentum_coefficients
@@ -28,9 +30,11 @@ _LOSS_HELP = (
     "model.fit hands it over by itself on the TensorFlow and torch backends; on the JAX "
     "backend, add alig_tf.AliGTrainStep to your model's classes; in a custom loop call "
     "optimizer.apply(grads, variables, loss=loss) (or apply_gradients(..., loss=loss), "
-    "stateless_apply(..., loss=loss)). A mixed_float16 policy wraps the optimizer in a "
-    "LossScaleOptimizer that does not pass the loss on: use mixed_bfloat16 instead, "
-    "which needs no loss scaling."
+    "stateless_apply(..., loss=loss)). Under a mixed_float16 policy, compile() wraps the "
+    "optimizer in keras.optimizers.LossScaleOptimizer, which does not pass the loss on: "
+    "add alig_tf.AliGTrainStep to your model's classes (its compile() wraps AliG in "
+    "alig_tf.LossScaleOptimizer, which does), or compile with "
+    "optimizer=alig_tf.LossScaleOptimizer(AliG(...)) yourself."
 )
 
 
@@ -144,7 +148,12 @@ class AliG(LossTakingOptimizer):
     :class:`AliGTrainStep` mixin (Keras' JAX trainer drops what ``scale_loss`` does). In a
     custom loop: ``optimizer.apply(grads, variables, loss=loss)``. A step without a loss
     raises a ``ValueError`` (when the step runs eagerly, or when a compiled step is
-    traced): it is never taken with a stale value.
+    traced): it is never taken with a stale value. Under ``mixed_float16`` the loss scaling
+    goes through :class:`~alig_tf.LossScaleOptimizer`, which hands over the unscaled loss
+    (the mixin's ``compile`` wraps AliG in it).
+
+    Sparse gradients (``tf.IndexedSlices`` of an ``Embedding``, a JAX ``BCOO``, a torch
+    sparse tensor) are made dense before the step, their repeated indices summed.
 
     With ``gradient_accumulation_steps=k`` each call hands over its micro-batch's loss, as
     above; Keras adds the gradients up and AliG the losses (``accumulated_loss``), and the
@@ -159,17 +168,20 @@ class AliG(LossTakingOptimizer):
     ``steps_skipped`` are optimizer variables (saved with the model).
 
     Args:
-      max_lr: the cap ``eta`` on the step size, a number (an int too) or a
+      max_lr: the cap ``eta`` on the step size, a number (an int too), a
         ``keras.optimizers.schedules.LearningRateSchedule`` (of ``steps_taken``, which
-        skipped steps do not advance); ``None`` for no cap. It is the
-        optimizer's ``learning_rate`` (``inf`` when there is no cap).
+        skipped steps do not advance) or, as Keras' learning rate, a callable of no
+        argument (called at every step); ``None`` for no cap. It is the optimizer's
+        ``learning_rate`` (``inf`` when there is no cap). A cap that is below 0 when a step
+        runs gives ``gamma = 0``: never an ascent step.
       momentum: ``mu``, with ``0 <= mu < 1``.
       adjusted_momentum: the momentum convention (the two agree while gamma is constant).
       eps: ``delta``, added to the squared gradient norm.
       f_star: the lower bound of the loss.
       max_norm: radius of the l2-ball constraint; ``None`` for no projection. Project
         the initial weights with :func:`project_onto_ball`.
-      name: the optimizer's name.
+      name: the optimizer's name; by default a unique one, as Keras gives its own
+        optimizers (``"alig"``, ``"alig_1"``, ...).
       **kwargs: of ``keras.optimizers.Optimizer``'s arguments, those that leave ALI-G's
         step exact: ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency`` (an
         average of the weights, which does not enter the step), ``loss_scale_factor``
@@ -197,28 +209,33 @@ class AliG(LossTakingOptimizer):
 
     def __init__(
         self,
-        max_lr: float | keras.optimizers.schedules.LearningRateSchedule | None = None,
+        max_lr: float
+        | keras.optimizers.schedules.LearningRateSchedule
+        | Callable[..., Any]
+        | None = None,
         momentum: float = 0.0,
         *,
         adjusted_momentum: bool = False,
         eps: float = 1e-5,
         f_star: float = 0.0,
         max_norm: float | None = None,
-        name: str = "alig",
+        name: str | None = None,
         **kwargs: Any,
     ) -> None:
         _check_keras_arguments(kwargs)
-        schedule = isinstance(max_lr, keras.optimizers.schedules.LearningRateSchedule)
+        # As Keras' learning rate: a schedule (of the step count) or a zero-argument callable.
         config = AliGConfig(
-            max_lr=max_lr if schedule else alig_core.validate_max_lr(max_lr),
+            max_lr=max_lr,
             momentum=momentum,
             adjusted_momentum=adjusted_momentum,
             eps=eps,
             f_star=f_star,
             max_norm=max_norm,
         )
-        if not schedule and max_lr is not None:
+        if not callable(max_lr) and max_lr is not None:
             max_lr = float(max_lr)  # an int, a NumPy number: Keras takes a float only
+        if name is None:  # unique, as Keras names its own: "alig", "alig_1", ...
+            name = auto_name("alig")
         super().__init__(learning_rate=math.inf if max_lr is None else max_lr, name=name, **kwargs)
         self.max_lr = max_lr
         self.momentum = config.momentum
@@ -238,6 +255,7 @@ class AliG(LossTakingOptimizer):
             variables,
             "optimizer.build(model.trainable_variables), or "
             "optimizer.apply(grads, model.trainable_variables, loss=loss)",
+            allow_empty=True,  # as Keras' optimizers: a model with nothing to train
         )
         super().build(variables)
         self._accumulation_dtype = dtype
@@ -297,12 +315,6 @@ class AliG(LossTakingOptimizer):
             # Its checks run before Keras' no-op on []; in the scope Keras' apply uses.
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
-        if grads and all(g is None for g in grads):
-            raise ValueError(
-                "No gradient reached AliG for any variable (every gradient is None). Check "
-                "that the loss depends on the variables passed with the gradients and that "
-                "they are trainable (a frozen model has nothing to step)."
-            )
         with self._loss_of_this_call(loss):
             super().apply(grads, trainable_variables)
 
@@ -343,6 +355,7 @@ class AliG(LossTakingOptimizer):
         """
         loss = self._take_loss()
         dtype = self._accumulation_dtype
+        grads = _backend.dense(grads)  # sparse gradients (an Embedding's): duplicates summed
         replicas = _backend.multi_replica_context()
         if replicas is not None:  # tf.distribute: the step of the global batch
             from alig_tf import _tensorflow
@@ -519,10 +532,10 @@ class AliG(LossTakingOptimizer):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> AliG:
-        """Rebuilds the optimizer from :meth:`get_config` (schedules included)."""
+        """Rebuilds the optimizer from :meth:`get_config` (schedules and callables included)."""
         config = dict(config)
-        if isinstance(config.get("max_lr"), dict):
-            config["max_lr"] = keras.optimizers.schedules.deserialize(
+        if isinstance(config.get("max_lr"), dict):  # a schedule or a callable, as Keras'
+            config["max_lr"] = keras.saving.deserialize_keras_object(
                 config["max_lr"], custom_objects=custom_objects
             )
         return cls(**config)

@@ -12,7 +12,7 @@ import pytest
 from alig_cases import initial_params, make_sequence, max_relative_deviation
 from alig_core import AliGConfig
 from alig_core.oracle import OracleState, oracle_step
-from alig_tf import AliG, AliGTrainStep, project_onto_ball
+from alig_tf import AliG, AliGTrainStep, LossScaleOptimizer, project_onto_ball
 
 BACKEND = keras.backend.backend()
 
@@ -122,14 +122,17 @@ def test_jax_fit_without_the_mixin_is_a_clear_error() -> None:
         model.fit(x, y, epochs=1, verbose=0)
 
 
-def test_mixed_float16_loss_scale_wrapper_is_a_clear_error(dtype_policy) -> None:
+def test_mixed_float16_compile_wraps_alig_in_the_loss_passing_wrapper(dtype_policy) -> None:
+    """Where Keras wraps the optimizer in its LossScaleOptimizer (which keeps the loss to
+    itself), the mixin's compile wraps AliG in alig_tf's, and the model trains."""
     dtype_policy("mixed_float16")
     x, y = _regression_data()
     model = Regressor([keras.Input((4,)), keras.layers.Dense(3)])
     model.compile(optimizer=AliG(max_lr=0.1), loss="mse")
-    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    with pytest.raises(ValueError, match="mixed_bfloat16"):
-        model.fit(x.astype("float32"), y.astype("float32"), epochs=1, verbose=0)
+    assert type(model.optimizer) is LossScaleOptimizer
+    model.fit(x.astype("float32"), y.astype("float32"), epochs=2, batch_size=8, verbose=0)
+    inner = model.optimizer.inner_optimizer
+    assert int(inner.steps_taken.numpy()) >= 6  # 8 batches, the first ones may overflow
 
 
 def test_mixed_bfloat16_trains(dtype_policy) -> None:
