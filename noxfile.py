@@ -157,6 +157,7 @@ def integrations(session: nox.Session) -> None:
         "jaxlib",
         "optax",
         "flax",
+        "deepspeed",
     )
     _run_tests(session, "integrations", "integrations")
 

@@ -22,7 +22,16 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
     "jax": ("jax", "optax"),
     "keras": ("keras",),
-    "integrations": ("torch", "lightning", "accelerate", "transformers", "jax", "optax", "flax"),
+    "integrations": (
+        "torch",
+        "lightning",
+        "accelerate",
+        "transformers",
+        "jax",
+        "optax",
+        "flax",
+        "deepspeed",
+    ),
     "parity": ("torch", "tensorflow", "keras", "jax", "optax", "sklearn"),
 }
 """Test folder -> the packages it needs."""

@@ -1,0 +1,147 @@
+"""DeepSpeed: ZeRO stages 0-3, with and without gradient_accumulation_steps, in a hand loop
+with ``alig_torch.integrations.deepspeed.backward`` and in ``AliGTrainer``, against one
+process on the global batch (2 gloo ranks, CPU, float32; gamma moving below the cap,
+momentum 0.9, the projection onto max_norm active every step); and the setups that would
+take a wrong step, refused on both ranks before any parameter moves.
+
+Two spawns of 2 ranks run every configuration (``deepspeed_worker.py``: DeepSpeed's import
+and a process start are the slow parts), without compiling DeepSpeed's C++ op.
+
+The tolerance: the runs differ from the reference in float32 rounding only. Each step's
+gradient is the mean of two half-batch means (DeepSpeed's all-reduce, or its
+reduce-scatter over partitions) instead of one mean, and ALI-G's norm is summed over
+partitions in another order: a few units of float32's roundoff (6e-8) per step, which
+gamma (a quotient with the squared norm) roughly triples, and 6 steps with momentum carry
+forward. The runs land within 6e-7 (about 10 roundoffs); ``TOLERANCE`` = 5e-6 leaves a
+margin of 8 and lies five orders of magnitude below what each refused setup gives when it
+is not refused (DeepSpeed's default clipping: 2e-1, an unscaled loss under accumulation:
+5e-1, one param group's norm: about as much).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from alig_cases import max_relative_deviation
+from worker_scripts import import_script, run_script
+
+WORKER = Path(__file__).with_name("deepspeed_worker.py")
+TOLERANCE = 5e-6
+
+
+@pytest.fixture(scope="module")
+def worker() -> ModuleType:
+    return import_script(WORKER)
+
+
+@pytest.fixture(scope="module")
+def reference(worker: ModuleType) -> dict[str, Any]:
+    """One process on the global batches (this process, no DeepSpeed)."""
+    result = worker.reference()
+    max_lr, max_norm = worker.KWARGS["max_lr"], worker.KWARGS["max_norm"]
+    gammas = result["gammas"]
+    assert len(set(gammas)) == len(gammas), "gamma must move every step"
+    assert all(0 < g < max_lr for g in gammas), "gamma must stay below the cap"
+    assert all(abs(n - max_norm) <= 1e-6 * max_norm for n in result["norms"]), (
+        "the projection onto max_norm must be active"
+    )
+    return result
+
+
+def _worker_results(tmp_path_factory: pytest.TempPathFactory, part: str) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp(f"deepspeed-{part}")
+    run_script(WORKER, out, part, timeout=600)
+    ranks: list[dict[str, Any]] = torch.load(out / f"{part}.pt", weights_only=False)
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _worker_results(tmp_path_factory, "runs")
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _worker_results(tmp_path_factory, "refusals")
+
+
+@pytest.mark.parametrize("gas", [1, 2], ids=lambda g: f"gas{g}")
+@pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=lambda s: f"stage{s}")
+@pytest.mark.parametrize("loop", ["hand", "trainer"])
+def test_equals_one_process_on_the_global_batch(
+    runs: list[dict[str, Any]], reference: dict[str, Any], loop: str, stage: int, gas: int
+) -> None:
+    """``hand``: ``deepspeed.initialize`` and ``backward(engine, loss)``; ``trainer``:
+    ``AliGTrainer`` with ``TrainingArguments(deepspeed=config)`` (AliG partitioned from
+    stage 1 on)."""
+    for rank, results in enumerate(runs):
+        result = results[f"{loop}-stage{stage}-gas{gas}"]
+        assert "error" not in result, (rank, result)
+        assert result["steps"] == len(reference["gammas"])
+        if loop == "trainer":
+            assert result["partitioned"] is (stage >= 1)
+        gaps = [abs(a - b) / b for a, b in zip(result["gammas"], reference["gammas"], strict=True)]
+        assert max(gaps) <= TOLERANCE, (rank, result["gammas"], reference["gammas"])
+        deviation = max_relative_deviation(result["params"], reference["params"])
+        assert deviation <= TOLERANCE, (rank, deviation)
+
+
+REFUSED: dict[str, tuple[str, ...]] = {
+    "default-clipping-stage0": ('"gradient_clipping": 1.0', '"gradient_clipping": 0.0'),
+    "clipping-stage2": ('"gradient_clipping": 1.0', '"gradient_clipping": 0.0'),
+    "by-hand-stage0": (
+        "DeepSpeed's engine.step() stepped this AliG",
+        "alig_torch.integrations.deepspeed.backward(engine, loss)",
+    ),
+    "unscaled-default-clipping-stage1": (
+        "DeepSpeed's engine.step() stepped this AliG",
+        "gradient_accumulation_steps",
+        "alig_torch.integrations.deepspeed.backward(engine, loss)",
+    ),
+    "no-loss-stage2": (
+        "DeepSpeed's engine.step() stepped this AliG",
+        "replace engine.backward(loss) with alig_torch.integrations.deepspeed.backward",
+    ),
+    "param-groups-stage1": ("step() once per param group", "has 2", "one param group"),
+    "param-groups-stage2": ("step() once per param group", "has 2", "one param group"),
+    "sub-groups-stage3": ("once per sub-group", "has 2", '"sub_group_size": N'),
+    "not-partitioned-stage2": ('{"stage": 2}', "partitioned=True", "got partitioned=False"),
+    "partitioned-stage0": ('{"stage": 0}', "partitioned=False", "got partitioned=True"),
+    "bf16-stage2": ('"bf16": {"enabled": true}', '"bf16": {"enabled": false}'),
+    "fp16-stage0": ('"fp16": {"enabled": true}', '"fp16": {"enabled": false}'),
+    "torch-autocast-stage1": ('"torch_autocast"', '"torch_autocast": {"enabled": false}'),
+    "offload-optimizer-stage2": (
+        '"offload_optimizer": {"device": "cpu"}',
+        '"offload_optimizer": {"device": "none"}',
+    ),
+    "offload-param-stage3": (
+        '"offload_param": {"device": "cpu"}',
+        '"offload_param": {"device": "none"}',
+    ),
+    "trainer-optimizer-section": ('an "optimizer" section', "Remove it"),
+    "trainer-default-clipping": ('"gradient_clipping": 1.0', '"gradient_clipping": 0.0'),
+    "trainer-own-optimizer": ("discards optimizers=(AliG(...), ...)", "alig_kwargs={...}"),
+}
+"""Each refused setup and the words its error must hold: the cause and the fix."""
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_on_every_rank_before_any_parameter_moves(
+    refusals: list[dict[str, Any]], case: str
+) -> None:
+    errors = {results[case].get("error") for results in refusals}
+    assert len(errors) == 1, f"the ranks raised differently: {errors}"
+    (error,) = errors
+    assert error is not None and error.startswith("ValueError: "), error
+    for words in REFUSED[case]:
+        assert words in error, (words, error)
+    assert not any(results[case]["moved"] for results in refusals), "a parameter moved"
+
+
+def test_every_refused_setup_is_checked(worker: ModuleType) -> None:
+    assert set(worker.REFUSALS) == set(REFUSED)
