@@ -75,8 +75,11 @@ def reference() -> dict[str, Any]:
         opt.step(loss=loss)
         gammas.append(float(opt.gamma))
         norms.append(float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()))
-    return {"params": [p.detach().clone() for p in model.parameters()], "gammas": gammas,
-            "norms": norms}
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "gammas": gammas,
+        "norms": norms,
+    }
 
 
 def micro_batch(t: int, m: int, rank: int, gas: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +171,7 @@ def hand_loop(
                 engine.step()
             gammas.append(float(opt.gamma))
     except (ValueError, RuntimeError) as error:
-        moved = any(not torch.equal(a, b) for a, b in zip(start, whole_params(engine)))
+        moved = any(not torch.equal(a, b) for a, b in zip(start, whole_params(engine), strict=True))
         return {"error": f"{type(error).__name__}: {error}", "moved": moved}
     finally:
         end = whole_params(engine)
@@ -253,7 +256,9 @@ def trainer_run(
             train_dataset=_Rows(*make_data()),
             callbacks=[Gammas()],
             alig_kwargs={k: v for k, v in KWARGS.items() if k != "max_lr"},
-            optimizers=(AliG(model.parameters(), **KWARGS), None) if own_optimizer else (None, None),
+            optimizers=(AliG(model.parameters(), **KWARGS), None)
+            if own_optimizer
+            else (None, None),
         )
         original = trainer.create_optimizer
 
@@ -269,7 +274,7 @@ def trainer_run(
         except (ValueError, RuntimeError) as error:
             engine = trainer.model_wrapped
             now = whole_params(engine) if hasattr(engine, "module") else start
-            moved = any(not torch.equal(a, b) for a, b in zip(start, now))
+            moved = any(not torch.equal(a, b) for a, b in zip(start, now, strict=True))
             return {"error": f"{type(error).__name__}: {error}", "moved": moved}
         except AssertionError:
             raise
@@ -277,8 +282,12 @@ def trainer_run(
         params = whole_params(engine)
         engine.destroy()
         gc.collect()
-        return {"params": params, "gammas": gammas, "steps": int(alig.steps_taken),
-                "partitioned": alig.partitioned}
+        return {
+            "params": params,
+            "gammas": gammas,
+            "steps": int(alig.steps_taken),
+            "partitioned": alig.partitioned,
+        }
     except ValueError as error:  # refused by AliGTrainer(...) itself
         return {"error": f"ValueError: {error}", "moved": False}
     finally:
@@ -312,7 +321,9 @@ REFUSALS: dict[str, Callable[[int, str], dict[str, Any]]] = {
         3, 1, r, zero_optimization={"stage": 3, "sub_group_size": 20}
     ),
     # partitioned against the stage
-    "not-partitioned-stage2": lambda r, o: hand_loop(2, 1, r, alig_overrides={"partitioned": False}),
+    "not-partitioned-stage2": lambda r, o: hand_loop(
+        2, 1, r, alig_overrides={"partitioned": False}
+    ),
     "partitioned-stage0": lambda r, o: hand_loop(0, 1, r, alig_overrides={"partitioned": True}),
     # precisions and offload
     "bf16-stage2": lambda r, o: hand_loop(2, 1, r, bf16={"enabled": True}),
@@ -359,7 +370,7 @@ def _rank(rank: int, port: int, part: str, out_dir: str) -> None:
         LOCAL_RANK=str(rank),
     )
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401
+    import deepspeed.comm.torch
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # no C++ compile
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))

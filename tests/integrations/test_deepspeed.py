@@ -66,7 +66,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def refusals(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def refusals(tmp_path_factory: pytest.TempPathFactory, worker: ModuleType) -> list[dict[str, Any]]:
+    assert set(worker.REFUSALS) == set(REFUSED), "every refused setup is run and checked"
     return _worker_results(tmp_path_factory, "refusals")
 
 
@@ -137,11 +138,8 @@ def test_refused_on_every_rank_before_any_parameter_moves(
     errors = {results[case].get("error") for results in refusals}
     assert len(errors) == 1, f"the ranks raised differently: {errors}"
     (error,) = errors
-    assert error is not None and error.startswith("ValueError: "), error
+    assert error is not None
+    assert error.startswith("ValueError: "), error
     for words in REFUSED[case]:
         assert words in error, (words, error)
     assert not any(results[case]["moved"] for results in refusals), "a parameter moved"
-
-
-def test_every_refused_setup_is_checked(worker: ModuleType) -> None:
-    assert set(worker.REFUSALS) == set(REFUSED)

@@ -168,7 +168,7 @@ def check_engine(engine: Any, optimizer: Any = None) -> list[AliG]:
         raise ValueError(
             "alig_torch.integrations.deepspeed.backward(engine, loss) found no "
             f"alig_torch.AliG in {type(given).__name__}; pass AliG(...) as "
-            "deepspeed.initialize(optimizer=...) (with no \"optimizer\" section in the config)."
+            'deepspeed.initialize(optimizer=...) (with no "optimizer" section in the config).'
         )
     for alig in optimizers:
         problem = _config_problem(engine, alig)
