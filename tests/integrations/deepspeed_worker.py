@@ -1,6 +1,7 @@
 """Run by test_deepspeed.py: ALI-G under DeepSpeed on 2 gloo ranks (CPU, float32).
 
-Usage: python deepspeed_worker.py OUT_DIR PART, PART one of
+Usage: python deepspeed_worker.py OUT_DIR PART, PART ``all`` (both below, in one spawn) or
+one of
 
 - ``runs``: for ZeRO stages 0-3 and gradient_accumulation_steps 1 and 2, a hand loop over
   ``deepspeed.initialize`` with :func:`alig_torch.integrations.deepspeed.backward`, and
@@ -377,7 +378,11 @@ def _rank(rank: int, port: int, part: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     try:
-        results = {"runs": runs, "refusals": refusals}[part](rank, out_dir)
+        parts = {"runs": runs, "refusals": refusals}
+        if part == "all":
+            results = {name: run(rank, out_dir) for name, run in parts.items()}
+        else:
+            results = parts[part](rank, out_dir)
     except BaseException:
         traceback.print_exc()
         raise
