@@ -7,7 +7,9 @@ benchmark's size, float32, ``gradient_clipping: 0.0``, one micro-batch per step)
   ``engine.backward(loss)``: the baseline;
 - ``AliG``: ``AliG(max_lr=..., momentum=0.9, partitioned=stage >= 1)`` with
   ``alig_torch.integrations.deepspeed.backward(engine, loss)`` (the config checks, the loss
-  handed over, AliG's collective in its step).
+  handed over, AliG's collective in its step);
+- ``helper``: ``hand_over_loss`` alone (the config checks and ``add_loss``, the part of
+  ``backward`` that is not ``engine.backward``), for the breakdown.
 
 Each row is one iteration: forward, backward, ``engine.step()``. The rows run interleaved
 in a shuffled order that is the same on both ranks (one seed, ``step_time``'s
@@ -50,7 +52,7 @@ def _model() -> torch.nn.Module:
     )
 
 
-def _iteration(stage: int, optimizer: str, batch: int) -> Callable[[], None]:
+def _iteration(stage: int, optimizer: str, batch: int) -> tuple[Callable[[], None], Any]:
     import deepspeed
 
     from alig_torch import AliG
@@ -84,6 +86,21 @@ def _iteration(stage: int, optimizer: str, batch: int) -> Callable[[], None]:
 
     for _ in range(3):  # warm up: state allocation
         run()
+    return run, engine
+
+
+def _helper_alone(engine: Any) -> Callable[[], None]:
+    """``hand_over_loss`` alone (the config checks and ``add_loss``), its loss then dropped."""
+    from alig_torch.integrations._find import alig_optimizers
+    from alig_torch.integrations.deepspeed import hand_over_loss
+
+    (alig,) = alig_optimizers(engine.optimizer)
+    loss = torch.tensor(1.0)
+
+    def run() -> None:
+        hand_over_loss(engine, loss)
+        alig._accumulation.forget()
+
     return run
 
 
@@ -104,15 +121,20 @@ def _worker(rank: int, port: int, rounds: int, batch: int) -> None:
     results = {}
     for stage in (0, 1, 2, 3):
         # One stage at a time: two live stage-3 engines share DeepSpeed's global state.
-        rows = {name: _iteration(stage, name, batch) for name in ("SGD", "AliG")}
+        sgd, _ = _iteration(stage, "SGD", batch)
+        alig, engine = _iteration(stage, "AliG", batch)
+        rows = {"SGD": sgd, "AliG": alig, "helper": _helper_alone(engine)}
         results[stage] = _time_interleaved(rows, rounds)
-        del rows
+        del rows, sgd, alig, engine
     if rank == 0:
         print(f"MLP {FEATURES}-{HIDDEN}-{HIDDEN}-{CLASSES}, batch {batch} per rank, 2 gloo ranks")
-        print(f"{'ZeRO stage':<12} {'SGD ms':>8} {'AliG ms':>8} {'AliG / SGD':>11}")
+        print(
+            f"{'ZeRO stage':<12} {'SGD ms':>8} {'AliG ms':>8} {'AliG / SGD':>11} {'helper ms':>10}"
+        )
         for stage, medians in results.items():
             sgd, alig = medians["SGD"] * 1e3, medians["AliG"] * 1e3
-            print(f"{stage:<12} {sgd:>8.3f} {alig:>8.3f} {alig / sgd:>11.3f}")
+            helper = medians["helper"] * 1e3
+            print(f"{stage:<12} {sgd:>8.3f} {alig:>8.3f} {alig / sgd:>11.3f} {helper:>10.3f}")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

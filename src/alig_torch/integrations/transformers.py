@@ -7,7 +7,10 @@ takes its norm, and the default linear schedule drives the param group's ``lr`` 
 cap ``max_lr``) to 0. :class:`AliGTrainer` hands ALI-G the loss of every backward pass
 exactly as ``training_step`` backpropagated it (divided by the gradient accumulation
 steps, or reduced over ``num_items_in_batch`` by the model), and refuses those defaults
-with errors that name the ``TrainingArguments`` field to set::
+with errors that name the ``TrainingArguments`` field to set. Under DeepSpeed
+(``TrainingArguments(deepspeed=config)``), whose engine steps inside Trainer's backward,
+the loss is handed over just before that backward pass and DeepSpeed's config is checked
+(:mod:`alig_torch.integrations.deepspeed`; docs/guides/deepspeed.md)::
 
     from transformers import TrainingArguments
     from alig_torch.integrations.transformers import AliGTrainer
