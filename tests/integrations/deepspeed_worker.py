@@ -41,6 +41,8 @@ KWARGS: dict[str, Any] = {"max_lr": 5.0, "momentum": 0.9, "max_norm": 3.2}
 """AliG's arguments: gamma moves below the cap, the projection onto the ball is active."""
 
 STAGES = (0, 1, 2, 3)
+SKIPPED = 1
+"""The global batch whose gradient is made non-finite in the ``skipped`` runs."""
 ACCUMULATION = (1, 2)
 
 
@@ -60,8 +62,9 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def reference() -> dict[str, Any]:
-    """One process, one ``step(loss=...)`` per global batch: what every run must equal."""
+def reference(skip: int | None = None) -> dict[str, Any]:
+    """One process, one ``step(loss=...)`` per global batch: what every run must equal
+    (``skip``: a global batch whose step does not happen)."""
     from alig_torch import AliG
 
     model = make_model()
@@ -69,6 +72,8 @@ def reference() -> dict[str, Any]:
     x, y = make_data()
     gammas, norms = [], []
     for t in range(STEPS):
+        if t == skip:
+            continue
         rows = slice(t * GLOBAL_BATCH, (t + 1) * GLOBAL_BATCH)
         opt.zero_grad()
         loss = F.cross_entropy(model(x[rows]), y[rows])
@@ -133,11 +138,14 @@ def hand_loop(
     groups: int = 1,
     alig_overrides: dict[str, Any] | None = None,
     fp16_flag: bool = False,
+    poison: int | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """``deepspeed.initialize`` and ``STEPS`` optimizer steps; ``form`` is how ALI-G gets
     its loss: ``helper`` (the documented way), ``add_loss`` (the loss by hand, divided by
-    gas), ``unscaled`` (the micro-batch loss by hand), ``none``."""
+    gas), ``unscaled`` (the micro-batch loss by hand), ``none``. ``poison``: a global batch
+    whose first micro-batch on rank 0 holds a NaN (a non-finite gradient: ZeRO skips the
+    step without calling the optimizer, AliG skips it itself at stage 0)."""
     import deepspeed
 
     from alig_torch import AliG
@@ -159,6 +167,9 @@ def hand_loop(
         for t in range(STEPS):
             for m in range(gas):
                 x, y = micro_batch(t, m, rank, gas)
+                if t == poison and m == 0 and rank == 0:
+                    x = x.clone()
+                    x[0, 0] = float("nan")
                 loss = F.cross_entropy(engine(x.to(start[0].dtype)), y)
                 losses.append(float(loss))
                 if form == "helper":
@@ -178,7 +189,13 @@ def hand_loop(
         end = whole_params(engine)
         engine.destroy()  # DeepSpeed's hooks on the model, before the next engine's
         gc.collect()
-    return {"params": end, "gammas": gammas, "steps": int(opt.steps_taken), "losses": losses}
+    return {
+        "params": end,
+        "gammas": gammas,
+        "steps": int(opt.steps_taken),
+        "losses": losses,
+        "skipped_by_alig": int(opt.steps_skipped or 0),
+    }
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -302,6 +319,8 @@ def runs(rank: int, out_dir: str) -> dict[str, Any]:
         for gas in ACCUMULATION:
             results[f"hand-stage{stage}-gas{gas}"] = hand_loop(stage, gas, rank)
             results[f"trainer-stage{stage}-gas{gas}"] = trainer_run(stage, gas, out_dir)
+    for stage in (0, 2):  # a non-finite gradient at step SKIPPED
+        results[f"skipped-stage{stage}"] = hand_loop(stage, 2, rank, poison=SKIPPED)
     return results
 
 

@@ -96,6 +96,23 @@ def test_equals_one_process_on_the_global_batch(
         assert deviation <= TOLERANCE, (rank, deviation)
 
 
+@pytest.mark.parametrize("stage", [0, 2], ids=lambda s: f"stage{s}")
+def test_a_skipped_step_leaves_no_loss_to_the_next(
+    runs: list[dict[str, Any]], worker: ModuleType, stage: int
+) -> None:
+    """A NaN in one micro-batch: under ZeRO, DeepSpeed skips the step without calling
+    AliG (its losses are dropped at the next backward); at stage 0 AliG skips it itself.
+    Either way the run equals one process that leaves that step out."""
+    expected = worker.reference(skip=worker.SKIPPED)
+    for rank, results in enumerate(runs):
+        result = results[f"skipped-stage{stage}"]
+        assert "error" not in result, (rank, result)
+        assert result["steps"] == worker.STEPS - 1
+        assert result["skipped_by_alig"] == (1 if stage == 0 else 0)
+        deviation = max_relative_deviation(result["params"], expected["params"])
+        assert deviation <= TOLERANCE, (rank, deviation)
+
+
 REFUSED: dict[str, tuple[str, ...]] = {
     "default-clipping-stage0": ('"gradient_clipping": 1.0', '"gradient_clipping": 0.0'),
     "clipping-stage2": ('"gradient_clipping": 1.0', '"gradient_clipping": 0.0'),
