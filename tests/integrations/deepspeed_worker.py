@@ -62,13 +62,21 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def reference(skip: int | None = None) -> dict[str, Any]:
+def alig_kwargs(stage: int) -> dict[str, Any]:
+    """AliG's arguments at ``stage``: stage 3 refuses max_norm (see ``max-norm-stage3``)."""
+    if stage == 3:
+        return {k: v for k, v in KWARGS.items() if k != "max_norm"}
+    return dict(KWARGS)
+
+
+def reference(skip: int | None = None, stage: int = 0) -> dict[str, Any]:
     """One process, one ``step(loss=...)`` per global batch: what every run must equal
-    (``skip``: a global batch whose step does not happen)."""
+    (``skip``: a global batch whose step does not happen; ``stage``: AliG's arguments of
+    that stage's runs)."""
     from alig_torch import AliG
 
     model = make_model()
-    opt = AliG(model.parameters(), **KWARGS)
+    opt = AliG(model.parameters(), **alig_kwargs(stage))
     x, y = make_data()
     gammas, norms = [], []
     for t in range(STEPS):
@@ -143,7 +151,8 @@ def hand_loop(
 ) -> dict[str, Any]:
     """``deepspeed.initialize`` and ``STEPS`` optimizer steps; ``form`` is how ALI-G gets
     its loss: ``helper`` (the documented way), ``add_loss`` (the loss by hand, divided by
-    gas), ``unscaled`` (the micro-batch loss by hand), ``none``. ``poison``: a global batch
+    gas), ``unscaled`` (the micro-batch loss by hand), ``none``; ``sgd``: torch's SGD with
+    the helper. ``poison``: a global batch
     whose first micro-batch on rank 0 holds a NaN (a non-finite gradient: ZeRO skips the
     step without calling the optimizer, AliG skips it itself at stage 0)."""
     import deepspeed
@@ -155,8 +164,8 @@ def hand_loop(
     params: Any = list(model.parameters())
     if groups == 2:
         params = [{"params": params[:2]}, {"params": params[2:]}]
-    kwargs = {**KWARGS, "partitioned": stage >= 1, **(alig_overrides or {})}
-    opt = AliG(params, **kwargs)
+    kwargs = {**alig_kwargs(stage), "partitioned": stage >= 1, **(alig_overrides or {})}
+    opt = torch.optim.SGD(params, lr=0.1) if form == "sgd" else AliG(params, **kwargs)
     config = ds_config(stage, gas, **overrides)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if fp16_flag:
@@ -172,7 +181,7 @@ def hand_loop(
                     x[0, 0] = float("nan")
                 loss = F.cross_entropy(engine(x.to(start[0].dtype)), y)
                 losses.append(float(loss))
-                if form == "helper":
+                if form in ("helper", "sgd"):
                     backward(engine, loss)
                 else:
                     if form == "add_loss":
@@ -273,7 +282,7 @@ def trainer_run(
             args=args,
             train_dataset=_Rows(*make_data()),
             callbacks=[Gammas()],
-            alig_kwargs={k: v for k, v in KWARGS.items() if k != "max_lr"},
+            alig_kwargs={k: v for k, v in alig_kwargs(stage).items() if k != "max_lr"},
             optimizers=(AliG(model.parameters(), **KWARGS), None)
             if own_optimizer
             else (None, None),
@@ -334,12 +343,16 @@ REFUSALS: dict[str, Callable[[int, str], dict[str, Any]]] = {
         1, 2, r, form="unscaled", gradient_clipping=None
     ),
     "no-loss-stage2": lambda r, o: hand_loop(2, 1, r, form="none"),
+    # the helper on an engine without AliG
+    "sgd-stage1": lambda r, o: hand_loop(1, 1, r, form="sgd"),
     # ZeRO's step() per param group and per sub-group
     "param-groups-stage1": lambda r, o: hand_loop(1, 1, r, groups=2),
     "param-groups-stage2": lambda r, o: hand_loop(2, 2, r, groups=2),
     "sub-groups-stage3": lambda r, o: hand_loop(
         3, 1, r, zero_optimization={"stage": 3, "sub_group_size": 20}
     ),
+    # max_norm under stage 3
+    "max-norm-stage3": lambda r, o: hand_loop(3, 1, r, alig_overrides={"max_norm": 3.2}),
     # partitioned against the stage
     "not-partitioned-stage2": lambda r, o: hand_loop(
         2, 1, r, alig_overrides={"partitioned": False}

@@ -1,7 +1,8 @@
 """DeepSpeed: ZeRO stages 0-3, with and without gradient_accumulation_steps, in a hand loop
 with ``alig_torch.integrations.deepspeed.backward`` and in ``AliGTrainer``, against one
 process on the global batch (2 gloo ranks, CPU, float32; gamma moving below the cap,
-momentum 0.9, the projection onto max_norm active every step); and the setups that would
+momentum 0.9, the projection onto max_norm active every step at stages 0-2; stage 3
+refuses max_norm); and the setups that would
 take a wrong step, refused on both ranks before any parameter moves.
 
 One spawn of 2 ranks runs every configuration (``deepspeed_worker.py``: DeepSpeed's import
@@ -39,17 +40,19 @@ def worker() -> ModuleType:
     return import_script(WORKER)
 
 
-@pytest.fixture(scope="module")
-def reference(worker: ModuleType) -> dict[str, Any]:
-    """One process on the global batches (this process, no DeepSpeed)."""
-    result = worker.reference()
-    max_lr, max_norm = worker.KWARGS["max_lr"], worker.KWARGS["max_norm"]
+def _reference(worker: ModuleType, stage: int) -> dict[str, Any]:
+    """One process on the global batches (this process, no DeepSpeed), with the AliG
+    arguments of ``stage``'s runs (stage 3: no max_norm, which it refuses)."""
+    result = worker.reference(stage=stage)
+    kwargs = worker.alig_kwargs(stage)
     gammas = result["gammas"]
     assert len(set(gammas)) == len(gammas), "gamma must move every step"
-    assert all(0 < g < max_lr for g in gammas), "gamma must stay below the cap"
-    assert all(abs(n - max_norm) <= 1e-6 * max_norm for n in result["norms"]), (
-        "the projection onto max_norm must be active"
-    )
+    assert all(0 < g < kwargs["max_lr"] for g in gammas), "gamma must stay below the cap"
+    if "max_norm" in kwargs:
+        max_norm = kwargs["max_norm"]
+        assert all(abs(n - max_norm) <= 1e-6 * max_norm for n in result["norms"]), (
+            "the projection onto max_norm must be active"
+        )
     return result
 
 
@@ -79,11 +82,12 @@ def refusals(worker_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=lambda s: f"stage{s}")
 @pytest.mark.parametrize("loop", ["hand", "trainer"])
 def test_equals_one_process_on_the_global_batch(
-    runs: list[dict[str, Any]], reference: dict[str, Any], loop: str, stage: int, gas: int
+    runs: list[dict[str, Any]], worker: ModuleType, loop: str, stage: int, gas: int
 ) -> None:
     """``hand``: ``deepspeed.initialize`` and ``backward(engine, loss)``; ``trainer``:
     ``AliGTrainer`` with ``TrainingArguments(deepspeed=config)`` (AliG partitioned from
     stage 1 on)."""
+    reference = _reference(worker, stage)
     for rank, results in enumerate(runs):
         result = results[f"{loop}-stage{stage}-gas{gas}"]
         assert "error" not in result, (rank, result)
@@ -129,9 +133,11 @@ REFUSED: dict[str, tuple[str, ...]] = {
         "DeepSpeed's engine.step() stepped this AliG",
         "replace engine.backward(loss) with alig_torch.integrations.deepspeed.backward",
     ),
+    "sgd-stage1": ("found no alig_torch.AliG in DeepSpeedZeroOptimizer", "pass AliG(...)"),
     "param-groups-stage1": ("step() once per param group", "has 2", "one param group"),
     "param-groups-stage2": ("step() once per param group", "has 2", "one param group"),
     "sub-groups-stage3": ("once per sub-group", "has 2", '"sub_group_size": N'),
+    "max-norm-stage3": ("AliG(max_norm=3.2)", '{"stage": 3}', "without max_norm"),
     "not-partitioned-stage2": ('{"stage": 2}', "partitioned=True", "got partitioned=False"),
     "partitioned-stage0": ('{"stage": 0}', "partitioned=False", "got partitioned=True"),
     "bf16-stage2": ('"bf16": {"enabled": true}', '"bf16": {"enabled": false}'),
