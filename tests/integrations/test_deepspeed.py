@@ -137,7 +137,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "param-groups-stage1": ("step() once per param group", "has 2", "one param group"),
     "param-groups-stage2": ("step() once per param group", "has 2", "one param group"),
     "sub-groups-stage3": ("once per sub-group", "has 2", '"sub_group_size": N'),
-    "max-norm-stage3": ("AliG(max_norm=3.2)", '{"stage": 3}', "without max_norm"),
+    "max-norm-stage3": ("AliG(max_norm=3.2)", "padding included", "without max_norm"),
     "not-partitioned-stage2": ('{"stage": 2}', "partitioned=True", "got partitioned=False"),
     "partitioned-stage0": ('{"stage": 0}', "partitioned=False", "got partitioned=True"),
     "bf16-stage2": ('"bf16": {"enabled": true}', '"bf16": {"enabled": false}'),

@@ -144,10 +144,11 @@ def _config_problem(engine: Any, alig: AliG) -> str | None:
     if stage == 3 and alig.max_norm is not None:
         return (
             f"AliG(max_norm={alig.max_norm}) under DeepSpeed ZeRO stage 3 "
-            '("zero_optimization": {"stage": 3}) is refused: in about one run in ten on 2 '
-            "gloo ranks (CPU) the projection onto the ball zeroed the parameters after a "
-            "step, a race not yet understood (without max_norm, and under stages 0-2, every "
-            "run equals one process). Build AliG without max_norm under stage 3, or use "
+            '("zero_optimization": {"stage": 3}) is refused: stage 3 pads the partition of '
+            "a parameter whose size the ranks do not divide with uninitialized memory, and "
+            "ALI-G's projection takes the norm of the whole partition, padding included (on "
+            "2 gloo ranks about one run in ten got an infinite norm and zeroed the "
+            "parameters). Build AliG without max_norm under stage 3, or use "
             '"zero_optimization": {"stage": 2} (or 1, or 0) to keep max_norm.'
         )
     dist = torch.distributed
