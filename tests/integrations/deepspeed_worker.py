@@ -63,9 +63,7 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def alig_kwargs(stage: int) -> dict[str, Any]:
-    """AliG's arguments at ``stage``: stage 3 refuses max_norm (see ``max-norm-stage3``)."""
-    if stage == 3:
-        return {k: v for k, v in KWARGS.items() if k != "max_norm"}
+    """AliG's arguments at ``stage`` (the same at every stage)."""
     return dict(KWARGS)
 
 
@@ -147,6 +145,7 @@ def hand_loop(
     alig_overrides: dict[str, Any] | None = None,
     fp16_flag: bool = False,
     poison: int | None = None,
+    garbage: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """``deepspeed.initialize`` and ``STEPS`` optimizer steps; ``form`` is how ALI-G gets
@@ -170,6 +169,14 @@ def hand_loop(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if fp16_flag:
         engine._config.float16_config.enabled = True
+    if garbage:  # what torch.empty may hold in stage 3's padding, made certain
+        from alig_torch.integrations.deepspeed import stage3_padding
+
+        padding = stage3_padding(engine)
+        assert (rank == WORLD - 1) == bool(padding)  # the last rank's partition is padded
+        with torch.no_grad():
+            for pad in padding:
+                pad.fill_(float("inf"))
     start = whole_params(engine)
     gammas, losses = [], []
     try:
@@ -328,6 +335,8 @@ def runs(rank: int, out_dir: str) -> dict[str, Any]:
         for gas in ACCUMULATION:
             results[f"hand-stage{stage}-gas{gas}"] = hand_loop(stage, gas, rank)
             results[f"trainer-stage{stage}-gas{gas}"] = trainer_run(stage, gas, out_dir)
+    for gas in ACCUMULATION:  # stage 3's padding holding inf at the start
+        results[f"garbage-stage3-gas{gas}"] = hand_loop(3, gas, rank, garbage=True)
     for stage in (0, 2):  # a non-finite gradient at step SKIPPED
         results[f"skipped-stage{stage}"] = hand_loop(stage, 2, rank, poison=SKIPPED)
     return results
@@ -351,8 +360,6 @@ REFUSALS: dict[str, Callable[[int, str], dict[str, Any]]] = {
     "sub-groups-stage3": lambda r, o: hand_loop(
         3, 1, r, zero_optimization={"stage": 3, "sub_group_size": 20}
     ),
-    # max_norm under stage 3
-    "max-norm-stage3": lambda r, o: hand_loop(3, 1, r, alig_overrides={"max_norm": 3.2}),
     # partitioned against the stage
     "not-partitioned-stage2": lambda r, o: hand_loop(
         2, 1, r, alig_overrides={"partitioned": False}

@@ -1,8 +1,7 @@
 """DeepSpeed: ZeRO stages 0-3, with and without gradient_accumulation_steps, in a hand loop
 with ``alig_torch.integrations.deepspeed.backward`` and in ``AliGTrainer``, against one
 process on the global batch (2 gloo ranks, CPU, float32; gamma moving below the cap,
-momentum 0.9, the projection onto max_norm active every step at stages 0-2; stage 3
-refuses max_norm); and the setups that would
+momentum 0.9, the projection onto max_norm active every step); and the setups that would
 take a wrong step, refused on both ranks before any parameter moves.
 
 One spawn of 2 ranks runs every configuration (``deepspeed_worker.py``: DeepSpeed's import
@@ -100,6 +99,22 @@ def test_equals_one_process_on_the_global_batch(
         assert deviation <= TOLERANCE, (rank, deviation)
 
 
+@pytest.mark.parametrize("gas", [1, 2], ids=lambda g: f"gas{g}")
+def test_stage3_padding_does_not_reach_the_norms(
+    runs: list[dict[str, Any]], worker: ModuleType, gas: int
+) -> None:
+    """Stage 3 pads the last rank's partition of a parameter the ranks do not divide with
+    uninitialized memory: here set to inf before the first step. The helper zeroes it, so
+    ALI-G's projection sees the parameters only (it zeroed them in about one run in ten
+    before)."""
+    reference = _reference(worker, 3)
+    for rank, results in enumerate(runs):
+        result = results[f"garbage-stage3-gas{gas}"]
+        assert "error" not in result, (rank, result)
+        deviation = max_relative_deviation(result["params"], reference["params"])
+        assert deviation <= TOLERANCE, (rank, deviation)
+
+
 @pytest.mark.parametrize("stage", [0, 2], ids=lambda s: f"stage{s}")
 def test_a_skipped_step_leaves_no_loss_to_the_next(
     runs: list[dict[str, Any]], worker: ModuleType, stage: int
@@ -137,7 +152,6 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "param-groups-stage1": ("step() once per param group", "has 2", "one param group"),
     "param-groups-stage2": ("step() once per param group", "has 2", "one param group"),
     "sub-groups-stage3": ("once per sub-group", "has 2", '"sub_group_size": N'),
-    "max-norm-stage3": ("AliG(max_norm=3.2)", "padding included", "without max_norm"),
     "not-partitioned-stage2": ('{"stage": 2}', "partitioned=True", "got partitioned=False"),
     "partitioned-stage0": ('{"stage": 0}', "partitioned=False", "got partitioned=True"),
     "bf16-stage2": ('"bf16": {"enabled": true}', '"bf16": {"enabled": false}'),

@@ -26,8 +26,9 @@ Supported: ZeRO stages 0, 1, 2 and 3 in float32, with and without
 per group) and one stage-3 sub-group. Refused, on every rank before any parameter moves,
 with the config key to set: gradient clipping, fp16, bf16, torch_autocast, CPU or NVMe
 offload, ZenFlow, several param groups under stages 1 and 2, several stage-3 sub-groups,
-``max_norm`` under stage 3, model or pipeline parallelism, and ``partitioned`` not
-matching the stage. A step that
+model or pipeline parallelism, and ``partitioned`` not matching the stage. Under stage 3
+the padding of the partitions (uninitialized memory) is set to zero before each backward
+pass, so that ALI-G's norms see the parameters only. A step that
 DeepSpeed drives without this function raises in ``AliG.step`` (docs/guides/deepspeed.md).
 """
 
@@ -42,7 +43,7 @@ from alig_torch._deepspeed_guard import hand_over
 from alig_torch._optimizer import AliG
 from alig_torch.integrations._find import alig_optimizers
 
-__all__ = ["backward", "check_engine", "hand_over_loss"]
+__all__ = ["backward", "check_engine", "hand_over_loss", "stage3_padding"]
 
 _STEPS_OF_LAST_LOSS: weakref.WeakKeyDictionary[AliG, int] = weakref.WeakKeyDictionary()
 """For each AliG, the engine's ``global_steps`` when it was last handed a loss: a change
@@ -141,16 +142,6 @@ def _config_problem(engine: Any, alig: AliG) -> str | None:
                 '"zero_optimization": {"sub_group_size": N} with N at least the number of '
                 "parameters (its default, 1e9, is)."
             )
-    if stage == 3 and alig.max_norm is not None:
-        return (
-            f"AliG(max_norm={alig.max_norm}) under DeepSpeed ZeRO stage 3 "
-            '("zero_optimization": {"stage": 3}) is refused: stage 3 pads the partition of '
-            "a parameter whose size the ranks do not divide with uninitialized memory, and "
-            "ALI-G's projection takes the norm of the whole partition, padding included (on "
-            "2 gloo ranks about one run in ten got an infinite norm and zeroed the "
-            "parameters). Build AliG without max_norm under stage 3, or use "
-            '"zero_optimization": {"stage": 2} (or 1, or 0) to keep max_norm.'
-        )
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     data_parallel = int(getattr(engine, "dp_world_size", world) or world)
@@ -188,15 +179,43 @@ def check_engine(engine: Any, optimizer: Any = None) -> list[AliG]:
     return optimizers
 
 
+def stage3_padding(engine: Any) -> list[torch.Tensor]:
+    """The padding of this rank's ZeRO stage-3 partitions: views into the flat partitions.
+
+    Stage 3 pads the partition of a parameter whose size the ranks do not divide (on the
+    last ranks), with uninitialized memory (``torch.empty``). The optimizer steps the
+    whole flat partition, so the padding is part of ALI-G's parameter norm (``max_norm``).
+    """
+    optimizer = engine.optimizer
+    rank = torch.distributed.get_rank(group=optimizer.dp_process_group)
+    padding = []
+    for sub_group, flat in zip(
+        optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat, strict=True
+    ):
+        offset = 0
+        for param in sub_group:
+            size = int(param.partition_numel())  # the same on every rank
+            held = min(max(int(param.ds_numel) - rank * size, 0), size)
+            if held < size:
+                padding.append(flat.narrow(0, offset + held, size - held))
+            offset += size
+    return padding
+
+
 def hand_over_loss(
     engine: Any, loss: torch.Tensor, optimizer: Any = None, *, scale_wrt_gas: bool = True
 ) -> None:
     """Checks the config and adds the loss ``engine.backward`` will backpropagate to ALI-G.
 
     The loss added is ``loss / gradient_accumulation_steps`` (``loss`` itself with
-    ``scale_wrt_gas=False``, as ``engine.backward`` takes it), unscaled.
+    ``scale_wrt_gas=False``, as ``engine.backward`` takes it), unscaled. Under ZeRO stage
+    3 the padding of the partitions is zeroed (:func:`stage3_padding`).
     """
     optimizers = check_engine(engine, optimizer)
+    if int(engine.zero_optimization_stage() or 0) == 3:
+        with torch.no_grad():  # zeros count for nothing in ALI-G's norms, and stay zeros
+            for pad in stage3_padding(engine):
+                pad.zero_()
     backpropagated = loss / engine.gradient_accumulation_steps() if scale_wrt_gas else loss
     steps = int(engine.global_steps)
     for alig in optimizers:
