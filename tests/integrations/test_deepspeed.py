@@ -41,7 +41,7 @@ def worker() -> ModuleType:
 
 def _reference(worker: ModuleType, stage: int) -> dict[str, Any]:
     """One process on the global batches (this process, no DeepSpeed), with the AliG
-    arguments of ``stage``'s runs (stage 3: no max_norm, which it refuses)."""
+    arguments of ``stage``'s runs."""
     result = worker.reference(stage=stage)
     kwargs = worker.alig_kwargs(stage)
     gammas = result["gammas"]
