@@ -51,6 +51,10 @@ with losses still pending means DeepSpeed skipped the step (an overflow), whose 
 do not belong to the next one."""
 
 
+_PADDING: weakref.WeakKeyDictionary[Any, list[torch.Tensor]] = weakref.WeakKeyDictionary()
+"""For each stage-3 engine, :func:`stage3_padding` (found once)."""
+
+
 def _offload_device(offload: Any) -> str:
     if offload is None:
         return "none"
@@ -213,8 +217,11 @@ def hand_over_loss(
     """
     optimizers = check_engine(engine, optimizer)
     if int(engine.zero_optimization_stage() or 0) == 3:
-        with torch.no_grad():  # zeros count for nothing in ALI-G's norms, and stay zeros
-            for pad in stage3_padding(engine):
+        padding = _PADDING.get(engine)
+        if padding is None:  # views into the flat partitions, which stay in place
+            padding = _PADDING[engine] = stage3_padding(engine)
+        with torch.no_grad():  # zeros count for nothing in ALI-G's norms
+            for pad in padding:
                 pad.zero_()
     backpropagated = loss / engine.gradient_accumulation_steps() if scale_wrt_gas else loss
     steps = int(engine.global_steps)
