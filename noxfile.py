@@ -42,8 +42,8 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 
-def _install(session: nox.Session, *packages: str) -> None:
-    session.install("-c", PINS, "-e", ".", *TEST_TOOLS, *packages)
+def _install(session: nox.Session, *packages: str, env: dict[str, str] | None = None) -> None:
+    session.install("-c", PINS, "-e", ".", *TEST_TOOLS, *packages, env=env)
 
 
 def _run_tests(
@@ -153,7 +153,9 @@ def keras_torch(session: nox.Session) -> None:
 
 @nox.session
 def integrations(session: nox.Session) -> None:
-    """Lightning, accelerate, transformers' Trainer and flax.nnx.Optimizer (installed here only)."""
+    """Lightning, accelerate, transformers' Trainer, DeepSpeed and flax.nnx.Optimizer (installed
+    here only). DeepSpeed installs from its sdist with no op built (``DS_BUILD_OPS=0``); the
+    tests skip the one op it compiles at init."""
     _install(
         session,
         "torch",
@@ -164,6 +166,8 @@ def integrations(session: nox.Session) -> None:
         "jaxlib",
         "optax",
         "flax",
+        "deepspeed",
+        env={"DS_BUILD_OPS": "0"},
     )
     _run_tests(session, "integrations", "integrations")
 

@@ -22,7 +22,16 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "torch": ("torch", "expecttest"),  # expecttest: torch.testing._internal's harness
     "jax": ("jax", "optax"),
     "keras": ("keras",),
-    "integrations": ("torch", "lightning", "accelerate", "transformers", "jax", "optax", "flax"),
+    "integrations": (
+        "torch",
+        "lightning",
+        "accelerate",
+        "transformers",
+        "jax",
+        "optax",
+        "flax",
+        "deepspeed",
+    ),
     "parity": ("torch", "tensorflow", "keras", "jax", "optax", "sklearn"),
     # the README's and the docs' code blocks (any framework and trainer a page shows) and
     # the site's build tools (tools/)

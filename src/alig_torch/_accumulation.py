@@ -30,7 +30,9 @@ INTEGRATIONS_HELP = (
     "integrations.lightning.AliGCallback()]); accelerate: "
     "alig_torch.integrations.accelerate.backward(accelerator, loss, optimizer) in place of "
     "accelerator.backward(loss); Hugging Face transformers: "
-    "alig_torch.integrations.transformers.AliGTrainer in place of Trainer."
+    "alig_torch.integrations.transformers.AliGTrainer in place of Trainer; DeepSpeed: "
+    "alig_torch.integrations.deepspeed.backward(engine, loss) in place of "
+    "engine.backward(loss)."
 )
 """The integrations that hand every backpropagated loss over, named in the errors."""
 

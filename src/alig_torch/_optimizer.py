@@ -21,6 +21,7 @@ import alig_core
 from alig_core import AliGConfig, validate_max_lr
 from alig_torch import _distributed
 from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation, count_mismatch_message
+from alig_torch._deepspeed_guard import check_stepped_by_deepspeed
 from alig_torch._functional import alig, project, select_path
 from alig_torch._groups import (
     CONVENTION_KEY,
@@ -489,6 +490,7 @@ class AliG(Optimizer):
                 closure_loss = closure()
         pending = self._accumulation
         try:
+            check_stepped_by_deepspeed(self)  # DeepSpeed's loss comes through its integration
             used, given, how = self._loss_of_step(closure, closure_loss, loss, pending)
             message = count_mismatch_message(given, how, *pending.backward_passes())
             if message is not None:

@@ -7,7 +7,10 @@ takes its norm, and the default linear schedule drives the param group's ``lr`` 
 cap ``max_lr``) to 0. :class:`AliGTrainer` hands ALI-G the loss of every backward pass
 exactly as ``training_step`` backpropagated it (divided by the gradient accumulation
 steps, or reduced over ``num_items_in_batch`` by the model), and refuses those defaults
-with errors that name the ``TrainingArguments`` field to set::
+with errors that name the ``TrainingArguments`` field to set. Under DeepSpeed
+(``TrainingArguments(deepspeed=config)``), whose engine steps inside Trainer's backward,
+the loss is handed over just before that backward pass and DeepSpeed's config is checked
+(:mod:`alig_torch.integrations.deepspeed`; docs/guides/deepspeed.md)::
 
     from transformers import TrainingArguments
     from alig_torch.integrations.transformers import AliGTrainer
@@ -78,10 +81,41 @@ def _check_arguments(trainer: AliGTrainer) -> None:
             "=...)), or an optimizer as optimizers=(AliG(...), None)."
         )
     if trainer.is_deepspeed_enabled:
+        _check_deepspeed_config(trainer)
+
+
+def _check_deepspeed_config(trainer: AliGTrainer) -> None:
+    """Refuses the DeepSpeed config sections that would replace or change ALI-G's step.
+
+    The rest (gradient clipping, fp16, offload, ...) is checked on the engine at the first
+    backward pass, by :func:`alig_torch.integrations.deepspeed.check_engine`.
+    """
+    hf_config = getattr(trainer.args, "hf_deepspeed_config", None)
+    config = getattr(hf_config, "config", None) or {}
+    for section, what in (
+        ("optimizer", "DeepSpeed would create that optimizer and train with it, not ALI-G"),
+        ("scheduler", "DeepSpeed's scheduler would move the lr, which is ALI-G's cap max_lr"),
+    ):
+        if section in config:
+            raise ValueError(
+                f'The DeepSpeed config has an "{section}" section ({config[section]!r}): '
+                f"{what}. Remove it: AliGTrainer creates its AliG from "
+                "TrainingArguments(learning_rate=...) and alig_kwargs, and ALI-G needs no "
+                "schedule."
+            )
+    clipping = config.get("gradient_clipping", 1.0)
+    if clipping != "auto" and float(clipping) > 0:
         raise ValueError(
-            "AliGTrainer does not support DeepSpeed: DeepSpeed wraps the optimizer and scales "
-            "the loss in its own backward, so ALI-G could not get the loss it applies. Use "
-            "DDP or FSDP."
+            f'The DeepSpeed config sets "gradient_clipping": {clipping} (1.0 when the key is '
+            "absent): DeepSpeed would clip the gradient before ALI-G takes its norm. Set "
+            '"gradient_clipping": 0.0, or "auto" with TrainingArguments(max_grad_norm=0.0).'
+        )
+    if trainer.optimizer is not None:
+        raise ValueError(
+            "Under DeepSpeed, Trainer discards optimizers=(AliG(...), ...) and creates its "
+            "optimizer again (transformers' deepspeed_init): pass AliG's arguments as "
+            "AliGTrainer(alig_kwargs={...}) instead (max_lr is "
+            "TrainingArguments(learning_rate=...))."
         )
 
 
@@ -125,8 +159,12 @@ class AliGTrainer(transformers.Trainer):
       ValueError: for ``max_grad_norm > 0`` (Trainer's default 1.0 clips), a
         ``lr_scheduler_type`` other than ``"constant"`` without a scheduler of your own
         (the default ``"linear"`` drives ``max_lr`` to 0), ``weight_decay > 0``, an
-        optimizer that is not an AliG, ``optimizer_cls_and_kwargs``, DeepSpeed, or
-        ``max_lr`` in ``alig_kwargs``.
+        optimizer that is not an AliG, ``optimizer_cls_and_kwargs``, ``max_lr`` in
+        ``alig_kwargs``; under DeepSpeed, an ``"optimizer"`` or ``"scheduler"`` section or
+        ``"gradient_clipping"`` above 0 in its config, an optimizer of your own (Trainer
+        would replace it), and the modes that
+        :func:`alig_torch.integrations.deepspeed.check_engine` refuses (at the first
+        backward pass, on every rank).
     """
 
     optimizer: Any  # Trainer's attribute (transformers publishes no types)
@@ -149,7 +187,11 @@ class AliGTrainer(transformers.Trainer):
             if model is None:
                 raise ValueError("AliGTrainer.create_optimizer() needs a model.")
             params = [p for p in model.parameters() if p.requires_grad]
-            self.optimizer = AliG(params, max_lr=self.args.learning_rate, **self.alig_kwargs)
+            kwargs = dict(self.alig_kwargs)
+            if self.is_deepspeed_enabled:  # ZeRO stages 1-3 hand each rank its partition
+                stage = self.accelerator.state.deepspeed_plugin.zero_stage or 0
+                kwargs.setdefault("partitioned", stage >= 1)
+            self.optimizer = AliG(params, max_lr=self.args.learning_rate, **kwargs)
         return self.optimizer
 
     def training_step(
@@ -158,8 +200,38 @@ class AliGTrainer(transformers.Trainer):
         inputs: dict[str, Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Trainer's training step, then the loss it backpropagated to ALI-G."""
+        """Trainer's training step, then the loss it backpropagated to ALI-G.
+
+        Under DeepSpeed, whose engine steps inside ``accelerator.backward``, the loss is
+        handed over (and DeepSpeed's config checked) just before that backward pass, by
+        :func:`alig_torch.integrations.deepspeed.hand_over_loss`.
+        """
+        if self.is_deepspeed_enabled:
+            return self._deepspeed_training_step(model, inputs, num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
         for optimizer in alig_optimizers(self.optimizer):
             optimizer.add_loss(loss)
         return loss
+
+    def _deepspeed_training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor:
+        from alig_torch.integrations.deepspeed import hand_over_loss
+
+        accelerator = self.accelerator
+        engine = accelerator.deepspeed_engine_wrapped.engine
+        original = accelerator.backward
+
+        def backward(loss: torch.Tensor, **kwargs: Any) -> Any:
+            scale = kwargs.get("scale_wrt_gas", True)
+            hand_over_loss(engine, loss, self.optimizer, scale_wrt_gas=scale)
+            return original(loss, **kwargs)
+
+        accelerator.backward = backward  # this step only: Trainer calls it inside
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            del accelerator.backward  # the class's method again
