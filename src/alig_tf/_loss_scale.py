@@ -48,9 +48,13 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
       >>> from alig_tf import AliG, AliGTrainStep, LossScaleOptimizer
       >>> class Regressor(AliGTrainStep, keras.Sequential):
       ...     pass
-      >>> model = Regressor([keras.Input((4,)), keras.layers.Dense(1, dtype="mixed_float16")])
+      >>> layer = keras.layers.Dense(
+      ...     1, use_bias=False, kernel_initializer="zeros", dtype="mixed_float16"
+      ... )  # a fixed start: the scaled float16 gradients stay finite at Keras' 2**15
+      >>> model = Regressor([keras.Input((4,)), layer])
       >>> model.compile(optimizer=LossScaleOptimizer(AliG(max_lr=0.1)), loss="mse")
-      >>> history = model.fit(np.ones((8, 4)), np.zeros((8, 1)), verbose=0)
+      >>> x, y = np.full((8, 4), 0.5), np.full((8, 1), 0.5)
+      >>> history = model.fit(x, y, batch_size=8, verbose=0)
       >>> int(model.optimizer.inner_optimizer.steps_taken.numpy())
       1
     """
