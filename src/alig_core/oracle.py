@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from alig_core._config import AliGConfig
 
-__all__ = ["OracleState", "oracle_step", "project_onto_ball"]
+__all__ = ["OracleState", "oracle_step", "oracle_step_size", "project_onto_ball"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,36 @@ def project_onto_ball(params: Sequence[np.ndarray], max_norm: float) -> list[np.
     return params
 
 
+def oracle_step_size(
+    loss: float, sq_norm: float, config: AliGConfig
+) -> tuple[float, float, bool] | None:
+    """ALI-G's step size from a finite loss and squared gradient norm, in Python floats.
+
+    ``gamma_hat = (loss - f_star) / (sq_norm + eps)`` (0 where the denominator is 0),
+    clamped at 0, then capped at ``max_lr``.
+
+    Returns:
+      ``(gamma, gamma_hat, capped)``, or ``None`` where ``gamma`` is not finite (no cap,
+      and the quotient overflowed): the step is skipped.
+
+    Example:
+      >>> from alig_core import AliGConfig
+      >>> oracle_step_size(0.5, 1.0, AliGConfig(max_lr=0.1, eps=0.0))
+      (0.1, 0.5, True)
+    """
+    max_lr = None if config.max_lr is None else float(config.max_lr)  # type: ignore[arg-type]
+    denominator = sq_norm + float(config.eps)
+    gamma_hat = (loss - float(config.f_star)) / denominator if denominator != 0 else 0.0
+    gamma = max(gamma_hat, 0.0)
+    capped = False
+    if max_lr is not None and gamma >= max_lr:
+        gamma = max_lr
+        capped = True
+    if not math.isfinite(gamma):
+        return None
+    return gamma, gamma_hat, capped
+
+
 def oracle_step(
     params: Sequence[np.ndarray],
     grads: Sequence[np.ndarray | None],
@@ -97,7 +127,6 @@ def oracle_step(
     params = [np.array(p, dtype=np.float64) for p in params]
     grads = [None if g is None else np.asarray(g, dtype=np.float64) for g in grads]
     loss = float(loss)
-    max_lr = None if config.max_lr is None else float(config.max_lr)  # type: ignore[arg-type]
     mu = float(config.momentum)
 
     # 1. One global squared norm over every parameter that has a gradient.
@@ -108,15 +137,10 @@ def oracle_step(
         return params, replace(state, steps_skipped=state.steps_skipped + 1)
 
     # 3. The step size.
-    denominator = sq_norm + float(config.eps)
-    gamma_hat = (loss - float(config.f_star)) / denominator if denominator != 0 else 0.0
-    gamma = max(gamma_hat, 0.0)
-    capped = False
-    if max_lr is not None and gamma >= max_lr:
-        gamma = max_lr
-        capped = True
-    if not math.isfinite(gamma):  # no cap, and the quotient overflowed: an infinite step
+    size = oracle_step_size(loss, sq_norm, config)
+    if size is None:  # no cap, and the quotient overflowed: an infinite step
         return params, replace(state, steps_skipped=state.steps_skipped + 1)
+    gamma, gamma_hat, capped = size
 
     # 4. The update of every parameter with a gradient.
     buffers = list(state.buffers)

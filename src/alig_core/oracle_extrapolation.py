@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from alig_core._config import AliGConfig
-from alig_core.oracle import OracleState, oracle_step
+from alig_core.oracle import OracleState, oracle_step, oracle_step_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -282,15 +282,13 @@ class ExtrapolationOracle:
         return float(loss), [None if g is None else np.asarray(g, dtype=np.float64) for g in grads]
 
     def _alig_gamma_at_anchor(self, loss: float, sq_norm: float) -> float:
-        """ALI-G's step size (docs/specification.md, "One step" 3) from l(w_t), g(w_t)."""
-        c = self.base
-        assert isinstance(c, AliGConfig)
-        denominator = sq_norm + float(c.eps)
-        gamma_hat = (loss - float(c.f_star)) / denominator if denominator != 0 else 0.0
-        gamma = max(gamma_hat, 0.0)
-        if c.max_lr is not None and gamma > float(c.max_lr):  # type: ignore[arg-type]
-            gamma = float(c.max_lr)  # type: ignore[arg-type]
-        return gamma
+        """ALI-G's step size (:func:`alig_core.oracle.oracle_step_size`) from l(w_t), g(w_t).
+
+        0 where it is not finite (no cap and an overflowing quotient): ALI-G would skip.
+        """
+        assert isinstance(self.base, AliGConfig)
+        size = oracle_step_size(loss, sq_norm, self.base)
+        return 0.0 if size is None else size[0]
 
     def _lr_x(self, iteration: int, default: float) -> float:
         lr_x: Any = self.config.lr_x

@@ -160,7 +160,7 @@ def _keep_unless_stepped(stepped: jax.Array, old: Any, new: Any) -> Any:
     """
     if old is None or new is None:
         return old
-    return alig_core.keep_if_skipped(jnp, jnp.logical_not(stepped), old, new)
+    return alig_core._math.keep_if_skipped(jnp, jnp.logical_not(stepped), old, new)
 
 
 def _delta(target: jax.Array, param: jax.Array) -> jax.Array:
@@ -351,7 +351,7 @@ def extrapolation(
 
         points = tuple(up(p) for p in leaves)
         gradients = tuple(None if g is None else up(g) for g in grads)
-        core_state = alig_core.ExtrapolationState(
+        core_state = alig_core._extrapolation.ExtrapolationState(
             anchor=tuple(up(a) for a in treedef.flatten_up_to(state.anchor)),
             phase=state.phase,
             iteration=state.iteration,
@@ -377,7 +377,7 @@ def extrapolation(
             return tuple(up(m) for m in moved), new_state
 
         # The update: every call in "past"/"noise" mode, phase 1 in "gradient" mode.
-        inputs = alig_core.update_inputs(
+        inputs = alig_core._extrapolation.update_inputs(
             jnp,
             core_state,
             points,
@@ -399,7 +399,7 @@ def extrapolation(
                     "Restore the state of a mode='noise' wrapper, or start from tx.init(params)."
                 )
             noise = draw_noise(state.key, impl, state.iteration + 1, points)
-        call = alig_core.finish_update(
+        call = alig_core._extrapolation.finish_update(
             jnp,
             config,
             core_state,
@@ -414,7 +414,7 @@ def extrapolation(
             if config.lr_x is None:  # the base's step size at the anchor; its state is dropped
                 _, probe = tx.update(updates, state.base_state, params, **base_kwargs(value))
                 default = _base_step_size(probe)[0]
-            extrapolating = alig_core.extrapolate(
+            extrapolating = alig_core._extrapolation.extrapolate(
                 jnp,
                 config,
                 core_state,
@@ -424,7 +424,7 @@ def extrapolation(
                 sq_grad_norm=sq_grad_norm,
                 default_lr_x=default,
             )
-            call = alig_core.select_call(jnp, state.phase > 0, call, extrapolating)
+            call = alig_core._extrapolation.select_call(jnp, state.phase > 0, call, extrapolating)
 
         base_state = jax.tree.map(
             lambda old, new: _keep_unless_stepped(call.base_stepped, old, new),
@@ -451,7 +451,7 @@ def extrapolation_anchor(state: Any, params: optax.Params) -> optax.Params:
     """The anchor ``w_t``: the params to evaluate and save while they may hold ``w~_t``.
 
     The stored anchor where the state is in phase 1, ``params`` themselves in phase 0
-    (``alig_core.current_anchor``, leaf by leaf, with ``jnp.where``: it runs under ``jit``).
+    (``alig_core._extrapolation.current_anchor``, leaf by leaf, with ``jnp.where``: it runs under ``jit``).
 
     Args:
       state: the :class:`ExtrapolationState` of :func:`extrapolation`, or a tree holding
@@ -482,4 +482,6 @@ def extrapolation_anchor(state: Any, params: optax.Params) -> optax.Params:
             "nnx.as_pure(optimizer.opt_state))."
         )
     s = found[0]
-    return jax.tree.map(lambda a, p: alig_core.current_anchor(jnp, s.phase, a, p), s.anchor, params)
+    return jax.tree.map(
+        lambda a, p: alig_core._extrapolation.current_anchor(jnp, s.phase, a, p), s.anchor, params
+    )

@@ -31,7 +31,7 @@ def _dtype(leaf: Any) -> Any:
 
 def accumulation_dtype(leaves: list[Any]) -> jnp.dtype:
     """The core's accumulation dtype over the dtypes of ``leaves``: float32 or float64."""
-    return jnp.dtype(alig_core.accumulation_dtype(*{str(_dtype(x)) for x in leaves}))
+    return jnp.dtype(alig_core._math.accumulation_dtype(*{str(_dtype(x)) for x in leaves}))
 
 
 def sum_of_squares(leaves: list[jax.Array], dtype: jnp.dtype) -> jax.Array:

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 
 import alig_core
-from alig_core import (
-    AliGConfig,
+from alig_core import AliGConfig
+from alig_core._math import (
     Records,
     momentum_coefficients,
     momentum_update,
@@ -219,11 +219,15 @@ def _alig_transform(
                 new_buffers.append(b)
                 continue
             if keeps_buffers:
-                c = alig_core.MomentumCoefficients(*(jnp.asarray(x, dtype) for x in coefficients))
+                c = alig_core._math.MomentumCoefficients(
+                    *(jnp.asarray(x, dtype) for x in coefficients)
+                )
                 delta, buffer = momentum_update(jnp.zeros((), dtype), g.astype(dtype), b, c)
                 new_buffers.append(jnp.where(skipped, b, buffer.astype(b.dtype)))
             else:
-                delta = alig_core.sgd_update(jnp.zeros((), dtype), g.astype(dtype), size.gamma)
+                delta = alig_core._math.sgd_update(
+                    jnp.zeros((), dtype), g.astype(dtype), size.gamma
+                )
                 new_buffers.append(None)
             # -0.0 on a skipped step: p + (-0.0) is p bit for bit, whatever p's sign.
             deltas.append(jnp.where(skipped, -0.0, delta).astype(g.dtype))
@@ -438,7 +442,7 @@ def project_onto_ball(params: optax.Params, max_norm: float) -> optax.Params:
       >>> [round(x, 6) for x in project_onto_ball({"w": jnp.array([3.0, 4.0])}, 1.0)["w"].tolist()]
       [0.6, 0.8]
     """
-    alig_core.validate_max_norm(max_norm)
+    alig_core._config.validate_max_norm(max_norm)
     leaves = jax.tree.leaves(params)
     if not leaves:
         return params

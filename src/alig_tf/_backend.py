@@ -72,7 +72,7 @@ def dense(grads: list[Any]) -> list[Any]:
 
 
 def keep_if(skipped: Any, old: Any, new: Any) -> Any:
-    """``old`` if the step is skipped (a 0-d bool), else ``new`` (``alig_core.keep_if_skipped``).
+    """``old`` if the step is skipped (a 0-d bool), else ``new`` (``alig_core._math.keep_if_skipped``).
 
     TensorFlow: :func:`alig_tf._tensorflow.select`, the whole-tensor select.
     """
@@ -80,7 +80,7 @@ def keep_if(skipped: Any, old: Any, new: Any) -> Any:
         from alig_tf import _tensorflow
 
         return _tensorflow.select(skipped, old, new)
-    return alig_core.keep_if_skipped(ops, skipped, old, new)
+    return alig_core._math.keep_if_skipped(ops, skipped, old, new)
 
 
 def replica_key() -> Any:

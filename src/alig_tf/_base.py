@@ -98,7 +98,7 @@ class LossTakingOptimizer(keras.optimizers.Optimizer):
         """
         who = type(self).__name__
         if not variables and allow_empty:  # Keras' optimizers build on [] (nothing trains)
-            return alig_core.accumulation_dtype(keras.config.floatx())
+            return alig_core._math.accumulation_dtype(keras.config.floatx())
         if not variables:
             raise ValueError(
                 f"{who} got no variables to optimize (an empty list). Pass the model's "
@@ -113,7 +113,7 @@ class LossTakingOptimizer(keras.optimizers.Optimizer):
                     "variables out of the optimized list (trainable=False), and optimize a "
                     "complex quantity as two float variables (its real and imaginary parts)."
                 )
-        return alig_core.accumulation_dtype(*(v.dtype for v in variables))
+        return alig_core._math.accumulation_dtype(*(v.dtype for v in variables))
 
     @contextlib.contextmanager
     def _loss_of_this_call(self, loss: Any) -> Iterator[None]:

@@ -4,7 +4,7 @@ A thin adapter of :mod:`alig_core._extrapolation`, called with ``keras.ops``: th
 receives the loss (as :class:`~alig_tf.AliG` does), gathers the variables and gradients,
 runs the base optimizer's own ``apply`` from the anchor, draws the noise and assigns what
 the core returns. Both phases are computed on every call and one is selected with
-``where`` (``alig_core.select_call``), so one traced step serves every call under
+``where`` (``alig_core._extrapolation.select_call``), so one traced step serves every call under
 ``tf.function``, XLA and ``jax.jit``. See ``docs/extrapolation.md`` for which details are
 the paper's and which are this project's.
 """
@@ -20,9 +20,8 @@ import keras
 from keras import ops
 
 import alig_core
-from alig_core import (
-    EXTRAPOLATION_MODES,
-    ExtrapolationConfig,
+from alig_core import EXTRAPOLATION_MODES, ExtrapolationConfig
+from alig_core._extrapolation import (
     ExtrapolationState,
     anchor_step_size,
     extrapolate,
@@ -133,7 +132,7 @@ def _standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any
     import torch
 
     generator = torch.Generator(device=like.device)
-    generator.manual_seed(alig_core.noise_generator_seed(int(seed), int(iteration)))
+    generator.manual_seed(alig_core._extrapolation.noise_generator_seed(int(seed), int(iteration)))
     return torch.randn(size, generator=generator, dtype=getattr(torch, dtype), device=like.device)
 
 
@@ -270,7 +269,9 @@ class Extrapolation(LossTakingOptimizer):
     ) -> None:
         config = ExtrapolationConfig(mode=mode, lr_x=lr_x, sigma=sigma, linearized=linearized)
         _check_base(base_optimizer)
-        seed = alig_core.validate_seed(seed, mode=config.mode, below=_SEED_BOUND)
+        seed = alig_core._extrapolation_config.validate_seed(
+            seed, mode=config.mode, below=_SEED_BOUND
+        )
         super().__init__(learning_rate=0.0, name=name)
         self.base_optimizer = base_optimizer
         self.mode = config.mode
@@ -394,7 +395,7 @@ class Extrapolation(LossTakingOptimizer):
         """The anchor ``w_t``, one tensor per variable the optimizer was built on.
 
         The stored anchor in phase 1, the variables' values in phase 0
-        (``alig_core.current_anchor``): the weights to evaluate and save.
+        (``alig_core._extrapolation.current_anchor``): the weights to evaluate and save.
         """
         if not self.built:
             raise ValueError(
@@ -403,7 +404,7 @@ class Extrapolation(LossTakingOptimizer):
             )
         phase = self.phase.value
         return [
-            ops.copy(alig_core.current_anchor(ops, phase, a.value, v.value))
+            ops.copy(alig_core._extrapolation.current_anchor(ops, phase, a.value, v.value))
             for a, v in zip(self.anchors, self._trainable_variables, strict=True)
         ]
 
@@ -653,7 +654,7 @@ class Extrapolation(LossTakingOptimizer):
 def _check_base(base: Any) -> None:
     if not isinstance(base, keras.optimizers.Optimizer):
         raise ValueError(
-            f"Invalid base_optimizer: got {alig_core.describe_value(base)}; expected a "
+            f"Invalid base_optimizer: got {alig_core._config.describe_value(base)}; expected a "
             "keras.optimizers.Optimizer (e.g. keras.optimizers.SGD(0.1, momentum=0.9, "
             "nesterov=True) or alig_tf.AliG(max_lr=0.1)). Build the optimizer first, then "
             "wrap it."

@@ -19,7 +19,8 @@ from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.utils.naming import auto_name
 
 import alig_core
-from alig_core import AliGConfig, momentum_buffer_update, momentum_coefficients
+from alig_core import AliGConfig
+from alig_core._math import momentum_buffer_update, momentum_coefficients
 from alig_tf import _backend
 from alig_tf._base import LossTakingOptimizer, loss_in
 
@@ -116,7 +117,7 @@ class _Step(NamedTuple):
     """
 
     size: alig_core.StepSize
-    coefficients: alig_core.MomentumCoefficients
+    coefficients: alig_core._math.MomentumCoefficients
 
 
 @keras.saving.register_keras_serializable(package="alig")
@@ -350,8 +351,8 @@ class AliG(LossTakingOptimizer):
     ) -> None:
         """The step size once per step (as Nadam's scalar), then Keras' per-variable loop.
 
-        Then the records (``alig_core.record_step``) and, with ``max_norm``, the projection
-        (``alig_core.projection_scale``), both skip-gated by the core.
+        Then the records (``alig_core._math.record_step``) and, with ``max_norm``, the projection
+        (``alig_core._math.projection_scale``), both skip-gated by the core.
         """
         loss = self._take_loss()
         dtype = self._accumulation_dtype
@@ -377,7 +378,7 @@ class AliG(LossTakingOptimizer):
                 size.gamma, momentum=self.momentum, adjusted_momentum=self.adjusted_momentum
             ),
         )
-        records = alig_core.record_step(ops, self._records(), size)
+        records = alig_core._math.record_step(ops, self._records(), size)
         updates: list[tuple[Any, Any, tuple[Any, ...]]] = [
             (self._assign_record, variable, (new,))
             for variable, new in zip(self._record_variables(), records, strict=True)
@@ -398,7 +399,7 @@ class AliG(LossTakingOptimizer):
 
         if self.max_norm is not None:  # after the updates: the norm of the new values
             managed = self._trainable_variables
-            scale = alig_core.projection_scale(
+            scale = alig_core._math.projection_scale(
                 ops,
                 _backend.sum_of_squares([_backend.value(v) for v in managed], dtype),
                 self.max_norm,
@@ -421,7 +422,7 @@ class AliG(LossTakingOptimizer):
         value = ops.cast(_backend.value(variable), dtype)
         g = ops.cast(gradient, dtype)
         if self.momentum == 0:
-            new_value = alig_core.sgd_update(value, g, size.gamma)
+            new_value = alig_core._math.sgd_update(value, g, size.gamma)
         else:
             buffer = self.momentums[self._get_variable_index(variable)]
             old_buffer = _backend.value(buffer)
@@ -436,7 +437,7 @@ class AliG(LossTakingOptimizer):
                 # from the old buffer, which it would have to copy first (2 passes more;
                 # test_the_compiled_momentum_step_copies_no_buffer).
                 new_buffer = _backend.value(buffer)
-            new_value = alig_core.momentum_param_update(value, g, new_buffer, coefficients)
+            new_value = alig_core._math.momentum_param_update(value, g, new_buffer, coefficients)
         self.assign(
             variable,
             _backend.keep_if(
@@ -450,12 +451,12 @@ class AliG(LossTakingOptimizer):
     def _update_replica_variable(self, variable: Any, gradient: Any, step: _Step) -> None:
         self.update_step(gradient, variable, step)
 
-    def _records(self) -> alig_core.Records:
-        """The records before this step (:class:`alig_core.Records`)."""
-        return alig_core.Records(*(_backend.value(v) for v in self._record_variables()))
+    def _records(self) -> alig_core._math.Records:
+        """The records before this step (:class:`alig_core._math.Records`)."""
+        return alig_core._math.Records(*(_backend.value(v) for v in self._record_variables()))
 
     def _record_variables(self) -> tuple[Any, ...]:
-        """The optimizer variables that hold the records, in :class:`alig_core.Records` order."""
+        """The optimizer variables that hold the records, in :class:`alig_core._math.Records` order."""
         return (self.gamma, self.gamma_hat, self.capped, self.steps_taken, self.steps_skipped)
 
     def _assign_record(self, record: Any, new: Any) -> None:
@@ -553,11 +554,11 @@ def project_onto_ball(variables: list[keras.Variable], max_norm: float) -> None:
       >>> [round(float(x), 6) for x in v.numpy()]
       [0.6, 0.8]
     """
-    alig_core.validate_max_norm(max_norm)
+    alig_core._config.validate_max_norm(max_norm)
     if not variables:
         return
-    dtype = alig_core.accumulation_dtype(*(v.dtype for v in variables))
+    dtype = alig_core._math.accumulation_dtype(*(v.dtype for v in variables))
     sq_norm = _backend.sum_of_squares([_backend.value(v) for v in variables], dtype)
-    scale = alig_core.projection_scale(ops, sq_norm, max_norm)
+    scale = alig_core._math.projection_scale(ops, sq_norm, max_norm)
     for v in variables:
         v.assign(ops.cast(ops.cast(v, dtype) * scale, v.dtype))

@@ -18,21 +18,21 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
-from alig_core import (
+from alig_core._extrapolation import (
     ExtrapolationCall,
-    ExtrapolationConfig,
     ExtrapolationState,
     UpdateInputs,
     anchor_params,
     anchor_step_size,
-    describe_value,
     evaluation_skipped,
     extrapolate,
     finish_update,
     noise_generator_seed,
     update_inputs,
-    validate_seed,
 )
+from alig_core import ExtrapolationConfig
+from alig_core._config import describe_value
+from alig_core._extrapolation_config import validate_seed
 from alig_torch._functional import select_path
 from alig_torch._loss import loss_as_tensor, summed_losses
 from alig_torch._norms import accumulation_dtype, as_0d

@@ -5,7 +5,7 @@ state and calls :func:`alig` once per group; :func:`alig` runs the step along on
 paths of :data:`STEP_PATHS`, picked in one place, :func:`select_path`:
 
 * ``"host"`` (every tensor on the CPU, ``foreach``): the step size on Python floats
-  (:data:`alig_core.python_scalars`: reading a CPU number costs no synchronisation), the
+  (:data:`alig_core._scalars.python_scalars`: reading a CPU number costs no synchronisation), the
   squared norm as BLAS dot products, the update with in-place kernels and scalar
   coefficients, as ``torch.optim.SGD`` does;
 * ``"foreach"`` (on an accelerator): foreach kernels per (device, dtype) and 0-d tensors,
@@ -26,13 +26,9 @@ from typing import Any, NamedTuple
 import torch
 
 import alig_core
-from alig_core import (
-    momentum_coefficients,
-    momentum_update,
-    projection_scale,
-    python_scalars,
-    step_size,
-)
+from alig_core._math import momentum_coefficients, momentum_update, projection_scale
+from alig_core._scalars import python_scalars
+from alig_core import step_size
 from alig_torch._norms import (
     SumOfSquares,
     accumulation_dtype,
@@ -146,12 +142,12 @@ def _single_tensor_update(
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         skipped = size.skipped.to(p.device)
         if momentum == 0:
-            new_p = alig_core.sgd_update(p, g, size.gamma.to(device=p.device, dtype=p.dtype))
+            new_p = alig_core._math.sgd_update(p, g, size.gamma.to(device=p.device, dtype=p.dtype))
         else:
-            c = alig_core.MomentumCoefficients(*(_like(x, p) for x in coefficients))
+            c = alig_core._math.MomentumCoefficients(*(_like(x, p) for x in coefficients))
             new_p, new_b = momentum_update(p, g, buffers[i], c)
-            buffers[i].copy_(alig_core.keep_if_skipped(torch, skipped, buffers[i], new_b))
-        p.copy_(alig_core.keep_if_skipped(torch, skipped, p, new_p))
+            buffers[i].copy_(alig_core._math.keep_if_skipped(torch, skipped, buffers[i], new_b))
+        p.copy_(alig_core._math.keep_if_skipped(torch, skipped, p, new_p))
 
 
 def _like(value: Any, like: torch.Tensor) -> Any:
@@ -372,7 +368,7 @@ def project_onto_ball(params: Iterable[torch.Tensor], max_norm: float) -> None:
       >>> w
       tensor([0.6000, 0.8000])
     """
-    alig_core.validate_max_norm(max_norm)
+    alig_core._config.validate_max_norm(max_norm)
     tensors = list(params)
     if not tensors:
         return

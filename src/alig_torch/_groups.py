@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 import alig_core
-from alig_core import AliGConfig, validate_max_lr, validate_momentum
+from alig_core import AliGConfig
+from alig_core._config import validate_max_lr, validate_momentum
 
 __all__ = [
     "CONVENTION_KEY",
@@ -64,8 +65,8 @@ def cap_argument(max_lr: Any, lr: Any, given: bool) -> Any:
         return max_lr
     if max_lr is not None:
         raise ValueError(
-            f"AliG got both max_lr={alig_core.describe_value(max_lr)} and "
-            f"lr={alig_core.describe_value(lr)}; they are two names of the same setting (the cap "
+            f"AliG got both max_lr={alig_core._config.describe_value(max_lr)} and "
+            f"lr={alig_core._config.describe_value(lr)}; they are two names of the same setting (the cap "
             "on the step size, kept as each param group's 'lr'): pass only one of them."
         )
     return lr

@@ -37,7 +37,7 @@ SumOfSquares = Callable[[list[torch.Tensor], torch.dtype, torch.device], Any]
 def accumulation_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     """The core's accumulation dtype over the dtypes of ``tensors`` (float32 or float64)."""
     dtypes = {t.dtype for t in tensors}
-    return getattr(torch, alig_core.accumulation_dtype(*dtypes))
+    return getattr(torch, alig_core._math.accumulation_dtype(*dtypes))
 
 
 def as_0d(value: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -18,7 +18,8 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 import alig_core
-from alig_core import AliGConfig, validate_max_lr
+from alig_core import AliGConfig
+from alig_core._config import validate_max_lr
 from alig_torch import _distributed
 from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation, count_mismatch_message
 from alig_torch._deepspeed_guard import check_stepped_by_deepspeed
@@ -305,8 +306,8 @@ class AliG(Optimizer):
             if "lr" in param_group:
                 raise ValueError(
                     f"Param group {len(self.param_groups)} sets both 'max_lr' = "
-                    f"{alig_core.describe_value(param_group['max_lr'])} and 'lr' = "
-                    f"{alig_core.describe_value(param_group['lr'])}; they are the same thing "
+                    f"{alig_core._config.describe_value(param_group['max_lr'])} and 'lr' = "
+                    f"{alig_core._config.describe_value(param_group['lr'])}; they are the same thing "
                     "(the cap on the step size): set only one."
                 )
             param_group = dict(param_group)
@@ -480,7 +481,7 @@ class AliG(Optimizer):
             # step(loss): a loss handed over positionally (a tensor, a number or a list)
             if loss is not None:
                 raise ValueError(
-                    f"AliG.step() got a loss positionally ({alig_core.describe_value(closure)}) "
+                    f"AliG.step() got a loss positionally ({alig_core._config.describe_value(closure)}) "
                     f"and loss= as well; give it once. {_LOSS_HELP}"
                 )
             closure, loss = None, closure

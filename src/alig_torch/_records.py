@@ -1,6 +1,6 @@
 """AliG's monitoring records: where they live (each param group) and how a step moves them.
 
-The transitions are :func:`alig_core.record_step`'s; this module keeps the tensors they are
+The transitions are :func:`alig_core._math.record_step`'s; this module keeps the tensors they are
 written to and the read-only properties (``opt.gamma`` etc.) that show them.
 """
 
@@ -12,7 +12,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 import alig_core
-from alig_core import Records, record_step
+from alig_core._math import Records, record_step
 from alig_torch._functional import StepPath
 
 __all__ = ["RecordProperty", "stored_shape", "write_records"]
@@ -80,7 +80,7 @@ def write_records(
     device: torch.device,
     dtype: torch.dtype,
 ) -> None:
-    """Moves ``group``'s records (:class:`alig_core.Records`) with the core's ``record_step``.
+    """Moves ``group``'s records (:class:`alig_core._math.Records`) with the core's ``record_step``.
 
     Off the host path the 1-element tensors are the core's arrays, written back with
     ``copy_`` (no host synchronisation). On the host path the core picks between the step's

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from abstract_values import AbstractScalar
-from alig_core import AliGConfig, validate_max_lr
+from alig_core import AliGConfig
+from alig_core._config import validate_max_lr
 
 nan, inf = math.nan, math.inf
 

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from alig_cases import max_relative_deviation
-from alig_core import (
-    AliGConfig,
+from alig_core import AliGConfig, ExtrapolationConfig, step_size
+from alig_core._extrapolation import (
     ExtrapolationCall,
-    ExtrapolationConfig,
     ExtrapolationState,
     anchor_params,
     anchor_step_size,
@@ -27,16 +26,17 @@ from alig_core import (
     extrapolated_step_size,
     finish_update,
     initial_extrapolation_state,
-    keep_if_skipped,
     linearization_term,
+    resolve_lr_x,
+    select_call,
+    update_inputs,
+)
+from alig_core._math import (
+    keep_if_skipped,
     momentum_coefficients,
     momentum_update,
     projection_scale,
-    resolve_lr_x,
-    select_call,
     sgd_update,
-    step_size,
-    update_inputs,
 )
 from alig_core.oracle_extrapolation import (
     OracleCallRecord,

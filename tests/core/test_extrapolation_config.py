@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 
 from abstract_values import AbstractScalar
-from alig_core import (
-    EXTRAPOLATION_MODES,
-    ExtrapolationConfig,
-    validate_lr_x,
-    validate_mode,
-    validate_sigma,
-)
+from alig_core import EXTRAPOLATION_MODES, ExtrapolationConfig
+from alig_core._extrapolation_config import validate_lr_x, validate_mode, validate_sigma
 
 nan, inf = math.nan, math.inf
 

@@ -16,14 +16,13 @@ from alig_cases import (
     run_oracle,
 )
 from alig_checks import OracleChecks
-from alig_core import (
-    AliGConfig,
+from alig_core import AliGConfig, step_size
+from alig_core._math import (
     keep_if_skipped,
     momentum_coefficients,
     momentum_update,
     projection_scale,
     sgd_update,
-    step_size,
 )
 from bad_inputs import Driver
 

@@ -7,17 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from alig_core import (
-    AliGConfig,
+from alig_core import AliGConfig, step_size
+from alig_core._math import (
     accumulation_dtype,
     keep_if_skipped,
     momentum_coefficients,
     momentum_update,
     projection_scale,
-    python_scalars,
     sgd_update,
-    step_size,
 )
+from alig_core._scalars import python_scalars
 from alig_core.oracle import OracleState, oracle_step, project_onto_ball
 
 

@@ -1,6 +1,6 @@
 """The state transitions every adapter takes from the core: records, projection, dtype, cap.
 
-``alig_core.record_step``, ``projection_scale(..., skipped=)``, ``accumulation_dtype`` over
+``alig_core._math.record_step``, ``projection_scale(..., skipped=)``, ``accumulation_dtype`` over
 all the parameters' dtypes, and the one rule for "no cap" (``None`` or ``inf``), each in
 NumPy and in ``python_scalars`` (torch's host path), against the oracle's records.
 """
@@ -12,15 +12,9 @@ import math
 import numpy as np
 import pytest
 
-from alig_core import (
-    AliGConfig,
-    Records,
-    accumulation_dtype,
-    projection_scale,
-    python_scalars,
-    record_step,
-    step_size,
-)
+from alig_core import AliGConfig, step_size
+from alig_core._math import Records, accumulation_dtype, projection_scale, record_step
+from alig_core._scalars import python_scalars
 from alig_core.oracle import OracleState, oracle_step
 
 _EDGE_VALUES = (0.0, -0.5, 1e-30, 0.3, 2.0, 1e30, math.inf, -math.inf, math.nan)

@@ -1,10 +1,10 @@
-"""alig_core.validate_seed: the noise seed rule both extrapolation adapters call."""
+"""alig_core._extrapolation_config.validate_seed: the noise seed rule both extrapolation adapters call."""
 
 from __future__ import annotations
 
 import pytest
 
-from alig_core import validate_seed
+from alig_core._extrapolation_config import validate_seed
 
 
 def test_a_seed_is_taken_in_noise_mode_only() -> None:

@@ -23,7 +23,8 @@ import alig_cases as table
 import alig_core
 import alig_torch
 from alig_cases import CASES, Case, Step
-from alig_core import Records, python_scalars, record_step
+from alig_core._math import Records, record_step
+from alig_core._scalars import python_scalars
 from alig_torch import AliG
 from alig_torch._functional import _SMALL_TENSOR, STEP_PATHS, project, select_path
 
