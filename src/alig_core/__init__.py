@@ -36,7 +36,7 @@ from alig_core._math import StepSize, step_size
 from alig_core._version import distribution_version
 
 # The private modules the adapters call (``alig_core._math.record_step``, ...).
-from alig_core import _extrapolation, _scalars  # noqa: E402, F401  (isort: skip)
+from alig_core import _extrapolation, _scalars  # noqa: F401  (isort: skip)
 
 __all__ = [
     "AliGConfig",

@@ -117,9 +117,9 @@ class ExtrapolationBase(Protocol):
           loss: the loss to step on (ALI-G: linearised where configured), or ``None``.
           sq_grad_norm: ``S`` of this call's gradients: ALI-G takes it as given and does
             not compute it again.
-          skipped: the core discards this step: an eager adapter may not step at all; a
-            compiled one steps and keeps the base's old state where the call's
-            ``base_stepped`` is False.
+          skipped: whether the core discards this step (an array: a compiled adapter steps
+            and keeps the base's old state where the call's ``base_stepped`` is False; where
+            :meth:`ArrayLists.decide` gives a Python ``True``, ``run`` is not called).
 
         Returns:
           Every parameter after the step (one the base did not touch equals the anchor),
@@ -389,8 +389,11 @@ class _Call(NamedTuple):
                 loss = loss + correction
                 skipped = xp.logical_or(skipped, xp.logical_not(xp.isfinite(loss)))
         skipped = ops.decide(skipped)
-        stepped, step_size = self.base.run(anchor, loss, self.sq_grad_norm, skipped)
-        stepped = tuple(stepped)
+        if skipped is True:  # decided on the host: the base does not run
+            stepped, step_size = anchor, 0.0
+        else:
+            stepped, step_size = self.base.run(anchor, loss, self.sq_grad_norm, skipped)
+            stepped = tuple(stepped)
         if config.mode == "gradient":
             new_params = ops.keep(skipped, anchor, stepped)
             new_anchor, phase = state.anchor, state.phase * 0

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
+from alig_core import ExtrapolationConfig
+from alig_core._config import describe_value
 from alig_core._extrapolation import (
     ExtrapolationCall,
     ExtrapolationState,
@@ -30,8 +32,6 @@ from alig_core._extrapolation import (
     noise_generator_seed,
     update_inputs,
 )
-from alig_core import ExtrapolationConfig
-from alig_core._config import describe_value
 from alig_core._extrapolation_config import validate_seed
 from alig_torch._functional import select_path
 from alig_torch._loss import loss_as_tensor, summed_losses

@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 import torch
 
 import alig_core
+from alig_core import step_size
 from alig_core._math import momentum_coefficients, momentum_update, projection_scale
 from alig_core._scalars import python_scalars
-from alig_core import step_size
 from alig_torch._norms import (
     SumOfSquares,
     accumulation_dtype,

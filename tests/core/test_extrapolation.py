@@ -1,10 +1,12 @@
 """The extrapolation math of alig_core, driven by NumPy, against the oracle and the SPEC.
 
-``NumpyExtrapolation`` is a minimal adapter built only from alig_core's functions, around
-two functional NumPy bases (ALI-G from alig_core's step functions; SGD with Nesterov
+``NumpyExtrapolation`` is a minimal adapter of :func:`alig_core._extrapolation.extrapolation_step`
+around two functional NumPy bases (ALI-G from alig_core's step functions; SGD with Nesterov
 momentum in torch's convention, standing in for a framework's own SGD). Its alternating
-form computes both phases and selects (as a compiled optax or Keras update would); its
-same-batch form branches on the skip flag (as torch's eager ``step(closure)`` would).
+form gives the phase as an array, so the core computes both phases and selects (as a
+compiled optax or Keras update does); its same-batch form gives the phase as a Python int
+and the skip flag on the host, so the core branches (as torch's eager ``step(closure)``
+does).
 """
 
 from __future__ import annotations
@@ -18,18 +20,11 @@ import pytest
 from alig_cases import max_relative_deviation
 from alig_core import AliGConfig, ExtrapolationConfig, step_size
 from alig_core._extrapolation import (
+    ArrayLists,
     ExtrapolationCall,
-    ExtrapolationState,
-    anchor_params,
-    anchor_step_size,
-    extrapolate,
-    extrapolated_step_size,
-    finish_update,
+    current_anchor,
+    extrapolation_step,
     initial_extrapolation_state,
-    linearization_term,
-    resolve_lr_x,
-    select_call,
-    update_inputs,
 )
 from alig_core._math import (
     keep_if_skipped,
@@ -75,17 +70,20 @@ class AliGBase:
     def init(self, params: Params) -> Any:
         return (tuple(np.zeros_like(p) for p in params), np.float64(0.0))
 
-    def anchor_lr_x(self, loss: Any, sq_grad_norm: Any) -> Any:
+    def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
         c = self.c
-        return anchor_step_size(np, loss, sq_grad_norm, max_lr=c.max_lr, eps=c.eps, f_star=c.f_star)
+        return step_size(np, loss, sq_grad_norm, max_lr=c.max_lr, eps=c.eps, f_star=c.f_star).gamma
 
-    def update_lr_x(self, state: Any) -> Any:
+    def step_size_taken(self, state: Any) -> Any:
         return state[1]  # the gamma of the update just taken
 
-    def step(self, params: Params, grads: Sequence[Any], loss: Any, state: Any) -> Any:
+    def step(
+        self, params: Params, grads: Sequence[Any], loss: Any, state: Any, sq: Any = None
+    ) -> Any:
         c, (buffers, old_gamma) = self.c, state
         present = [i for i, g in enumerate(grads) if g is not None]
-        sq = sum((np.sum(np.square(grads[i])) for i in present), np.float64(0.0))
+        if sq is None:  # a bare ALI-G computes S; the wrapper hands it over
+            sq = sum((np.sum(np.square(grads[i])) for i in present), np.float64(0.0))
         size = step_size(np, loss, sq, max_lr=c.max_lr, eps=c.eps, f_star=c.f_star)
         coefficients = momentum_coefficients(
             size.gamma, momentum=c.momentum, adjusted_momentum=c.adjusted_momentum
@@ -119,13 +117,15 @@ class SGDNesterovBase:
     def init(self, params: Params) -> Any:
         return (tuple(np.zeros_like(p) for p in params),)
 
-    def anchor_lr_x(self, loss: Any, sq_grad_norm: Any) -> Any:
+    def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
         return self.lr
 
-    def update_lr_x(self, state: Any) -> Any:
+    def step_size_taken(self, state: Any) -> Any:
         return self.lr
 
-    def step(self, params: Params, grads: Sequence[Any], loss: Any, state: Any) -> Any:
+    def step(
+        self, params: Params, grads: Sequence[Any], loss: Any, state: Any, sq: Any = None
+    ) -> Any:
         new_params, new_buffers = list(params), list(state[0])
         for i, g in enumerate(grads):
             if g is None:
@@ -148,11 +148,42 @@ def tree_where(condition: Any, if_true: Any, if_false: Any) -> Any:
     return np.where(condition, if_true, if_false)
 
 
+class BaseCall:
+    """One call's :class:`alig_core._extrapolation.ExtrapolationBase`: a functional base, the
+    call's gradients and the base's state; it keeps the state the base's step made."""
+
+    def __init__(self, base: AliGBase | SGDNesterovBase, grads: Sequence[Any], state: Any) -> None:
+        self.base, self.grads, self.state = base, grads, state
+        self.takes_loss = base.takes_loss
+        self.stepped_state: Any = state
+        self.runs: list[tuple[Any, Any]] = []  # (loss, S) of every run
+        self.step_size_queries: list[tuple[Any, Any]] = []
+
+    def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
+        self.step_size_queries.append((loss, sq_grad_norm))
+        return self.base.step_size_at(loss, sq_grad_norm)
+
+    def run(self, anchor: Params, loss: Any, sq_grad_norm: Any, skipped: Any) -> Any:
+        self.runs.append((loss, sq_grad_norm))
+        with np.errstate(all="ignore"):
+            params, self.stepped_state = self.base.step(
+                anchor, self.grads, loss, self.state, sq_grad_norm
+            )
+        return params, self.base.step_size_taken(self.stepped_state)
+
+
+class HostLists(ArrayLists):
+    """An eager adapter's list operations: the skip flag decided on the host (torch's way)."""
+
+    def decide(self, flag: Any) -> Any:
+        return bool(flag)
+
+
 # ---------------------------------------------------------------- the NumPy adapter
 
 
 class NumpyExtrapolation:
-    """The extrapolation wrapper around a functional NumPy base, from alig_core's functions."""
+    """The extrapolation wrapper around a functional NumPy base, one extrapolation_step a call."""
 
     def __init__(
         self,
@@ -164,24 +195,26 @@ class NumpyExtrapolation:
     ) -> None:
         self.params: Params = tuple(np.array(p, dtype=np.float64) for p in params)
         self.config, self.base, self.call_form, self.noise = config, base, call_form, noise
-        self.state = initial_extrapolation_state(
-            [p.copy() for p in self.params], np.zeros((), np.int32)
-        )
+        # the same-batch form is eager (Python counters, host branches); the alternating one
+        # is compiled (array counters, selected with where)
+        zero: Any = 0 if call_form == "same_batch" else np.zeros((), np.int32)
+        self.state = initial_extrapolation_state([p.copy() for p in self.params], zero)
         self.base_state = base.init(self.params)
         self.kinds: list[str] = []  # "anchor" / "update", one per evaluation made
 
     def call(self, evaluate: Evaluate, batch: int) -> None:
         with np.errstate(all="ignore"):  # NaN/inf on skipped iterations
-            if self.config.mode != "gradient":
-                self._apply(*self._update(self.state, self.params, *self._eval(evaluate, batch)))
-            elif self.call_form == "same_batch":
+            if self.config.mode == "gradient" and self.call_form == "same_batch":
                 self._same_batch(evaluate, batch)
             else:
-                self._alternating(evaluate, batch)
+                self._one(evaluate, batch)
 
     @property
     def anchor(self) -> Params:
-        return anchor_params(np, self.state, self.params)
+        return tuple(
+            current_anchor(np, self.state.phase, a, p)
+            for a, p in zip(self.state.anchor, self.params, strict=True)
+        )
 
     def _eval(self, evaluate: Evaluate, batch: int) -> tuple[Any, tuple[Any, ...], Any]:
         loss, grads = evaluate(list(self.params), batch)
@@ -189,38 +222,12 @@ class NumpyExtrapolation:
         sq = sum((np.sum(np.square(g)) for g in grads if g is not None), np.float64(0.0))
         return np.float64(loss), grads, sq
 
-    def _update(
-        self, state: ExtrapolationState, params: Params, loss: Any, grads: Any, sq: Any
-    ) -> tuple[ExtrapolationCall, Any]:
-        self.kinds.append("update")
-        inputs = update_inputs(
-            np,
-            state,
-            params,
-            grads,
-            loss=loss,
-            sq_grad_norm=sq,
-            linearized=self.config.linearized and self.base.takes_loss,
-        )
-        base_params, stepped = self.base.step(inputs.anchor, grads, inputs.loss, self.base_state)
-        noise = None
-        if self.config.mode == "noise":  # the key counter of iteration t+1's displacement
-            noise = self.noise(int(state.iteration) + 1)
-        call = finish_update(
-            np,
-            self.config,
-            state,
-            inputs,
-            base_params,
-            grads,
-            default_lr_x=self.base.update_lr_x(stepped),
-            noise=noise,
-        )
-        return call, stepped
-
-    def _extrapolate(self, loss: Any, grads: Any, sq: Any) -> ExtrapolationCall:
-        self.kinds.append("anchor")
-        return extrapolate(
+    def _step(self, loss: Any, grads: Any, sq: Any) -> ExtrapolationCall:
+        updates = self.config.mode != "gradient" or bool(self.state.phase)
+        self.kinds.append("update" if updates else "anchor")
+        base = BaseCall(self.base, grads, self.base_state)
+        eager = self.call_form == "same_batch"
+        call = extrapolation_step(
             np,
             self.config,
             self.state,
@@ -228,28 +235,27 @@ class NumpyExtrapolation:
             grads,
             loss=loss,
             sq_grad_norm=sq,
-            default_lr_x=self.base.anchor_lr_x(loss, sq),
+            base=base,
+            noise=self.noise,
+            lists=HostLists(np) if eager else None,
         )
-
-    def _apply(self, call: ExtrapolationCall, stepped: Any) -> None:
+        if eager:  # the base ran only where the call updates and does not skip
+            assert len(base.runs) == int(updates and not bool(call.skipped))
+        else:  # compiled: both phases computed, the base ran once, selected after
+            assert len(base.runs) == 1
         self.params, self.state = call.params, call.state
-        self.base_state = tree_where(call.base_stepped, stepped, self.base_state)
+        self.base_state = tree_where(call.base_stepped, base.stepped_state, self.base_state)
+        return call
 
-    def _alternating(self, evaluate: Evaluate, batch: int) -> None:
-        """Both phases computed, one selected by the phase: no branch on an array value."""
-        loss, grads, sq = self._eval(evaluate, batch)
-        extrapolating = self._extrapolate(loss, grads, sq)
-        updating, stepped = self._update(self.state, self.params, loss, grads, sq)
-        self.kinds[-2:] = ["update" if int(self.state.phase) else "anchor"]
-        self._apply(select_call(np, self.state.phase > 0, updating, extrapolating), stepped)
+    def _one(self, evaluate: Evaluate, batch: int) -> None:
+        self._step(*self._eval(evaluate, batch))
 
     def _same_batch(self, evaluate: Evaluate, batch: int) -> None:
         """The closure form: at the anchor, then (unless skipped) at w~ on the same batch."""
-        call = self._extrapolate(*self._eval(evaluate, batch))
-        self.params, self.state = call.params, call.state
+        call = self._step(*self._eval(evaluate, batch))
         if bool(call.skipped):
             return
-        self._apply(*self._update(self.state, self.params, *self._eval(evaluate, batch)))
+        self._step(*self._eval(evaluate, batch))
 
 
 def run_generic(
@@ -469,6 +475,54 @@ def test_skipped_iterations_leave_everything_bit_for_bit(case: ExtrapolationCase
 # ---------------------------------------------------------------- the linearised step
 
 
+class LossRecorder:
+    """A base that records the loss and ``S`` it is run with, and does not move."""
+
+    takes_loss = True
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[Any, Any]] = []
+
+    def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
+        return 0.0
+
+    def run(self, anchor: Params, loss: Any, sq_grad_norm: Any, skipped: Any) -> Any:
+        self.runs.append((loss, sq_grad_norm))
+        return anchor, 0.0
+
+
+def loss_handed_to_the_base(
+    anchor: Sequence[np.ndarray],
+    point: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    loss: Any,
+    *,
+    linearized: bool = True,
+    phase: int = 1,
+) -> tuple[Any, ExtrapolationCall]:
+    """The loss an update call hands its base, from ``point`` with the stored ``anchor``."""
+    state = initial_extrapolation_state(tuple(anchor), np.full((), phase, np.int32))
+    base = LossRecorder()
+    sq = sum(np.sum(np.square(g)) for g in grads)
+    call = extrapolation_step(
+        np,
+        ExtrapolationConfig(linearized=linearized),
+        state,
+        tuple(point),
+        tuple(grads),
+        loss=np.float64(loss),
+        sq_grad_norm=np.float64(sq),
+        base=base,
+    )
+    assert len(base.runs) == 1
+    assert base.runs[0][1] == sq  # the base gets the S the wrapper computed
+    return base.runs[0][0], call
+
+
+def alig_step_size(loss: Any, sq: Any, **kwargs: Any) -> Any:
+    return step_size(np, np.float64(loss), np.float64(sq), **kwargs)
+
+
 def test_the_correction_on_a_quadratic_is_the_anchor_loss_minus_half_the_squared_displacement() -> (
     None
 ):
@@ -476,19 +530,9 @@ def test_the_correction_on_a_quadratic_is_the_anchor_loss_minus_half_the_squared
     rng = np.random.default_rng(0)
     w, d = rng.standard_normal(7), 0.3 * rng.standard_normal(7)
     tilde = w + d
-    correction = linearization_term(np, tilde, tilde - w)  # g(w~) = w~
-    corrected = 0.5 * tilde @ tilde + correction
+    corrected, _ = loss_handed_to_the_base([w], [tilde], [tilde], 0.5 * tilde @ tilde)
     assert corrected == pytest.approx(0.5 * w @ w - 0.5 * d @ d, rel=1e-13)
-    size = extrapolated_step_size(
-        np,
-        0.5 * tilde @ tilde,
-        tilde @ tilde,
-        correction,
-        max_lr=None,
-        eps=0.0,
-        f_star=0.0,
-        linearized=True,
-    )
+    size = alig_step_size(corrected, tilde @ tilde, max_lr=None, eps=0.0, f_star=0.0)
     assert float(size.gamma_hat) == pytest.approx((0.5 * w @ w - 0.5 * d @ d) / (tilde @ tilde))
 
 
@@ -497,12 +541,11 @@ def test_on_a_linear_loss_the_linearised_step_is_alig_at_the_anchor() -> None:
     rng = np.random.default_rng(1)
     a, w, d, c = rng.standard_normal(5), rng.standard_normal(5), rng.standard_normal(5), 9.0
     tilde = w + d
-    correction = linearization_term(np, a, tilde - w)
     kwargs = {"max_lr": None, "eps": 1e-5, "f_star": 0.0}
-    at_tilde = extrapolated_step_size(
-        np, a @ tilde + c, a @ a, correction, linearized=True, **kwargs
-    )
-    plain = extrapolated_step_size(np, a @ tilde + c, a @ a, correction, linearized=False, **kwargs)
+    linear, _ = loss_handed_to_the_base([w], [tilde], [a], a @ tilde + c)
+    plain_loss, _ = loss_handed_to_the_base([w], [tilde], [a], a @ tilde + c, linearized=False)
+    at_tilde = alig_step_size(linear, a @ a, **kwargs)
+    plain = alig_step_size(plain_loss, a @ a, **kwargs)
     at_anchor = step_size(np, a @ w + c, a @ a, **kwargs)
     assert float(at_tilde.gamma) == pytest.approx(float(at_anchor.gamma), rel=1e-12)
     assert float(plain.gamma) == pytest.approx(
@@ -512,49 +555,60 @@ def test_on_a_linear_loss_the_linearised_step_is_alig_at_the_anchor() -> None:
 
 
 def test_the_linearised_step_clamps_at_zero_and_caps() -> None:
-    kwargs = {"eps": 0.0, "f_star": 0.0, "linearized": True}
-    below = extrapolated_step_size(
-        np, np.float64(0.1), np.float64(1.0), np.float64(-0.5), max_lr=1.0, **kwargs
-    )
-    above = extrapolated_step_size(
-        np, np.float64(0.1), np.float64(1.0), np.float64(5.0), max_lr=1.0, **kwargs
+    """The corrected loss goes through ALI-G's own step size: its clamp at 0 and its cap."""
+    anchor = np.array([1.0])
+    # <g, w - w~> = -0.5 (below 0 after the correction) and 5.0 (above the cap)
+    below_loss, _ = loss_handed_to_the_base([anchor], [anchor + 0.5], [np.array([1.0])], 0.1)
+    above_loss, _ = loss_handed_to_the_base([anchor], [anchor - 5.0], [np.array([1.0])], 0.1)
+    kwargs = {"eps": 0.0, "f_star": 0.0, "max_lr": 1.0}
+    below, above = (
+        alig_step_size(below_loss, 1.0, **kwargs),
+        alig_step_size(above_loss, 1.0, **kwargs),
     )
     assert (float(below.gamma), float(below.gamma_hat)) == (0.0, pytest.approx(-0.4))
     assert (float(above.gamma), bool(above.capped)) == (1.0, True)
 
 
-def test_update_inputs_corrects_the_loss_only_where_linearised() -> None:
+def test_the_update_corrects_the_loss_only_where_linearised() -> None:
     anchor, point, grad = np.array([1.0, -2.0]), np.array([0.5, -1.0]), np.array([0.5, -1.0])
-    state = initial_extrapolation_state([anchor], np.ones((), np.int32))
-    kwargs = {"loss": np.float64(0.625), "sq_grad_norm": np.float64(1.25)}
-    on = update_inputs(np, state, [point], [grad], linearized=True, **kwargs)
-    off = update_inputs(np, state, [point], [grad], linearized=False, **kwargs)
-    assert float(on.correction) == grad @ (anchor - point) == 1.25
-    assert float(on.loss) == 0.625 + 1.25
-    assert (float(off.correction), float(off.loss)) == (0.0, 0.625)
-    assert bits(on.anchor) == bits([anchor])
+    on, call = loss_handed_to_the_base([anchor], [point], [grad], 0.625)
+    off, _ = loss_handed_to_the_base([anchor], [point], [grad], 0.625, linearized=False)
+    assert float(on) - 0.625 == grad @ (anchor - point) == 1.25
+    assert float(on) == 0.625 + 1.25
+    assert float(off) == 0.625
+    assert bits(call.params) == bits([anchor])  # the base stepped from the anchor (and stayed)
     # In phase 0 the parameters are the anchor: no displacement, no correction.
-    at_anchor = update_inputs(
-        np, state._replace(phase=np.zeros((), np.int32)), [point], [grad], linearized=True, **kwargs
+    at_anchor, call = loss_handed_to_the_base([anchor], [point], [grad], 0.625, phase=0)
+    assert float(at_anchor) == 0.625
+    assert bits(call.params) == bits([point])
+
+
+def test_a_base_that_takes_no_loss_gets_no_correction() -> None:
+    class NoLoss(LossRecorder):
+        takes_loss = False
+
+    base = NoLoss()
+    state = initial_extrapolation_state((np.ones(1),), np.ones((), np.int32))
+    extrapolation_step(
+        np,
+        ExtrapolationConfig(),
+        state,
+        (np.zeros(1),),
+        (np.ones(1),),
+        loss=np.float64(0.5),
+        sq_grad_norm=np.float64(1.0),
+        base=base,
     )
-    assert (float(at_anchor.correction), float(at_anchor.loss)) == (0.0, 0.625)
-    assert bits(at_anchor.anchor) == bits([point])
+    assert float(base.runs[0][0]) == 0.5
 
 
 def test_a_non_finite_correction_skips_the_update() -> None:
     big = np.array([1e300])
-    state = initial_extrapolation_state([-big], np.ones((), np.int32))
-    with np.errstate(over="ignore"):
-        inputs = update_inputs(
-            np,
-            state,
-            [big],
-            [big],
-            loss=np.float64(1.0),
-            sq_grad_norm=np.float64(1.0),
-            linearized=True,
-        )
-    assert bool(inputs.skipped)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, call = loss_handed_to_the_base([-big], [big], [big], 1.0)
+    assert bool(call.skipped)
+    assert not bool(call.base_stepped)
+    assert bits(call.params) == bits([-big])  # back at the anchor
 
 
 # ---------------------------------------------------------------- the oracle by hand
@@ -660,20 +714,39 @@ class TracedNumpy:
     sum = staticmethod(lambda x: _traced(np.sum(np.asarray(x))))
 
 
+class TracedAliG:
+    """ALI-G's step size and a plain step in the traced namespace: a compiled adapter's base."""
+
+    takes_loss = True
+
+    def __init__(self, grads: Sequence[Any]) -> None:
+        self.grads = grads
+
+    def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
+        return step_size(
+            TracedNumpy, loss, sq_grad_norm, max_lr=_traced(0.5), eps=1e-5, f_star=0.0
+        ).gamma
+
+    def run(self, anchor: Params, loss: Any, sq_grad_norm: Any, skipped: Any) -> Any:
+        gamma = self.step_size_at(loss, sq_grad_norm)
+        return tuple(a - gamma * g for a, g in zip(anchor, self.grads, strict=True)), gamma
+
+
 @pytest.mark.parametrize("mode", ["gradient", "past", "noise"])
-def test_the_phase_functions_never_branch_on_an_array_value(mode: str) -> None:
+def test_the_procedure_never_branches_on_an_array_value(mode: str) -> None:
     xp = TracedNumpy
     config = ExtrapolationConfig(
         mode=mode,
-        lr_x=None if mode == "noise" else (lambda t: 0.1 / (1 + t)),
+        lr_x=None if mode != "past" else (lambda t: 0.1 / (1 + t)),
         sigma=0.1 if mode == "noise" else None,
     )
     params = tuple(_traced(p) for p in initial_params())
     grads = tuple(_traced(0.5 * p) for p in params)
     loss, sq = _traced(1.0), _traced(sum(np.sum(np.asarray(g) ** 2) for g in grads))
     state = initial_extrapolation_state(params, _traced(np.zeros((), np.int32)))
-    if mode == "gradient":
-        ext = extrapolate(
+    ones = [_traced(np.ones_like(p)) for p in params]
+    for _ in range(3):  # in "gradient" mode: anchor, update, anchor (both computed each time)
+        call = extrapolation_step(
             xp,
             config,
             state,
@@ -681,72 +754,114 @@ def test_the_phase_functions_never_branch_on_an_array_value(mode: str) -> None:
             grads,
             loss=loss,
             sq_grad_norm=sq,
-            default_lr_x=anchor_step_size(xp, loss, sq, max_lr=_traced(0.5), eps=1e-5, f_star=0.0),
+            base=TracedAliG(grads),
+            noise=lambda t: ones,
         )
-        state, params = ext.state, ext.params
-    inputs = update_inputs(xp, state, params, grads, loss=loss, sq_grad_norm=sq, linearized=True)
-    size = extrapolated_step_size(
-        xp, loss, sq, inputs.correction, max_lr=0.5, eps=1e-5, f_star=0.0, linearized=True
-    )
-    noise = [_traced(np.ones_like(p)) for p in params] if mode == "noise" else None
-    done = finish_update(
-        xp, config, state, inputs, inputs.anchor, grads, default_lr_x=size.gamma, noise=noise
-    )
-    chosen = select_call(xp, state.phase > 0, done, done)
-    assert all(isinstance(p, Traced) for p in chosen.params)
-    assert isinstance(chosen.state.iteration, Traced)
+        state, params = call.state, call.params
+        assert all(isinstance(p, Traced) for p in call.params)
+        assert all(isinstance(a, Traced) for a in call.state.anchor)
+        assert isinstance(call.state.iteration, Traced)
+        assert isinstance(call.state.phase, Traced)
     with pytest.raises(TypeError, match="Python branch"):  # guard: Traced does catch branches
-        bool(chosen.skipped)
+        bool(call.skipped)
 
 
-# ---------------------------------------------------------------- misuse of the phase functions
+# ---------------------------------------------------------------- the default lr_x, and misuse
 
 
-def test_extrapolate_is_refused_outside_gradient_mode() -> None:
-    state = initial_extrapolation_state([np.ones(1)], np.zeros((), np.int32))
-    with pytest.raises(ValueError, match="mode='gradient'"):
-        extrapolate(
+def test_the_default_lr_x_is_the_bases_step_size_and_is_asked_only_where_needed() -> None:
+    """ "gradient" mode asks step_size_at(l(w_t), S(w_t)) once; "past" uses run's step size;
+    a given lr_x asks nothing."""
+    w, g = np.array([1.0]), np.array([2.0])
+
+    class Base(LossRecorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[tuple[Any, Any]] = []
+
+        def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
+            self.asked.append((loss, sq_grad_norm))
+            return 0.25
+
+        def run(self, anchor: Params, loss: Any, sq_grad_norm: Any, skipped: Any) -> Any:
+            self.runs.append((loss, sq_grad_norm))
+            return anchor, 0.125
+
+    def one_call(config: ExtrapolationConfig) -> tuple[Base, ExtrapolationCall]:
+        base = Base()
+        state = initial_extrapolation_state((w,), 0)
+        call = extrapolation_step(
             np,
-            ExtrapolationConfig(mode="past"),
+            config,
             state,
-            [np.ones(1)],
-            [np.ones(1)],
+            (w,),
+            (g,),
+            loss=np.float64(3.0),
+            sq_grad_norm=np.float64(4.0),
+            base=base,
+            lists=HostLists(np),
+        )
+        return base, call
+
+    base, call = one_call(ExtrapolationConfig())
+    assert base.asked == [(3.0, 4.0)]
+    assert base.runs == []
+    assert call.params[0].tolist() == [1.0 - 0.25 * 2.0]
+    base, call = one_call(ExtrapolationConfig(mode="past"))
+    assert base.asked == []
+    assert len(base.runs) == 1
+    assert call.params[0].tolist() == [1.0 - 0.125 * 2.0]  # d_1 = -gamma_0 * g
+    for config in (ExtrapolationConfig(lr_x=0.5), ExtrapolationConfig(mode="past", lr_x=0.5)):
+        base, call = one_call(config)
+        assert base.asked == []
+        assert call.params[0].tolist() == [0.0]
+
+
+def test_past_and_noise_modes_update_on_every_call() -> None:
+    """There is no call at the anchor outside "gradient" mode, whatever the phase."""
+    for config in (ExtrapolationConfig(mode="past"), ExtrapolationConfig(mode="noise", sigma=0.1)):
+        base = LossRecorder()
+        state = initial_extrapolation_state((np.ones(1),), 0)
+        call = extrapolation_step(
+            np,
+            config,
+            state,
+            (np.ones(1),),
+            (np.ones(1),),
             loss=np.float64(1.0),
             sq_grad_norm=np.float64(1.0),
+            base=base,
+            noise=lambda t: [np.zeros(1)],
+            lists=HostLists(np),
         )
+        assert len(base.runs) == 1
+        assert (call.state.phase, call.state.iteration) == (1, 1)
 
 
-def test_lr_x_none_without_the_base_step_size_is_an_adapter_error() -> None:
-    with pytest.raises(TypeError, match="default_lr_x"):
-        resolve_lr_x(None, 0, None)
-
-
-def test_noise_mode_without_noise_and_linearised_without_loss_are_errors() -> None:
+def test_noise_mode_without_noise_and_a_loss_taking_base_without_loss_are_errors() -> None:
     state = initial_extrapolation_state([np.ones(1)], np.zeros((), np.int32))
 
-    def inputs_without_loss(linearized: bool) -> Any:
-        return update_inputs(
+    def step(config: ExtrapolationConfig, base: Any, loss: Any) -> Any:
+        return extrapolation_step(
             np,
+            config,
             state,
             [np.ones(1)],
             [np.ones(1)],
-            loss=None,
+            loss=loss,
             sq_grad_norm=np.float64(1.0),
-            linearized=linearized,
+            base=base,
         )
 
     with pytest.raises(ValueError, match="no loss was given"):
-        inputs_without_loss(linearized=True)
-    inputs = inputs_without_loss(linearized=False)
+        step(ExtrapolationConfig(), LossRecorder(), None)
+
+    class NoLoss(LossRecorder):
+        takes_loss = False
+
+    step(ExtrapolationConfig(), NoLoss(), None)  # a base that takes none needs none
     with pytest.raises(ValueError, match="no noise was given"):
-        finish_update(
-            np,
-            ExtrapolationConfig(mode="noise", sigma=0.1),
-            state,
-            inputs,
-            [np.ones(1)],
-            [np.ones(1)],
-        )
+        step(ExtrapolationConfig(mode="noise", sigma=0.1), NoLoss(), None)
 
 
 def test_the_extrapolation_oracle_imports_numpy_only_when_it_runs() -> None:

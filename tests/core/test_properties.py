@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alig_core._math import projection_scale
 from alig_core import step_size
+from alig_core._math import projection_scale
 
 finite = st.floats(min_value=-1e30, max_value=1e30, allow_nan=False)
 any_float = st.floats(allow_nan=True, allow_infinity=True)
