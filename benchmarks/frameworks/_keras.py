@@ -288,6 +288,6 @@ def extrapolation_cost_rows(problem: cost.CostProblem) -> tuple[str, list[cost.C
             optimizer = Extrapolation(make_base(), mode=mode)
             built.append(_cost_row(problem, name, base, mode, optimizer, calls))
     rows = [row for row, _ in built]
-    jit = sorted({str(jit_compile) for _, jit_compile in built})
+    jit = "/".join(sorted({str(jit_compile) for _, jit_compile in built}))
     info = f"keras {keras.__version__} on {backend} (train_on_batch, jit_compile={jit}); {threads}"
     return info, rows
