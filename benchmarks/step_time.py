@@ -79,8 +79,10 @@ def _memory_copy(num_bytes: int) -> Callable[[], None]:
     return lambda: np.copyto(target, source)
 
 
-def _time_interleaved(rows: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds per row; every round runs each row once, in a new random order.
+def _samples_interleaved(
+    rows: dict[str, Callable[[], None]], rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of each run of each row; every round runs each row once, in a new random order.
 
     The order is shuffled because a fixed one biases the rows: the same step measured
     twice in one fixed round came out 3% apart (what runs just before a row matters).
@@ -94,6 +96,12 @@ def _time_interleaved(rows: dict[str, Callable[[], None]], rounds: int) -> dict[
             start = time.perf_counter()
             rows[name]()
             samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def _time_interleaved(rows: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median seconds per row, timed by :func:`_samples_interleaved`."""
+    samples = _samples_interleaved(rows, rounds)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

@@ -8,7 +8,10 @@
 - ``long_run(problem) -> Result``: the long run (``benchmarks.long_run``);
 - ``step_time_rows(shapes) -> (baseline, {row: step})``: the step-time rows, each a
   blocking optimizer step, built and warmed up (``benchmarks.step_time``); Keras adds
-  ``step_time_rows_graph`` (no XLA).
+  ``step_time_rows_graph`` (no XLA);
+- ``extrapolation_cost_rows(problem) -> (info, [CostRow])``: a full training iteration of
+  the digits MLP per row, bare bases and the extrapolation wrapper around them
+  (``benchmarks.extrapolation_cost``).
 
 :func:`load` imports a framework's module, and with it the framework, only when asked.
 """

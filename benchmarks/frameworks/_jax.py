@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,10 +14,11 @@ import numpy as np
 import optax
 
 from alig_jax import AliGState, alig, extrapolation
+from benchmarks import extrapolation_cost as cost
 from benchmarks._parity_runners import StepRecord, as_numpy, split_extrapolation
 from benchmarks.long_run import MAX_LR, MOMENTUM, WARM_UP, Problem, Result, finish, rss_bytes
 
-__all__ = ["ParityRunner", "long_run", "step_time_rows"]
+__all__ = ["ParityRunner", "extrapolation_cost_rows", "long_run", "step_time_rows"]
 
 
 class ParityRunner:
@@ -144,3 +147,77 @@ def step_time_rows(shapes: list[tuple[int, ...]]) -> tuple[str, dict[str, Callab
         "optax.polyak_sgd": _stepper(optax.polyak_sgd(max_learning_rate=0.1), shapes),
     }
     return baseline, rows
+
+
+def _cost_row(
+    problem: cost.CostProblem,
+    name: str,
+    base: str,
+    mode: str | None,
+    tx: optax.GradientTransformation,
+    takes_value: bool,
+    calls: int,
+) -> cost.CostRow:
+    """``calls`` jitted train steps (value_and_grad, update, apply) per iteration, each on
+    the next minibatch."""
+
+    def loss_fn(params: list[jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
+        w1, b1, w2, b2 = params
+        logits = jax.nn.relu(x @ w1 + b1) @ w2 + b2
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def train_step(params: list[jax.Array], state: Any, x: jax.Array, y: jax.Array) -> Any:
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        if takes_value:
+            updates, state = tx.update(grads, state, params, value=loss)
+        else:
+            updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    xs = [jnp.asarray(x) for x in problem.x]
+    ys = [jnp.asarray(y) for y in problem.y]
+    params = [jnp.asarray(w) for w in problem.weights]
+    carry: list[Any] = [params, tx.init(params), jnp.zeros(())]
+    batches = itertools.cycle(range(len(xs)))
+
+    def run() -> None:
+        for _ in range(calls):
+            i = next(batches)
+            carry[0], carry[1], carry[2] = train_step(carry[0], carry[1], xs[i], ys[i])
+        jax.block_until_ready(carry)
+
+    return cost.CostRow(name, base, mode, run, lambda: float(carry[2]))
+
+
+def extrapolation_cost_rows(problem: cost.CostProblem) -> tuple[str, list[cost.CostRow]]:
+    """The rows of ``benchmarks.extrapolation_cost``: each call one ``jax.jit`` train step.
+
+    ``"gradient"`` mode alternates (one evaluation per call), so its iteration is two calls
+    on two minibatches, as a loop makes them; its floor: two calls of the bare base.
+    """
+
+    def sgd() -> optax.GradientTransformation:
+        return optax.sgd(cost.LR, momentum=cost.MOMENTUM, nesterov=True)
+
+    def alig_base() -> optax.GradientTransformation:
+        return alig(max_lr=cost.LR, momentum=cost.MOMENTUM)
+
+    rows = []
+    # lr_x: optax.sgd keeps its learning rate in a closure, so it is given (torch's default)
+    for base, short, make_base, takes_value, lr_x in (
+        ("optax.sgd nesterov", "sgd", sgd, False, cost.LR),
+        ("alig_jax.alig", "alig", alig_base, True, None),
+    ):
+        rows.append(_cost_row(problem, base, base, None, make_base(), takes_value, 1))
+        floor = f"floor: {short}, 2 calls"
+        rows.append(_cost_row(problem, floor, base, "floor", make_base(), takes_value, 2))
+        for mode, calls in (("past", 1), ("gradient", 2)):
+            name = f"extrapolation({short}, {mode!r}) {calls} call{'s' * (calls > 1)}"
+            tx = extrapolation(make_base(), mode=mode, lr_x=lr_x)
+            rows.append(_cost_row(problem, name, base, mode, tx, True, calls))
+    info = (
+        f"jax {jax.__version__}, optax {optax.__version__}, jit; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, devices {jax.devices()}"
+    )
+    return info, rows

@@ -13,7 +13,9 @@ no XLA implementation of ALI-G can beat it.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +24,7 @@ import keras
 import numpy as np
 
 from alig_tf import AliG, AliGTrainStep, Extrapolation
+from benchmarks import extrapolation_cost as cost
 from benchmarks._parity_runners import StepRecord, as_numpy, split_extrapolation
 from benchmarks.long_run import (
     BATCH,
@@ -35,7 +38,13 @@ from benchmarks.long_run import (
     rss_bytes,
 )
 
-__all__ = ["ParityRunner", "long_run", "step_time_rows", "step_time_rows_graph"]
+__all__ = [
+    "ParityRunner",
+    "extrapolation_cost_rows",
+    "long_run",
+    "step_time_rows",
+    "step_time_rows_graph",
+]
 
 StepTimeRows = tuple[str, dict[str, Callable[[], None]]]
 
@@ -197,3 +206,88 @@ def step_time_rows_graph(shapes: list[tuple[int, ...]]) -> StepTimeRows:
         ),
     }
     return baseline, rows
+
+
+def _cost_row(
+    problem: cost.CostProblem,
+    name: str,
+    base: str,
+    mode: str | None,
+    optimizer: keras.optimizers.Optimizer,
+    calls: int,
+) -> tuple[cost.CostRow, Any]:
+    """``calls`` x ``model.train_on_batch`` (Keras' compiled train step, what ``fit`` runs
+    per batch) per iteration, each on the next minibatch; the row and the model's
+    ``jit_compile``."""
+
+    class MLP(AliGTrainStep, keras.Sequential):  # the mixin: AliG's loss on the JAX backend
+        pass
+
+    w1, b1, w2, b2 = problem.weights
+    model = MLP(
+        [
+            keras.Input((w1.shape[0],)),
+            keras.layers.Dense(w1.shape[1], activation="relu"),
+            keras.layers.Dense(w2.shape[1]),
+        ]
+    )
+    model.set_weights([w1, b1, w2, b2])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    xs, ys = list(problem.x), list(problem.y)
+    batches = itertools.cycle(range(len(xs)))
+    last = [0.0]
+
+    def run() -> None:
+        for _ in range(calls):
+            i = next(batches)
+            last[0] = model.train_on_batch(xs[i], ys[i])  # returns numpy: blocks
+
+    row = cost.CostRow(name, base, mode, run, lambda: float(last[0]))
+    return row, model.jit_compile
+
+
+def extrapolation_cost_rows(problem: cost.CostProblem) -> tuple[str, list[cost.CostRow]]:
+    """The rows of ``benchmarks.extrapolation_cost``: ``train_on_batch``, Keras' backend.
+
+    ``"gradient"`` mode alternates (one evaluation per call, as in ``fit``), so its
+    iteration is two calls on two minibatches; its floor: two calls of the bare base.
+    """
+    backend = keras.backend.backend()
+    threads = ""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        threads = (
+            f"tensorflow {tf.__version__}, intra_op threads "
+            f"{tf.config.threading.get_intra_op_parallelism_threads()}, inter_op "
+            f"{tf.config.threading.get_inter_op_parallelism_threads()}"
+        )
+    elif backend == "jax":
+        import jax
+
+        threads = f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+
+    def alig() -> keras.optimizers.Optimizer:
+        return AliG(max_lr=cost.LR, momentum=cost.MOMENTUM)
+
+    built = []
+    for base, short, make_base in (
+        ("keras SGD nesterov", "SGD", _nesterov_sgd),
+        ("alig_tf.AliG", "AliG", alig),
+    ):
+        built.append(_cost_row(problem, base, base, None, make_base(), 1))
+        floor = f"floor: {short}, 2 steps"
+        built.append(_cost_row(problem, floor, base, "floor", make_base(), 2))
+        for mode, calls in (("past", 1), ("gradient", 2)):
+            name = f"Extrapolation({short}, {mode!r}) {calls} step{'s' * (calls > 1)}"
+            optimizer = Extrapolation(make_base(), mode=mode)
+            built.append(_cost_row(problem, name, base, mode, optimizer, calls))
+    rows = [row for row, _ in built]
+    jit = "/".join(sorted({str(jit_compile) for _, jit_compile in built}))
+    info = f"keras {keras.__version__} on {backend} (train_on_batch, jit_compile={jit}); {threads}"
+    return info, rows

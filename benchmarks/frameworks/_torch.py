@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,10 +12,11 @@ import numpy as np
 import torch
 
 from alig_torch import AliG, Extrapolation
+from benchmarks import extrapolation_cost as cost
 from benchmarks._parity_runners import StepRecord, as_numpy, split_extrapolation
 from benchmarks.long_run import MAX_LR, MOMENTUM, WARM_UP, Problem, Result, finish, rss_bytes
 
-__all__ = ["ParityRunner", "long_run", "step_time_rows"]
+__all__ = ["ParityRunner", "extrapolation_cost_rows", "long_run", "step_time_rows"]
 
 
 class ParityRunner:
@@ -142,3 +145,110 @@ def step_time_rows(shapes: list[tuple[int, ...]]) -> tuple[str, dict[str, Callab
     except ImportError:  # the peer is optional
         pass
     return "torch.optim.SGD nesterov (foreach)", rows
+
+
+MakeOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def _cost_row(
+    problem: cost.CostProblem,
+    name: str,
+    base: str,
+    mode: str | None,
+    make_optimizer: MakeOptimizer,
+    takes_loss: bool,
+    closure: bool,
+    evaluations: int = 1,
+) -> cost.CostRow:
+    """A training loop's iteration: ``step(closure)``, or ``evaluations`` backward passes
+    (the gradients cleared before each) then ``step()`` or ``step(loss=)``."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(*problem.weights[0].shape),
+        torch.nn.ReLU(),
+        torch.nn.Linear(*problem.weights[2].shape),
+    )
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), problem.weights, strict=True):
+            p.copy_(torch.from_numpy(w.T.copy() if w.ndim == 2 else w))
+    optimizer: Any = make_optimizer(list(model.parameters()))  # step(loss=) is AliG's
+    xs = [torch.from_numpy(x) for x in problem.x]
+    ys = [torch.from_numpy(y) for y in problem.y]
+    cross_entropy = torch.nn.functional.cross_entropy
+    batches = itertools.cycle(range(len(xs)))
+    last = [torch.tensor(0.0)]
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        i = next(batches)
+        return xs[i], ys[i]
+
+    if closure:
+
+        def run() -> None:
+            x, y = next_batch()
+
+            def evaluate() -> torch.Tensor:
+                optimizer.zero_grad()
+                loss = cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            last[0] = optimizer.step(evaluate)
+    else:
+
+        def run() -> None:
+            x, y = next_batch()
+            for _ in range(evaluations):
+                optimizer.zero_grad()
+                loss = cross_entropy(model(x), y)
+                loss.backward()
+            if takes_loss:
+                optimizer.step(loss=loss)
+            else:
+                optimizer.step()
+            last[0] = loss
+
+    return cost.CostRow(name, base, mode, run, lambda: float(last[0].detach()))
+
+
+def _extrapolated(make_base: MakeOptimizer, mode: str) -> MakeOptimizer:
+    return lambda params: Extrapolation(make_base(params), mode=mode)
+
+
+def extrapolation_cost_rows(problem: cost.CostProblem) -> tuple[str, list[cost.CostRow]]:
+    """The rows of ``benchmarks.extrapolation_cost``: eager, one thread.
+
+    The bases and ``"past"`` rows: ``loss.backward()`` then ``step()`` (SGD) or
+    ``step(loss=loss)`` (ALI-G); ``"gradient"`` rows: ``step(closure)`` (two evaluations
+    on the same batch); the floor of ``"gradient"`` mode: two forward and backward passes
+    and one step of the bare base.
+    """
+    torch.set_num_threads(1)
+    with contextlib.suppress(RuntimeError):  # refused once inter-op work has started
+        torch.set_num_interop_threads(1)
+
+    def sgd(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=cost.LR, momentum=cost.MOMENTUM, nesterov=True)
+
+    def alig(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return AliG(params, max_lr=cost.LR, momentum=cost.MOMENTUM)
+
+    rows = []
+    for base, short, make_base, takes_loss in (
+        ("torch.optim.SGD nesterov", "SGD", sgd, False),
+        ("alig_torch.AliG", "AliG", alig, True),
+    ):
+        rows.append(_cost_row(problem, base, base, None, make_base, takes_loss, False))
+        floor = f"floor: {short}, 2 backward, 1 step"
+        rows.append(_cost_row(problem, floor, base, "floor", make_base, takes_loss, False, 2))
+        for mode, closure, form in (
+            ("past", False, "backward, step"),
+            ("gradient", True, "closure"),
+        ):
+            name = f"Extrapolation({short}, {mode!r}) {form}"
+            make = _extrapolated(make_base, mode)
+            rows.append(_cost_row(problem, name, base, mode, make, takes_loss, closure))
+    info = (
+        f"torch {torch.__version__}, eager; torch.get_num_threads()={torch.get_num_threads()}, "
+        f"get_num_interop_threads()={torch.get_num_interop_threads()}"
+    )
+    return info, rows
