@@ -114,8 +114,10 @@ def _step_size(
 
 
 class AliGTransformation(optax.GradientTransformationExtraArgs):
-    """What :func:`alig` and :func:`scale_by_alig` return: an optax transformation that
-    also tells its step size (:meth:`step_size_at`)."""
+    """What :func:`alig` and :func:`scale_by_alig` return: an optax transformation.
+
+    It also tells its step size for an evaluation, moving nothing: :meth:`step_size_at`.
+    """
 
     _config: AliGConfig
 

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from alig_jax import AliGState, alig, extrapolation, extrapolation_anchor, project_onto_ball
+from alig_jax import AliGState, alig, anchor_params, extrapolation, project_onto_ball
 from extrapolation_cases import BASES, ITERATIONS, ExtrapolationCase, Problem, initial_params
 from worker_scripts import import_script
 
@@ -87,7 +87,7 @@ def test_zero_displacement_equals_the_base_bit_for_bit(mode: str, base: str) -> 
             bare_params = apply_leafwise(bare_params, steps)
             updates_made += 1
         assert bits(params) == bits(bare_params), f"call {k}"
-        assert bits(extrapolation_anchor(state, params)) == bits(bare_params)
+        assert bits(anchor_params(state, params)) == bits(bare_params)
         ours, _ = without_alig_skip_count(state.base_state)
         theirs, bare_skipped = without_alig_skip_count(bare_state)
         assert bits(ours) == bits(theirs), f"call {k}"
@@ -124,7 +124,7 @@ def test_skipped_iterations_leave_everything_bit_for_bit(case: ExtrapolationCase
     exact_entries, inexact_entries = 0, 0
     for k in range(case.calls):
         before_params, before = params, state
-        before_anchor = extrapolation_anchor(before, before_params)
+        before_anchor = anchor_params(before, before_params)
         loss, grads = worker.evaluate(problem, params, k, np.float64)
         updates, state = update(grads, state, params, value=loss)
         params = optax.apply_updates(params, updates)
@@ -211,7 +211,7 @@ def test_projection_applies_to_the_next_iterate_not_to_the_extrapolated_point(mo
         loss, grads = worker.evaluate(problem, params, k, np.float64)
         updates, state = update(grads, state, params, value=loss)
         params = optax.apply_updates(params, updates)
-        assert norm(extrapolation_anchor(state, params)) <= max_norm * (1 + 1e-12)
+        assert norm(anchor_params(state, params)) <= max_norm * (1 + 1e-12)
         if int(state.phase) == 1 and norm(params) > max_norm * (1 + 1e-6):
             outside += 1
     assert outside >= 10  # w~ was not projected
@@ -295,7 +295,7 @@ def test_alig_is_found_under_inject_hyperparams_and_chain() -> None:
 
 def test_noise_is_drawn_from_fold_in_of_the_key_and_the_iteration() -> None:
     sigma, seed = 0.5, 3
-    tx = extrapolation(optax.sgd(0.1), mode="noise", sigma=sigma, key=seed)
+    tx = extrapolation(optax.sgd(0.1), mode="noise", sigma=sigma, seed=seed)
     params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
     state = tx.init(params)
     for t in (1, 2, 3):
@@ -308,11 +308,11 @@ def test_noise_is_drawn_from_fold_in_of_the_key_and_the_iteration() -> None:
             jax.random.normal(k, jnp.shape(x), x.dtype)
             for k, x in zip(keys, [grads["a"], grads["b"]], strict=True)
         ]
-        anchor = extrapolation_anchor(state, params)
+        anchor = anchor_params(state, params)
         np.testing.assert_allclose(params["a"] - anchor["a"], sigma * xi[0], rtol=1e-12)
         np.testing.assert_allclose(params["b"] - anchor["b"], sigma * xi[1], rtol=1e-12)
     assert int(state.iteration) == 3
-    same = extrapolation(optax.sgd(0.1), mode="noise", sigma=sigma, key=jax.random.key(seed))
+    same = extrapolation(optax.sgd(0.1), mode="noise", sigma=sigma, seed=jax.random.key(seed))
     assert bits(same.init(params).key) == bits(state.key)
 
 
@@ -341,7 +341,7 @@ def test_the_anchor_for_evaluation_is_found_inside_a_larger_state() -> None:
     state = tx.init(params)
     updates, state = tx.update(params, state, params)
     tilde = optax.apply_updates(params, updates)
-    assert extrapolation_anchor((optax.EmptyState(), state), tilde).tolist() == [1.0]
+    assert anchor_params((optax.EmptyState(), state), tilde).tolist() == [1.0]
     assert tilde.tolist() == [0.5]
     with pytest.raises(ValueError, match="holds 0 ExtrapolationState"):
-        extrapolation_anchor(optax.EmptyState(), tilde)
+        anchor_params(optax.EmptyState(), tilde)
