@@ -427,7 +427,8 @@ def extrapolation(
         return treedef.unflatten(deltas), new_state
 
     def _check_state(state: ExtrapolationState) -> None:
-        saved = jnp.shape(getattr(state, "config_code", ()))
+        marker = getattr(state, "config_code", None)
+        saved = () if marker is None else jnp.shape(marker)
         if saved != (code + 1,):
             made_by = _describe_code(saved[0] - 1) if len(saved) == 1 else "an unknown wrapper"
             raise ValueError(

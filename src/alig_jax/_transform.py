@@ -300,7 +300,7 @@ def _alig_transform(config: AliGConfig, keeps_buffers: bool) -> AliGTransformati
             value_help=_VALUE_HELP,
         )
         takes_given = isinstance(given, GivenNorm) and given.takes(grads)
-        if takes_given:
+        if isinstance(given, GivenNorm) and takes_given:
             sq_grad_norm = jnp.asarray(given.sq_grad_norm).astype(dtype)
         else:
             sq_grad_norm = sum_of_squares(present, dtype)

@@ -11,7 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from alig_jax import AliGState, alig, anchor_params, extrapolation, project_onto_ball
+import alig_core
+from alig_jax import (
+    AliGState,
+    alig,
+    anchor_params,
+    extrapolation,
+    extrapolation_anchor,
+    project_onto_ball,
+)
 from extrapolation_cases import BASES, ITERATIONS, ExtrapolationCase, Problem, initial_params
 from worker_scripts import import_script
 
@@ -137,6 +145,7 @@ def test_skipped_iterations_leave_everything_bit_for_bit(case: ExtrapolationCase
         assert int(state.iteration) == int(before.iteration)
         assert bits(state.base_state) == bits(before.base_state)
         assert bits(state.key) == bits(before.key)
+        assert bits(anchor_params(state, params)) == bits(before_anchor)  # exact, always
         if phase == 1:  # the stored anchor was in use
             assert bits(state.anchor) == bits(before.anchor)
         if phase == 0:
@@ -345,3 +354,189 @@ def test_the_anchor_for_evaluation_is_found_inside_a_larger_state() -> None:
     assert tilde.tolist() == [0.5]
     with pytest.raises(ValueError, match="holds 0 ExtrapolationState"):
         anchor_params(optax.EmptyState(), tilde)
+
+
+# ---------------------------------------------------------------- issue 22
+
+
+def test_the_default_lr_x_follows_the_hyperparameters_alig_runs_with() -> None:
+    """Under inject_hyperparams, a max_lr changed in the state is the cap of the default
+    lr_x at the next call (ALI-G's own step size, not a copy of its settings)."""
+    tx = extrapolation(optax.inject_hyperparams(alig)(max_lr=0.01))
+    params = jnp.array([1.0, -2.0, 0.5])
+    state = tx.init(params)
+    tilde, state, (_, grads) = _quadratic_step(tx, params, state)
+    np.testing.assert_allclose(tilde - params, -0.01 * grads, rtol=1e-14)  # capped
+    params, state, _ = _quadratic_step(tx, tilde, state)  # the update
+    state.base_state.hyperparams["max_lr"] = jnp.asarray(0.002)
+    tilde, state, (_, grads) = _quadratic_step(tx, params, state)
+    np.testing.assert_allclose(tilde - params, -0.002 * grads, rtol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["gradient", "past"])
+@pytest.mark.parametrize(
+    ("base", "lr_x"),
+    [
+        (lambda: alig(max_lr=0.5, momentum=0.9), None),
+        (lambda: optax.inject_hyperparams(alig)(max_lr=0.5), None),
+        (lambda: optax.chain(alig(max_lr=0.5, adjusted_momentum=True, momentum=0.9)), None),
+        (lambda: optax.chain(optax.scale_by_polyak(), optax.scale(-1.0)), 0.1),  # no ALI-G
+        (lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9), None),
+    ],
+    ids=["alig", "inject_alig", "chain_alig", "polyak", "inject_sgd"],
+)
+def test_one_squared_gradient_norm_per_update(
+    monkeypatch: Any, mode: str, base: Any, lr_x: float | None
+) -> None:
+    """The wrapper computes S once and ALI-G steps with it: one sum of squares per traced
+    update, where the old wrapper had ALI-G compute it again (and once more for the probe).
+
+    Guard: where ALI-G does not take the given S (``GivenNorm.takes`` refused), it computes
+    its own, and the count sees a second one.
+    """
+    from alig_jax import _extrapolation, _transform
+
+    calls = []
+
+    def counted(leaves: Any, dtype: Any) -> Any:
+        calls.append(len(leaves))
+        return _transform_sum_of_squares(leaves, dtype)
+
+    _transform_sum_of_squares = _transform.sum_of_squares
+    monkeypatch.setattr(_transform, "sum_of_squares", counted)
+    monkeypatch.setattr(_extrapolation, "sum_of_squares", counted)
+    tx = extrapolation(base(), mode=mode, lr_x=lr_x)
+    params = {"a": jnp.ones(3), "b": jnp.array([[1.0, 2.0]])}
+    state = tx.init(params)
+
+    def trace() -> int:
+        calls.clear()  # a new function each time: jit traces it anew
+        jax.jit(lambda *args, **kwargs: tx.update(*args, **kwargs)).lower(
+            params, state, params, value=1.0
+        )
+        return len(calls)
+
+    assert trace() == 1
+    is_alig = any(
+        isinstance(s, AliGState)
+        for s in jax.tree.leaves(state.base_state, is_leaf=lambda x: isinstance(x, AliGState))
+    )
+    if is_alig:
+        monkeypatch.setattr(_transform.GivenNorm, "takes", lambda self, grads: False)
+        assert trace() == 2
+
+
+def test_a_base_behind_a_transformation_computes_its_own_norm() -> None:
+    """ALI-G takes the wrapper's S only for the very gradients it was computed from: behind
+    a clipping it steps with the norm of what it receives, as alone."""
+    base = optax.chain(optax.clip_by_global_norm(0.5), alig(max_lr=10.0))
+    tx = extrapolation(base, mode="past", lr_x=0.0)
+    params = jnp.array([1.0, -2.0, 0.5])
+    state, bare_state = tx.init(params), base.init(params)
+    loss, grads = jax.value_and_grad(lambda w: 0.5 * jnp.sum(w**2))(params)
+    updates, state = tx.update(grads, state, params, value=loss)
+    bare_updates, bare_state = base.update(grads, bare_state, params, value=loss)
+    assert bits(optax.apply_updates(params, updates)) == bits(
+        optax.apply_updates(params, bare_updates)
+    )
+    assert bits(state.base_state) == bits(bare_state)
+
+
+def test_step_size_at_is_alig_core_step_size_and_moves_nothing() -> None:
+    schedule = optax.linear_schedule(0.5, 0.05, 4)
+    for tx in (alig(max_lr=schedule, momentum=0.9, eps=1e-3, f_star=0.1), alig()):
+        params = jnp.array([1.0, -2.0, 0.5])
+        state = tx.init(params)
+        for _ in range(3):
+            before = bits(state)
+            for loss, sq in ((1.0, 40.0), (1.0, 0.5), (jnp.nan, 1.0), (0.05, 1.0)):
+                config = tx._config
+                cap = config.max_lr(state.steps_taken) if callable(config.max_lr) else config.max_lr
+                expected = alig_core.step_size(
+                    np,
+                    np.float64(loss),
+                    np.float64(sq),
+                    max_lr=cap,
+                    eps=config.eps,
+                    f_star=config.f_star,
+                ).gamma
+                got = tx.step_size_at(state, loss, sq)
+                assert got.dtype == state.gamma.dtype
+                assert float(got) == pytest.approx(float(expected), rel=1e-15, abs=0.0)
+            assert bits(state) == before  # nothing moved
+            loss, grads = jax.value_and_grad(lambda w: jnp.sum(w**2))(params)
+            updates, state = tx.update(grads, state, params, value=loss)
+            params = optax.apply_updates(params, updates)
+            # The step it takes is the step size it told for its evaluation.
+        sq = float(jnp.sum(jax.grad(lambda w: jnp.sum(w**2))(params) ** 2))
+        told = tx.step_size_at(state, float(jnp.sum(params**2)), sq)
+        loss, grads = jax.value_and_grad(lambda w: jnp.sum(w**2))(params)
+        _, state = tx.update(grads, state, params, value=loss)
+        assert float(state.gamma) == pytest.approx(float(told), rel=1e-14)
+    injected = optax.inject_hyperparams(alig)(max_lr=0.3, eps=1e-2)
+    state = injected.init(jnp.ones(2))
+    inner = alig(**state.hyperparams).step_size_at(state.inner_state, 1.0, 0.5)
+    assert float(inner) == pytest.approx(1.0 / (0.5 + 1e-2), rel=1e-6) or float(inner) == 0.3
+    with pytest.raises(ValueError, match="needs this transformation's AliGState, got"):
+        alig().step_size_at(state, 1.0, 0.5)
+
+
+def test_the_deprecated_names_warn_and_still_work() -> None:
+    tx = extrapolation(optax.sgd(0.1), lr_x=0.5)
+    params = jnp.array([1.0])
+    state = tx.init(params)
+    updates, state = tx.update(params, state, params)
+    tilde = optax.apply_updates(params, updates)
+    with pytest.warns(DeprecationWarning, match="anchor_params"):
+        old = extrapolation_anchor(state, tilde)
+    assert bits(old) == bits(anchor_params(state, tilde)) == bits(params)
+    with pytest.warns(DeprecationWarning, match="seed="):
+        by_key = extrapolation(optax.sgd(0.1), mode="noise", sigma=0.5, key=5)
+    by_seed = extrapolation(optax.sgd(0.1), mode="noise", sigma=0.5, seed=5)
+    assert bits(by_key.init(params)) == bits(by_seed.init(params))
+    # seed=None in "noise" mode is seed 0, as in torch and Keras.
+    none = extrapolation(optax.sgd(0.1), mode="noise", sigma=0.5)
+    zero = extrapolation(optax.sgd(0.1), mode="noise", sigma=0.5, seed=0)
+    assert bits(none.init(params)) == bits(zero.init(params))
+    assert bits(none.init(params)) != bits(by_seed.init(params))
+
+
+@pytest.mark.parametrize("mode", ["gradient", "past"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_after_a_skip_the_anchor_is_the_stored_one_bit_for_bit(mode: str, dtype: Any) -> None:
+    """SPEC 7: the params return to the anchor; ``params + (a - p)`` can miss it by a
+    rounding (a = 1e-8, p near 1), so the stored anchor is authoritative: anchor_params
+    gives it bit for bit, and the next call steps from it bit for bit.
+
+    SGD's learning rate is 0 for its first step (so that "past" mode's first update keeps
+    the anchor at a and only the displacement, lr_x = 1, moves the params), then 1/8 (a
+    power of two: the step from a is one rounding, however XLA fuses it).
+    """
+    a = jnp.array([1e-8, -3e-9], dtype)
+    base = optax.sgd(lambda count: jnp.where(count >= 1, 0.125, 0.0))
+    tx = extrapolation(base, mode=mode, lr_x=1.0)
+    update = jax.jit(tx.update)
+    state = tx.init(a)
+    updates, state = update(jnp.array([-1.0, 1.0], dtype), state, a)  # w~ = a + (1, -1)
+    params = optax.apply_updates(a, updates)
+    assert int(state.phase) == 1
+    assert bits(anchor_params(state, params)) == bits(a)
+    assert np.all(np.abs(np.asarray(params)) > 0.5)
+    updates, state = update(jnp.array([jnp.nan, 0.0], dtype), state, params)  # skipped
+    params = optax.apply_updates(params, updates)
+    done = 0 if mode == "gradient" else 1  # "past": the first call was an update
+    assert (int(state.skipped), int(state.phase), int(state.iteration)) == (1, 0, done)
+    assert bits(params) != bits(a)  # the case: p + (a - p) is not a
+    assert bits(anchor_params(state, params)) == bits(a)
+    # The next call steps from a exactly: it stores a as the anchor ("gradient": at the
+    # anchor) or w_1 = a - g / 8 computed from a ("past": the update).
+    g = jnp.array([0.25, -0.5], dtype)
+    updates, state = update(g, state, params)
+    assert int(state.phase) == 1
+    if mode == "gradient":
+        expected = np.asarray(a)
+    else:
+        expected = np.asarray(a) + np.asarray(g) * np.asarray(-0.125, np.asarray(a).dtype)
+        assert int(state.iteration) == 2
+    assert bits(state.anchor) == bits(expected)
+    assert bits(anchor_params(state, optax.apply_updates(params, updates))) == bits(expected)
