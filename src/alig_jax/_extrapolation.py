@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -49,29 +50,23 @@ class ExtrapolationState(NamedTuple):
     """State of :func:`extrapolation`: the anchor, the phase, the counters, the base's state."""
 
     anchor: optax.Params
-    """A tree like the params: the anchor ``w_t`` where ``phase`` is 1 or ``after_skip`` is
-    True; else the params themselves are the anchor and this tree is not read (read the
-    anchor with :func:`anchor_params` in either case)."""
+    """The anchor ``w_t`` where ``phase`` is 1 or ``after_skip`` is True (else the params
+    are the anchor; :func:`anchor_params` reads it in either case)."""
     phase: jax.Array
-    """() int32: 0 = the params hold the anchor ``w_t``; 1 = they hold ``w~_t`` and the next
-    call updates."""
+    """() int32: 0 = the params hold ``w_t``; 1 = they hold ``w~_t``: the next call updates."""
     iteration: jax.Array
-    """() int32: iterations completed (base steps taken): the argument of an ``lr_x``
-    schedule and the counter the noise key is folded with."""
+    """() int32: iterations completed: the argument of an ``lr_x`` schedule and the noise's."""
     skipped: jax.Array
     """() int32: iterations skipped (a non-finite loss or gradient at either point)."""
     after_skip: jax.Array
-    """() bool: the last call skipped an iteration while the params held ``w~``: the updates
-    sent them back to the anchor, which ``params + updates`` may miss by one rounding, so
-    the stored ``anchor`` is the anchor (bit for bit) until the next call steps from it."""
+    """() bool: a skip sent the params back from ``w~`` (``params + updates`` may miss the
+    anchor by a rounding): the stored anchor is the anchor until the next call."""
     key: jax.Array | None
-    """``mode="noise"``: the data of the noise key made from ``seed``
-    (``jax.random.key_data``; (2,) uint32 for the default threefry key), else ``None``."""
+    """``mode="noise"``: the data of the key made from ``seed``, else ``None``."""
     config_code: jax.Array
-    """A marker (int8 zeros) whose *length* records the wrapper that made the state:
-    1 + 2 * (the index of ``mode`` in ``"gradient", "past", "noise"``) + ``linearized``.
-    Shapes are static under ``jit``, so ``update`` refuses a state restored from a
-    checkpoint of another ``mode`` or ``linearized`` even when traced."""
+    """int8 zeros of length 1 + 2 * (``mode``'s index in ``EXTRAPOLATION_MODES``) +
+    ``linearized``: a shape, static under ``jit``, so ``update`` refuses a state of another
+    ``mode`` or ``linearized`` even when traced."""
     base_state: optax.OptState
     """The base transformation's state; it advances once per iteration, from the anchor."""
 
@@ -172,9 +167,8 @@ def draw_noise(
 def _keep_unless_stepped(stepped: jax.Array, old: Any, new: Any) -> Any:
     """One leaf of the base's state: the new one where the base stepped, else the old one.
 
-    Where the new state has ``None`` in place of an array (``optax.trace`` given a ``None``
-    gradient), the old array is kept: that parameter had no gradient, so its buffer does
-    not move, and the state keeps its structure (a jitted update does not recompile).
+    A ``None`` in place of an array (``optax.trace`` given a ``None`` gradient) keeps the
+    old array: its buffer does not move, and the state keeps its structure.
     """
     if old is None or new is None:
         return old
@@ -190,6 +184,7 @@ def _delta(target: jax.Array, param: jax.Array) -> jax.Array:
     return jnp.where(target == param, jnp.copysign(jnp.zeros_like(target), target), target - param)
 
 
+@dataclass
 class _Base:
     """The base transformation as the core's ``ExtrapolationBase``: one update per call.
 
@@ -199,24 +194,18 @@ class _Base:
     update ran with), another base's ``learning_rate`` from the state its update made.
     """
 
-    def __init__(
-        self,
-        tx: optax.GradientTransformationExtraArgs,
-        state: ExtrapolationState,
-        updates: optax.Updates,
-        treedef: Any,
-        leaves: list[jax.Array],
-        grads: list[Any],
-        dtype: Any,
-        value: Any,
-        extra_args: dict[str, Any],
-    ) -> None:
-        self.tx, self.state, self.updates, self.treedef = tx, state, updates, treedef
-        self.leaves, self.grads, self.dtype = leaves, grads, dtype
-        self.value, self.extra_args = value, extra_args
-        self.takes_loss = bool(_find(state.base_state, AliGState))
-        self.given: GivenNorm | None = None
-        self.new_state: optax.OptState | None = None
+    tx: optax.GradientTransformationExtraArgs
+    state: ExtrapolationState
+    updates: optax.Updates
+    treedef: Any
+    leaves: list[jax.Array]
+    grads: list[Any]
+    dtype: Any
+    value: Any
+    extra_args: dict[str, Any]
+    takes_loss: bool
+    given: GivenNorm | None = None
+    new_state: optax.OptState | None = None
 
     def run(
         self, anchor: tuple[Any, ...], loss: Any, sq_grad_norm: Any, skipped: Any
@@ -376,9 +365,12 @@ def extrapolation(
             for a, p in zip(anchor, leaves, strict=True)
         ]
         gradients = [None if g is None else g.astype(dtype) for g in grads]
-        base = _Base(tx, state, updates, treedef, leaves, grads, dtype, value, extra_args)
+        takes_loss = bool(_find(state.base_state, AliGState))  # ALI-G
+        base = _Base(
+            tx, state, updates, treedef, leaves, grads, dtype, value, extra_args, takes_loss
+        )
         loss = None
-        if value is not None or base.takes_loss:
+        if value is not None or takes_loss:
             loss = loss_value(value, dtype, who="extrapolation", missing=_MISSING, value_help=_HELP)
         sq_grad_norm = sum_of_squares([g for g in gradients if g is not None], dtype)
         noise = None
