@@ -540,3 +540,20 @@ def test_after_a_skip_the_anchor_is_the_stored_one_bit_for_bit(mode: str, dtype:
         assert int(state.iteration) == 2
     assert bits(state.anchor) == bits(expected)
     assert bits(anchor_params(state, optax.apply_updates(params, updates))) == bits(expected)
+
+
+@pytest.mark.parametrize("mode", ["gradient", "past"])
+def test_the_lowered_update_reduces_no_more_than_bare_alig(mode: str) -> None:
+    """In the program jit compiles, the wrapper (without the linearised loss's inner
+    products) makes as many reductions as ALI-G alone: S once (one per leaf), where the
+    old wrapper made it twice ("past") or three times ("gradient", with its probe)."""
+    params = {"a": jnp.ones(3), "b": jnp.array([[1.0, 2.0]])}
+
+    def reductions(tx: Any) -> int:
+        lowered = jax.jit(tx.update).lower(params, tx.init(params), params, value=1.0)
+        return lowered.as_text().count("stablehlo.reduce")
+
+    bare = reductions(alig(max_lr=0.5, momentum=0.9))
+    assert bare == 2  # one per leaf
+    wrapped = extrapolation(alig(max_lr=0.5, momentum=0.9), mode=mode, linearized=False)
+    assert reductions(wrapped) == bare
