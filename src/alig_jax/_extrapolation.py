@@ -204,6 +204,7 @@ class _Base:
     value: Any
     extra_args: dict[str, Any]
     takes_loss: bool
+    reads_lr_x: bool
     given: GivenNorm | None = None
     new_state: optax.OptState | None = None
 
@@ -224,7 +225,8 @@ class _Base:
             a if u is None else jnp.asarray(a + u).astype(a.dtype)
             for a, u in zip(at, self.treedef.flatten_up_to(steps), strict=True)
         ]
-        return [m.astype(self.dtype) for m in moved], self._step_size(lambda at, size: size)
+        step_size = self._step_size(lambda at, size: size) if self.reads_lr_x else 0.0
+        return [m.astype(self.dtype) for m in moved], step_size
 
     def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
         return self._step_size(lambda at, size: at(loss, sq_grad_norm))
@@ -234,11 +236,19 @@ class _Base:
         if self.new_state is None:
             raise RuntimeError("internal: the base's step size is read before its update ran")
         if self.given is not None:
-            if len(self.given.answers) != 1:
-                return 0.0  # never used: init refused lr_x=None for this base
+            if len(self.given.answers) != 1:  # (two ALI-G's: init refused lr_x=None)
+                raise ValueError(
+                    "Invalid lr_x: got None, which takes ALI-G's own step size, and the ALI-G "
+                    "in this base steps on gradients another transformation made (e.g. a "
+                    "clipping before it, or an accumulation around it), so it cannot say its "
+                    "step size for the wrapper's. Pass lr_x explicitly (a number >= 0 or a "
+                    "schedule of the iteration), or wrap ALI-G alone."
+                )
             return alig_answer(*self.given.answers[0])
-        rate, _ = _injected_learning_rate(self.new_state)
-        return 0.0 if rate is None else rate  # 0.0: an explicit lr_x, never used
+        rate, why = _injected_learning_rate(self.new_state)
+        if rate is None:  # init saw one; the update's state has none
+            raise ValueError(f"Invalid lr_x: got None, and the base's step size: {why}.")
+        return rate
 
 
 def extrapolation(
@@ -367,7 +377,17 @@ def extrapolation(
         gradients = [None if g is None else g.astype(dtype) for g in grads]
         takes_loss = bool(_find(state.base_state, AliGState))  # ALI-G
         base = _Base(
-            tx, state, updates, treedef, leaves, grads, dtype, value, extra_args, takes_loss
+            tx,
+            state,
+            updates,
+            treedef,
+            leaves,
+            grads,
+            dtype,
+            value,
+            extra_args,
+            takes_loss,
+            reads_lr_x,
         )
         loss = None
         if value is not None or takes_loss:

@@ -73,8 +73,9 @@ class GivenNorm:
     ALI-G). An ALI-G update that receives the very gradient arrays the wrapper passed
     (``is``: no transformation changed them on the way, e.g. under ``optax.chain`` or
     ``optax.inject_hyperparams``) steps with ``sq_grad_norm`` instead of computing it
-    again; every ALI-G update appends to :attr:`answers` its step size for an evaluation
-    (the hyperparameters it runs with, schedules evaluated) and the gamma it took.
+    again; an ALI-G update that :meth:`sees` the wrapper's gradients appends to
+    :attr:`answers` its step size for an evaluation (the hyperparameters it runs with,
+    schedules evaluated) and the gamma it took.
 
     Args:
       grads: the flattened gradient leaves the wrapper passes (``None`` kept).
@@ -92,6 +93,16 @@ class GivenNorm:
         return len(grads) == len(self.grads) and all(
             a is b for a, b in zip(grads, self.grads, strict=True)
         )
+
+    def sees(self, grads: list[Any]) -> bool:
+        """Whether every array of ``grads`` is one the wrapper passed (or a part of them).
+
+        A partition (``optax.multi_transform``) gives ALI-G a part: it runs in the wrapper's
+        own trace and may answer. Not where a transformation made new gradients (a
+        clipping, ``optax.MultiSteps``' accumulation, traced inside its ``cond``).
+        """
+        passed = {id(g) for g in self.grads if g is not None}
+        return all(id(g) in passed for g in grads if g is not None)
 
 
 GIVEN_NORM = "alig_jax_given_norm"
@@ -306,7 +317,7 @@ def _alig_transform(config: AliGConfig, keeps_buffers: bool) -> AliGTransformati
             sq_grad_norm = sum_of_squares(present, dtype)
         size = _step_size(config, state.steps_taken, loss, sq_grad_norm, dtype)
         skipped = size.skipped
-        if isinstance(given, GivenNorm):
+        if isinstance(given, GivenNorm) and given.sees(grads):
 
             def step_size_at(at_loss: Any, at_sq_grad_norm: Any) -> jax.Array:
                 at = at_sq_grad_norm if takes_given else sq_grad_norm  # S of what ALI-G sees

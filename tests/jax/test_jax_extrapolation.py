@@ -18,6 +18,7 @@ from alig_jax import (
     anchor_params,
     extrapolation,
     extrapolation_anchor,
+    multi_steps,
     project_onto_ball,
 )
 from extrapolation_cases import BASES, ITERATIONS, ExtrapolationCase, Problem, initial_params
@@ -557,3 +558,35 @@ def test_the_lowered_update_reduces_no_more_than_bare_alig(mode: str) -> None:
     assert bare == 2  # one per leaf
     wrapped = extrapolation(alig(max_lr=0.5, momentum=0.9), mode=mode, linearized=False)
     assert reductions(wrapped) == bare
+
+
+def test_the_default_lr_x_of_alig_in_a_partition_is_its_step_size_on_its_part() -> None:
+    """Under multi_transform (ALI-G on some leaves, the rest frozen) ALI-G computes the norm
+    of its own part and says its step size with it: the default lr_x."""
+    labels = {"a": "alig", "b": "frozen"}
+    base = optax.multi_transform({"alig": alig(max_lr=10.0), "frozen": optax.set_to_zero()}, labels)
+    tx = extrapolation(base)
+    params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([3.0])}
+    state = tx.init(params)
+    loss, grads = jax.value_and_grad(lambda p: 0.5 * (p["a"] @ p["a"] + p["b"] @ p["b"]))(params)
+    updates, state = jax.jit(tx.update)(grads, state, params, value=loss)
+    gamma = float(loss) / (float(grads["a"] @ grads["a"]) + 1e-5)  # its part's S only
+    np.testing.assert_allclose(updates["a"], -gamma * grads["a"], rtol=1e-12)
+    np.testing.assert_allclose(updates["b"], -gamma * grads["b"], rtol=1e-12)  # lr_x moves all
+
+
+def test_lr_x_none_is_refused_where_alig_steps_on_other_gradients_than_the_wrappers() -> None:
+    """A clipping before ALI-G (unsafe anyway: optax guide) or an accumulation around it
+    hides ALI-G's step size for the wrapper's evaluation: refused, saying to pass lr_x."""
+    params = jnp.array([1.0, -2.0])
+    for base in (
+        optax.chain(optax.clip_by_global_norm(0.5), alig(max_lr=0.1)),
+        multi_steps(alig(max_lr=0.1), 2),
+    ):
+        tx = extrapolation(base)
+        state = tx.init(params)
+        for update in (tx.update, jax.jit(tx.update)):
+            with pytest.raises(ValueError, match=r"Invalid lr_x: got None.*Pass lr_x explicitly"):
+                update(params, state, params, value=1.0)
+        given = extrapolation(base, lr_x=0.1)
+        given.update(params, given.init(params), params, value=1.0)  # an explicit lr_x works
