@@ -12,7 +12,6 @@ says how to use it; ``docs/extrapolation.md`` which details are the paper's.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -23,7 +22,6 @@ import optax
 from alig_core import EXTRAPOLATION_MODES, ExtrapolationConfig
 from alig_core._extrapolation import ExtrapolationState as CoreState
 from alig_core._extrapolation import extrapolation_step
-from alig_core._extrapolation_config import validate_seed
 from alig_core._math import keep_if_skipped
 from alig_jax._leaves import (
     accumulation_dtype,
@@ -32,6 +30,7 @@ from alig_jax._leaves import (
     loss_value,
     sum_of_squares,
 )
+from alig_jax._noise import draw_noise, noise_key
 from alig_jax._transform import GIVEN_NORM, AliGState, GivenNorm
 
 __all__ = ["ExtrapolationState", "anchor_params", "extrapolation", "extrapolation_anchor"]
@@ -124,44 +123,6 @@ def _check_lr_x_readable(base_state: optax.OptState) -> None:
         "optax.inject_hyperparams(optax.sgd)(learning_rate=..., momentum=..., nesterov=True) "
         "so that its learning rate is in its state; ALI-G (alig_jax.alig) needs nothing."
     )
-
-
-def _noise_key(seed: Any, key: Any, mode: str) -> tuple[jax.Array | None, Any]:
-    """The noise key's (data, implementation) from ``seed`` (or the deprecated ``key``)."""
-    if key is not None:
-        warnings.warn(
-            "extrapolation(key=...) is deprecated: pass seed= (an int >= 0 or a JAX key).",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        if seed is not None:
-            raise ValueError(
-                f"Got both seed={seed!r} and key={key!r}; key= is the deprecated name of "
-                "seed=. Pass seed= only."
-            )
-        seed = key
-    if isinstance(seed, jax.Array) and mode == "noise":
-        if not jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-            seed = jax.random.wrap_key_data(seed)
-        return jax.random.key_data(seed), jax.random.key_impl(seed)
-    seed = validate_seed(seed, mode=mode)
-    if mode != "noise":
-        return None, None
-    new_key = jax.random.key(seed)
-    return jax.random.key_data(new_key), jax.random.key_impl(new_key)
-
-
-def draw_noise(
-    key_data: jax.Array, impl: Any, iteration: jax.Array | int, like: Sequence[Any]
-) -> list[Any]:
-    """``xi_t``: one standard normal array per leaf of ``like``, from ``fold_in(key, t)``.
-
-    The noise of iteration ``t`` depends on the key and ``t`` only (so a resumed run draws
-    the same): ``jax.random.split(jax.random.fold_in(key, t), n)[i]`` for leaf ``i``.
-    """
-    key = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=impl), iteration)
-    keys = jax.random.split(key, len(like))
-    return [jax.random.normal(k, jnp.shape(x), x.dtype) for k, x in zip(keys, like, strict=True)]
 
 
 def _keep_unless_stepped(stepped: jax.Array, old: Any, new: Any) -> Any:
@@ -329,7 +290,7 @@ def extrapolation(
             "GradientTransformation. Pass e.g. alig_jax.alig(max_lr=0.1, momentum=0.9) or "
             "optax.sgd(0.1, momentum=0.9, nesterov=True)."
         )
-    key_data, impl = _noise_key(seed, key, config.mode)
+    key_data, impl = noise_key(seed, key, config.mode)
     tx = optax.with_extra_args_support(base)
     reads_lr_x = config.mode != "noise" and config.lr_x is None
     code = _config_code(config)

@@ -27,7 +27,7 @@ import optax  # noqa: E402
 from alig_core import AliGConfig  # noqa: E402
 from alig_core.oracle_extrapolation import SGDNesterov  # noqa: E402
 from alig_jax import AliGState, alig, anchor_params, extrapolation  # noqa: E402
-from alig_jax._extrapolation import draw_noise  # noqa: E402
+from alig_jax._noise import draw_noise  # noqa: E402
 from extrapolation_cases import (  # noqa: E402
     CASES,
     SEED,
