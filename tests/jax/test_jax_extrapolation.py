@@ -590,3 +590,26 @@ def test_lr_x_none_is_refused_where_alig_steps_on_other_gradients_than_the_wrapp
                 update(params, state, params, value=1.0)
         given = extrapolation(base, lr_x=0.1)
         given.update(params, given.init(params), params, value=1.0)  # an explicit lr_x works
+
+
+@pytest.mark.parametrize(("mode", "lr_x"), [("past", 0.1), ("gradient", None)])
+def test_inject_hyperparams_around_extrapolation_gives_the_same_numbers(
+    mode: str, lr_x: float | None
+) -> None:
+    """optax.inject_hyperparams(extrapolation): lr_x becomes an array in the state, the
+    wrapper is rebuilt on every update; the numbers are the plain wrapper's."""
+
+    def run(tx: Any) -> list[bytes]:
+        params = jnp.array([1.0, -2.0, 0.5])
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for _ in range(6):
+            loss, grads = jax.value_and_grad(lambda w: 0.5 * jnp.sum(w**2) + 1.0)(params)
+            updates, state = update(grads, state, params, value=loss)
+            params = optax.apply_updates(params, updates)
+        return bits(params)
+
+    kwargs = {"mode": mode} if lr_x is None else {"mode": mode, "lr_x": lr_x}
+    plain = run(extrapolation(alig(max_lr=0.5, momentum=0.9), **kwargs))
+    injected = optax.inject_hyperparams(extrapolation)(alig(max_lr=0.5, momentum=0.9), **kwargs)
+    assert run(injected) == plain
