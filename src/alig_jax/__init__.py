@@ -19,14 +19,27 @@ Interpolation", ICML 2020, arXiv:1906.05661.
 
 from alig_core import __version__ as __version__  # the alig distribution's (its metadata)
 from alig_jax._accumulation import AccumulationState, multi_steps
-from alig_jax._extrapolation import ExtrapolationState, extrapolation, extrapolation_anchor
-from alig_jax._transform import AliGState, alig, project_onto_ball, scale_by_alig
+from alig_jax._extrapolation import (
+    ExtrapolationState,
+    anchor_params,
+    extrapolation,
+    extrapolation_anchor,
+)
+from alig_jax._transform import (
+    AliGState,
+    AliGTransformation,
+    alig,
+    project_onto_ball,
+    scale_by_alig,
+)
 
 __all__ = [
     "AccumulationState",
     "AliGState",
+    "AliGTransformation",
     "ExtrapolationState",
     "alig",
+    "anchor_params",
     "extrapolation",
     "extrapolation_anchor",
     "multi_steps",

@@ -1,23 +1,28 @@
-"""Extrapolation around any optax transformation (``docs/extrapolation.md``).
+"""Extrapolation around any optax transformation: glue around the core's procedure.
 
-The numbers come from :mod:`alig_core` (``extrapolate``, ``update_inputs``,
-``finish_update``, ``select_call``), called with ``jax.numpy``. This module flattens the
-trees, runs the base transformation from the anchor, keeps the state, draws the noise and
-turns the parameters the core returns into optax updates. See ``docs/extrapolation.md``
-for which details are the paper's and which are this project's.
+The procedure is :func:`alig_core._extrapolation.extrapolation_step`, called with
+``jax.numpy`` and an array phase (both phases of ``"gradient"`` mode computed and one
+selected, so a jitted update compiles once). This module flattens the trees, computes the
+squared gradient norm once, runs the base transformation from the anchor (handing ALI-G
+that norm), keeps the base's state where the core says, draws the noise, and turns the
+parameters the core returns into optax updates. ``docs/guides/optax.md`` ("Extrapolation")
+says how to use it; ``docs/extrapolation.md`` which details are the paper's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-import alig_core
-from alig_core import ExtrapolationConfig
+from alig_core import EXTRAPOLATION_MODES, ExtrapolationConfig
+from alig_core._extrapolation import ExtrapolationState as CoreState
+from alig_core._extrapolation import extrapolation_step
+from alig_core._math import keep_if_skipped
 from alig_jax._leaves import (
     accumulation_dtype,
     check_params,
@@ -25,9 +30,10 @@ from alig_jax._leaves import (
     loss_value,
     sum_of_squares,
 )
-from alig_jax._transform import AliGState
+from alig_jax._noise import draw_noise, noise_key
+from alig_jax._transform import GIVEN_NORM, AliGState, GivenNorm
 
-__all__ = ["ExtrapolationState", "extrapolation", "extrapolation_anchor"]
+__all__ = ["ExtrapolationState", "anchor_params", "extrapolation", "extrapolation_anchor"]
 
 _INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
@@ -43,25 +49,35 @@ class ExtrapolationState(NamedTuple):
     """State of :func:`extrapolation`: the anchor, the phase, the counters, the base's state."""
 
     anchor: optax.Params
-    """A tree like the params (their shapes and dtypes): the anchor ``w_t`` while ``phase``
-    is 1. In phase 0 the params themselves are the anchor and this tree is not read (read
-    the anchor with :func:`extrapolation_anchor` in either phase)."""
+    """The anchor ``w_t`` where ``phase`` is 1 or ``after_skip`` is True (else the params
+    are the anchor; :func:`anchor_params` reads it in either case)."""
     phase: jax.Array
-    """() int32: 0 = the params hold the anchor ``w_t``; 1 = they hold ``w~_t`` and the next
-    call updates."""
+    """() int32: 0 = the params hold ``w_t``; 1 = they hold ``w~_t``: the next call updates."""
     iteration: jax.Array
-    """() int32: iterations completed (base steps taken): the argument of an ``lr_x``
-    schedule and the counter the noise key is folded with."""
+    """() int32: iterations completed: the argument of an ``lr_x`` schedule and the noise's."""
     skipped: jax.Array
     """() int32: iterations skipped (a non-finite loss or gradient at either point)."""
+    after_skip: jax.Array
+    """() bool: a skip sent the params back from ``w~`` (``params + updates`` may miss the
+    anchor by a rounding): the stored anchor is the anchor until the next call."""
     key: jax.Array | None
-    """``mode="noise"``: the noise key's data (``jax.random.key_data``; (2,) uint32 for the
-    default threefry key), ``None`` in the other modes."""
+    """``mode="noise"``: the data of the key made from ``seed``, else ``None``."""
+    config_code: jax.Array
+    """int8 zeros of length 1 + 2 * (``mode``'s index in ``EXTRAPOLATION_MODES``) +
+    ``linearized``: a shape, static under ``jit``, so ``update`` refuses a state of another
+    ``mode`` or ``linearized`` even when traced."""
     base_state: optax.OptState
     """The base transformation's state; it advances once per iteration, from the anchor."""
 
 
-# ---------------------------------------------------------------- reading the base's state
+def _config_code(config: ExtrapolationConfig) -> int:
+    return 2 * EXTRAPOLATION_MODES.index(config.mode) + int(config.linearized)
+
+
+def _describe_code(code: int) -> str:
+    index = code // 2
+    mode = EXTRAPOLATION_MODES[index] if 0 <= index < len(EXTRAPOLATION_MODES) else "?"
+    return f"mode={mode!r}, linearized={bool(code % 2)}"
 
 
 def _find(tree: Any, kind: type | tuple[type, ...]) -> list[Any]:
@@ -73,24 +89,8 @@ def _find(tree: Any, kind: type | tuple[type, ...]) -> list[Any]:
     ]
 
 
-def _is_alig(base_state: optax.OptState) -> bool:
-    """Whether the base is ALI-G: its state holds an :class:`alig_jax.AliGState`."""
-    return bool(_find(base_state, AliGState))
-
-
-def _base_step_size(base_state: optax.OptState) -> tuple[jax.Array | None, str]:
-    """The step size the base reports in ``base_state``, or ``None`` and why not.
-
-    ALI-G (an ``AliGState`` anywhere in the state, under ``chain`` or
-    ``inject_hyperparams`` included): its ``gamma``, the step size of the last step taken.
-    Else the ``learning_rate`` hyperparameter of an ``optax.inject_hyperparams`` state: the
-    value its last update used.
-    """
-    alig_states = _find(base_state, AliGState)
-    if len(alig_states) == 1:
-        return alig_states[0].gamma, ""
-    if alig_states:
-        return None, f"it holds {len(alig_states)} ALI-G states, and each has its own gamma"
+def _injected_learning_rate(base_state: optax.OptState) -> tuple[jax.Array | None, str]:
+    """The ``learning_rate`` of an ``optax.inject_hyperparams`` state, or ``None`` and why."""
     rates = [
         s.hyperparams["learning_rate"]
         for s in _find(base_state, _INJECT_STATES)
@@ -106,7 +106,16 @@ def _base_step_size(base_state: optax.OptState) -> tuple[jax.Array | None, str]:
     )
 
 
-def _refuse_missing_lr_x(why: str) -> None:
+def _check_lr_x_readable(base_state: optax.OptState) -> None:
+    """Refuses ``lr_x=None`` where the base's step size cannot be read."""
+    alig_states = len(_find(base_state, AliGState))
+    if alig_states == 1:
+        return
+    why = f"it holds {alig_states} ALI-G states, and each has its own step size"
+    if not alig_states:
+        rate, why = _injected_learning_rate(base_state)
+        if rate is not None:
+            return
     raise ValueError(
         "Invalid lr_x: got None, which takes the base transformation's own step size, and "
         f"it cannot be read from this base: {why}. Pass lr_x explicitly (a number >= 0 or a "
@@ -116,65 +125,91 @@ def _refuse_missing_lr_x(why: str) -> None:
     )
 
 
-# ---------------------------------------------------------------- small helpers
-
-
-def _key_data(key: Any) -> tuple[jax.Array, Any]:
-    """A noise key (an int seed, a ``jax.random.key`` or a raw ``PRNGKey``) as (data, impl)."""
-    if isinstance(key, bool) or not isinstance(key, int | jax.Array):
-        raise ValueError(
-            f"Invalid key: got {key!r} (type {type(key).__name__}); expected an int seed or "
-            "a JAX random key. Pass e.g. key=0 or key=jax.random.key(0) with mode='noise'."
-        )
-    if isinstance(key, int):
-        key = jax.random.key(key)
-    elif not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
-    return jax.random.key_data(key), jax.random.key_impl(key)
-
-
-def draw_noise(
-    key_data: jax.Array, impl: Any, iteration: jax.Array | int, like: Sequence[jax.Array]
-) -> list[jax.Array]:
-    """``xi_t``: one standard normal array per leaf of ``like``, from ``fold_in(key, t)``.
-
-    The noise of iteration ``t`` depends on the key and ``t`` only (so a resumed run draws
-    the same): ``jax.random.split(jax.random.fold_in(key, t), n)[i]`` for leaf ``i``.
-    """
-    key = jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=impl), iteration)
-    keys = jax.random.split(key, len(like))
-    return [jax.random.normal(k, jnp.shape(x), x.dtype) for k, x in zip(keys, like, strict=True)]
-
-
-def _apply(param: jax.Array, update: jax.Array | None) -> jax.Array:
-    """``optax.apply_updates`` on one leaf (``None``: no update)."""
-    return param if update is None else jnp.asarray(param + update).astype(param.dtype)
-
-
 def _keep_unless_stepped(stepped: jax.Array, old: Any, new: Any) -> Any:
     """One leaf of the base's state: the new one where the base stepped, else the old one.
 
-    Where the new state has ``None`` in place of an array (``optax.trace`` given a ``None``
-    gradient), the old array is kept: that parameter had no gradient, so its buffer does
-    not move, and the state keeps its structure (a jitted update does not recompile).
+    A ``None`` in place of an array (``optax.trace`` given a ``None`` gradient) keeps the
+    old array: its buffer does not move, and the state keeps its structure.
     """
     if old is None or new is None:
         return old
-    return alig_core._math.keep_if_skipped(jnp, jnp.logical_not(stepped), old, new)
+    return keep_if_skipped(jnp, jnp.logical_not(stepped), old, new)
 
 
 def _delta(target: jax.Array, param: jax.Array) -> jax.Array:
     """The update that takes ``param`` to ``target``: ``target - param``, a signed 0 where equal.
 
-    ``param + (target - param)`` is ``target`` exactly where ``target`` is within a factor
-    of 2 of ``param`` (Sterbenz) or is ``param`` plus one rounded addition (a step computed
-    eagerly), and within one rounding elsewhere. Where they are equal the update is a zero
-    of ``target``'s sign, so that the params stay bit for bit.
+    Where they are equal the update is a zero of ``target``'s sign, so that the params stay
+    bit for bit; elsewhere ``param + (target - param)`` is ``target`` within one rounding.
     """
     return jnp.where(target == param, jnp.copysign(jnp.zeros_like(target), target), target - param)
 
 
-# ---------------------------------------------------------------- the transformation
+@dataclass
+class _Base:
+    """The base transformation as the core's ``ExtrapolationBase``: one update per call.
+
+    Under the array phase the core runs the update (:meth:`run`) before it asks for the
+    step size at the anchor (:meth:`step_size_at`), so both come from the one base update:
+    ALI-G's answer through :class:`alig_jax._transform.GivenNorm` (the hyperparameters its
+    update ran with), another base's ``learning_rate`` from the state its update made.
+    """
+
+    tx: optax.GradientTransformationExtraArgs
+    state: ExtrapolationState
+    updates: optax.Updates
+    treedef: Any
+    leaves: list[jax.Array]
+    grads: list[Any]
+    dtype: Any
+    value: Any
+    extra_args: dict[str, Any]
+    takes_loss: bool
+    reads_lr_x: bool
+    given: GivenNorm | None = None
+    new_state: optax.OptState | None = None
+
+    def run(
+        self, anchor: tuple[Any, ...], loss: Any, sq_grad_norm: Any, skipped: Any
+    ) -> tuple[list[jax.Array], Any]:
+        kwargs = dict(self.extra_args)
+        if self.takes_loss:  # ALI-G: the (linearised) loss, and S as given
+            self.given = GivenNorm(self.grads, sq_grad_norm)
+            kwargs |= {"value": loss, GIVEN_NORM: self.given}
+        elif self.value is not None:
+            kwargs["value"] = self.value
+        at = [a.astype(p.dtype) for a, p in zip(anchor, self.leaves, strict=True)]
+        steps, self.new_state = self.tx.update(
+            self.updates, self.state.base_state, self.treedef.unflatten(at), **kwargs
+        )
+        moved = [
+            a if u is None else jnp.asarray(a + u).astype(a.dtype)
+            for a, u in zip(at, self.treedef.flatten_up_to(steps), strict=True)
+        ]
+        step_size = self._step_size(lambda at, size: size) if self.reads_lr_x else 0.0
+        return [m.astype(self.dtype) for m in moved], step_size
+
+    def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
+        return self._step_size(lambda at, size: at(loss, sq_grad_norm))
+
+    def _step_size(self, alig_answer: Any) -> Any:
+        """ALI-G's answer (its one :class:`GivenNorm` answer), else the injected lr."""
+        if self.new_state is None:
+            raise RuntimeError("internal: the base's step size is read before its update ran")
+        if self.given is not None:
+            if len(self.given.answers) != 1:  # (two ALI-G's: init refused lr_x=None)
+                raise ValueError(
+                    "Invalid lr_x: got None, which takes ALI-G's own step size, and the ALI-G "
+                    "in this base steps on gradients another transformation made (e.g. a "
+                    "clipping before it, or an accumulation around it), so it cannot say its "
+                    "step size for the wrapper's. Pass lr_x explicitly (a number >= 0 or a "
+                    "schedule of the iteration), or wrap ALI-G alone."
+                )
+            return alig_answer(*self.given.answers[0])
+        rate, why = _injected_learning_rate(self.new_state)
+        if rate is None:  # init saw one; the update's state has none
+            raise ValueError(f"Invalid lr_x: got None, and the base's step size: {why}.")
+        return rate
 
 
 def extrapolation(
@@ -184,89 +219,53 @@ def extrapolation(
     lr_x: float | optax.Schedule | None = None,
     sigma: float | None = None,
     linearized: bool = True,
+    seed: int | jax.Array | None = None,
     key: int | jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Extrapolated training around any optax transformation (EXTRAP-SGD and its variants).
 
-    With :math:`w_t` the iterate (the *anchor*), each iteration takes the base's step from
-    the anchor with the gradient at an extrapolated point:
+    With :math:`w_t` the anchor, each iteration takes the base's step from the anchor with
+    the gradient at an extrapolated point:
 
     .. math::
 
         \tilde w_t = w_t + d_t, \qquad
         w_{t+1} = w_t + \mathrm{Base}\big(g(\tilde w_t)\big),
 
-    where the displacement :math:`d_t` is, by ``mode``:
-
-    * ``"gradient"`` (EXTRAP-SGD): :math:`d_t = -\text{lr\_x}\, g(w_t)`, a minibatch gradient
-      at the anchor; calls alternate: the first of an iteration is made at :math:`w_t` and
-      moves the params to :math:`\tilde w_t`, the second is made there and updates;
-    * ``"past"``: :math:`d_t = -\text{lr\_x}\, g(\tilde w_{t-1})`, the gradient the previous
-      update used (:math:`d_0 = 0`); every call updates and moves the params to
-      :math:`\tilde w_{t+1}`: one gradient per iteration;
-    * ``"noise"``: :math:`d_t = \sigma \xi_t`, :math:`\xi_t` standard normal from
-      ``jax.random.fold_in(key, t)`` (the perturbation baseline); like ``"past"``, one call
-      per iteration, and :math:`d_0 = 0`.
-
-    The base's state moves once per iteration. A base that is ALI-G (:func:`alig_jax.alig`;
-    detected by an :class:`alig_jax.AliGState` in its state, also under ``optax.chain`` or
-    ``optax.inject_hyperparams``) takes the Polyak step of the linear model of the loss at
-    :math:`\tilde w_t` seen from the anchor: the ``value=`` it receives is
-    :math:`l(\tilde w_t) + \langle g(\tilde w_t), w_t - \tilde w_t\rangle` (with
-    ``linearized=False``: :math:`l(\tilde w_t)`). Any other base receives ``value=`` (and
-    every other extra argument) as given. Projection (``alig(max_norm=...)``) is the base's
-    step, so it applies to :math:`w_{t+1}`, never to :math:`\tilde w_t`.
-
-    ``update(grads, state, params, *, value=None, **extra_args)`` takes the gradient (and
-    the loss: required for ALI-G, optional otherwise, where it joins the skip rule) at the
-    point the params hold, and returns updates that land, with ``optax.apply_updates``, on
-    what the params must hold next: :math:`\tilde w_t` after an extrapolating call,
-    :math:`w_{t+1}` (``"gradient"``) or :math:`\tilde w_{t+1}` (``"past"``, ``"noise"``)
-    after an update. The updates are ``new - params``, an array for every param (also one
-    without a gradient: it may go back to the anchor); ``params + updates`` is ``new``
-    exactly where the new value is within a factor of 2 of the old (the usual case), and
-    within one rounding elsewhere.
-    Both phases are computed and one is selected with ``jnp.where``, so a jitted update
-    compiles once. Between calls the params may hold :math:`\tilde w_t`: evaluate and
-    save at :func:`extrapolation_anchor`.
-
-    A non-finite loss or gradient norm at either point skips the whole iteration: the
-    stored anchor, the base's state and the iteration count stay bit for bit, the params go
-    back to the anchor (bit for bit where they held it, else up to one rounding) and
-    ``skipped`` goes up.
+    with :math:`d_t = -\text{lr\_x}\, g(w_t)` (``mode="gradient"``: two calls per
+    iteration, at :math:`w_t` then at :math:`\tilde w_t`), :math:`-\text{lr\_x}\,
+    g(\tilde w_{t-1})` (``"past"``: one call) or :math:`\sigma \xi_t` (``"noise"``: one
+    call). ALI-G as the base steps on the linearised loss :math:`l(\tilde w_t) + \langle
+    g(\tilde w_t), w_t - \tilde w_t\rangle`. ``update(grads, state, params, value=loss)``
+    takes the gradient and loss at the point the params hold and returns the updates to
+    what they must hold next; evaluate and save at :func:`anchor_params`. The details (the
+    default ``lr_x``, skipped iterations, jit, checkpoints) are in the optax guide,
+    ``docs/guides/optax.md``, "Extrapolation".
 
     Args:
       base: the optax transformation to wrap (``alig_jax.alig(...)``,
-        ``optax.sgd(lr, momentum, nesterov=True)``, any other); its ``update`` gets the
-        extra arguments (``optax.with_extra_args_support``).
+        ``optax.sgd(lr, momentum, nesterov=True)``, any other).
       mode: ``"gradient"``, ``"past"`` or ``"noise"``.
       lr_x: the displacement's step size in the gradient modes: a number >= 0, a schedule
-        of the iteration, or ``None`` (the default) for the base's own step size read from
-        its state: ALI-G's ``gamma`` (in ``"gradient"`` mode its step size at the anchor,
-        from the base's update on ``l(w_t)``, ``g(w_t)`` whose state is then discarded, so
-        ALI-G's counters do not move; in ``"past"`` mode the gamma of the update just
-        taken), else the ``learning_rate`` of an ``optax.inject_hyperparams`` base. Where it
-        cannot be read (plain ``optax.sgd``), ``init`` refuses ``lr_x=None``. ``lr_x=0``
-        makes the wrapper its base, bit for bit. ``None`` in ``"noise"`` mode.
-      sigma: ``"noise"`` mode: the noise's standard deviation (>= 0; required there, and
-        ``None`` elsewhere).
-      linearized: ALI-G as the base: the linearised loss (``True``) or the plain loss at
-        :math:`\tilde w_t` (``False``); other bases ignore it.
-      key: ``"noise"`` mode: an int seed or a JAX random key (required there, ``None``
-        elsewhere). It is kept in the state, so a restored state draws the same noise.
+        of the iteration, or ``None`` for the base's own (ALI-G's
+        :meth:`~alig_jax.AliGTransformation.step_size_at`, else the ``learning_rate`` of
+        an ``optax.inject_hyperparams`` base; refused at ``init`` where neither exists).
+      sigma: ``"noise"`` mode: the noise's standard deviation (>= 0).
+      linearized: ALI-G as the base: the linearised loss (``True``) or the plain loss.
+      seed: ``"noise"`` mode: an int >= 0 (``None``: 0) or a JAX random key.
+      key: deprecated name of ``seed`` (warns ``DeprecationWarning``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with an :class:`ExtrapolationState`.
 
     Raises:
-      ValueError: an invalid ``mode``, ``lr_x``, ``sigma``, ``linearized`` or ``key``, or a
-        ``base`` that is not an optax transformation (here); ``lr_x=None`` with a base
-        whose step size cannot be read (``init``); no ``params`` or, for ALI-G, no
-        ``value`` (``update``).
+      ValueError: an invalid option or ``base`` (here); ``lr_x=None`` with a base whose
+        step size cannot be read (``init``); no ``params``, for ALI-G no ``value``, or a
+        state made by a wrapper of another ``mode`` or ``linearized`` (``update``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from alig_jax import alig, extrapolation, extrapolation_anchor
+      >>> from alig_jax import alig, anchor_params, extrapolation
       >>> loss_fn = lambda w: 0.5 * jnp.sum(w ** 2)
       >>> params = jnp.array([1.0, -2.0])
       >>> tx = extrapolation(alig(max_lr=0.5, momentum=0.9))
@@ -278,12 +277,11 @@ def extrapolation(
       ...     params = optax.apply_updates(params, updates)
       >>> int(state.iteration), int(state.phase)
       (2, 0)
-      >>> anchor = extrapolation_anchor(state, params)  # to evaluate and save
+      >>> anchor = anchor_params(state, params)  # to evaluate and save
 
     References:
       T. Lin, L. Kong, S. U. Stich, M. Jaggi, "Extrapolation for Large-batch Training in
-      Deep Learning", ICML 2020, arXiv:2006.05720 (the extrapolation); the details above
-      that are this project's choices are listed in ``docs/extrapolation.md``.
+      Deep Learning", ICML 2020, arXiv:2006.05720.
     """
     config = ExtrapolationConfig(mode=mode, lr_x=lr_x, sigma=sigma, linearized=linearized)
     if not isinstance(base, optax.GradientTransformation):
@@ -292,34 +290,25 @@ def extrapolation(
             "GradientTransformation. Pass e.g. alig_jax.alig(max_lr=0.1, momentum=0.9) or "
             "optax.sgd(0.1, momentum=0.9, nesterov=True)."
         )
-    key_data, impl = None, None
-    if mode == "noise":
-        if key is None:
-            raise ValueError(
-                "Invalid key: got None with mode='noise'; expected an int seed or a JAX random "
-                "key for the noise. Pass e.g. key=0 or key=jax.random.key(0)."
-            )
-        key_data, impl = _key_data(key)
-    elif key is not None:
-        raise ValueError(
-            f"Invalid key: got {key!r} with mode={mode!r}; expected None: the key draws the "
-            "noise of mode='noise' only. Leave key=None, or pass mode='noise'."
-        )
+    key_data, impl = noise_key(seed, key, config.mode)
     tx = optax.with_extra_args_support(base)
     reads_lr_x = config.mode != "noise" and config.lr_x is None
+    code = _config_code(config)
 
     def init_fn(params: optax.Params) -> ExtrapolationState:
         check_params(params, who="extrapolation", verb="displaces")
         base_state = tx.init(params)
-        if reads_lr_x and _base_step_size(base_state)[0] is None:
-            _refuse_missing_lr_x(_base_step_size(base_state)[1])
+        if reads_lr_x:
+            _check_lr_x_readable(base_state)
         zero = jnp.zeros((), jnp.int32)
         return ExtrapolationState(
             anchor=jax.tree.map(jnp.array, params),  # a copy
             phase=zero,
             iteration=zero,
             skipped=zero,
-            key=key_data if config.mode == "noise" else None,
+            after_skip=jnp.zeros((), bool),
+            key=key_data,
+            config_code=jnp.zeros((code + 1,), jnp.int8),
             base_state=base_state,
         )
 
@@ -329,129 +318,107 @@ def extrapolation(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, ExtrapolationState]:
-        value = extra_args.pop("value", None)  # the base gets its own (base_kwargs)
+        value = extra_args.pop("value", None)  # the base gets its own (_Base.run)
         if params is None:
             raise ValueError(
                 "extrapolation steps from the anchor and needs the params: call "
                 "tx.update(grads, state, params, value=loss)."
             )
-        is_alig = _is_alig(state.base_state)
-        if reads_lr_x and _base_step_size(state.base_state)[0] is None:
-            _refuse_missing_lr_x(_base_step_size(state.base_state)[1])
+        _check_state(state)
         treedef: Any  # a jax PyTreeDef (flatten_up_to, unflatten: not in jax's stubs)
         grads, treedef = jax.tree.flatten(updates, is_leaf=is_missing)
         leaves = treedef.flatten_up_to(params)
         dtype = accumulation_dtype(leaves)
-
-        def up(x: jax.Array) -> jax.Array:  # the core computes in the accumulation dtype
-            return jnp.asarray(x).astype(dtype)
-
-        def down(xs: Sequence[jax.Array]) -> list[jax.Array]:  # back to each param's dtype
-            return [x.astype(p.dtype) for x, p in zip(xs, leaves, strict=True)]
-
-        points = tuple(up(p) for p in leaves)
-        gradients = tuple(None if g is None else up(g) for g in grads)
-        core_state = alig_core._extrapolation.ExtrapolationState(
-            anchor=tuple(up(a) for a in treedef.flatten_up_to(state.anchor)),
-            phase=state.phase,
-            iteration=state.iteration,
-            skipped=state.skipped,
+        anchor = [a.astype(dtype) for a in treedef.flatten_up_to(state.anchor)]
+        # After a skip the stored anchor is the anchor, exactly (the params may be a rounding off).
+        points = [
+            jnp.where(state.after_skip, a, p.astype(dtype))
+            for a, p in zip(anchor, leaves, strict=True)
+        ]
+        gradients = [None if g is None else g.astype(dtype) for g in grads]
+        takes_loss = bool(_find(state.base_state, AliGState))  # ALI-G
+        base = _Base(
+            tx,
+            state,
+            updates,
+            treedef,
+            leaves,
+            grads,
+            dtype,
+            value,
+            extra_args,
+            takes_loss,
+            reads_lr_x,
         )
         loss = None
-        if value is not None or is_alig:
+        if value is not None or takes_loss:
             loss = loss_value(value, dtype, who="extrapolation", missing=_MISSING, value_help=_HELP)
         sq_grad_norm = sum_of_squares([g for g in gradients if g is not None], dtype)
-
-        def base_kwargs(base_value: Any) -> dict[str, Any]:
-            return extra_args if base_value is None else {**extra_args, "value": base_value}
-
-        def base_update(at: Sequence[jax.Array], base_value: Any) -> tuple[Any, Any]:
-            """The base's step from ``at`` with the given gradient: (new params, new state)."""
-            at_leaves = down(at)
-            steps, new_state = tx.update(
-                updates, state.base_state, treedef.unflatten(at_leaves), **base_kwargs(base_value)
-            )
-            moved = [
-                _apply(a, u) for a, u in zip(at_leaves, treedef.flatten_up_to(steps), strict=True)
-            ]
-            return tuple(up(m) for m in moved), new_state
-
-        # The update: every call in "past"/"noise" mode, phase 1 in "gradient" mode.
-        inputs = alig_core._extrapolation.update_inputs(
+        noise = None
+        if config.mode == "noise":
+            state_key = state.key
+            if state_key is None:
+                raise ValueError(
+                    "This ExtrapolationState holds no noise key (it was made by a wrapper of "
+                    "another mode), and mode='noise' draws its noise from it. Restore the "
+                    "state of a mode='noise' wrapper, or start from tx.init(params)."
+                )
+            noise = lambda t: draw_noise(state_key, impl, t, points)  # noqa: E731
+        call = extrapolation_step(
             jnp,
-            core_state,
+            config,
+            CoreState(tuple(anchor), state.phase, state.iteration, state.skipped),
             points,
             gradients,
             loss=loss,
             sq_grad_norm=sq_grad_norm,
-            linearized=config.linearized and is_alig,
-        )
-        stepped, new_base_state = base_update(inputs.anchor, inputs.loss if is_alig else value)
-        default = None
-        if config.mode == "past" and config.lr_x is None:
-            default = _base_step_size(new_base_state)[0]  # the step size of this update
-        noise = None
-        if config.mode == "noise":  # d_{t+1} = sigma * xi_{t+1}
-            if state.key is None:
-                raise ValueError(
-                    "This ExtrapolationState holds no noise key (key=None: it was made by a "
-                    "wrapper of another mode), and mode='noise' draws its noise from it. "
-                    "Restore the state of a mode='noise' wrapper, or start from tx.init(params)."
-                )
-            noise = draw_noise(state.key, impl, state.iteration + 1, points)
-        call = alig_core._extrapolation.finish_update(
-            jnp,
-            config,
-            core_state,
-            inputs,
-            stepped,
-            gradients,
-            default_lr_x=default,
+            base=base,
             noise=noise,
         )
-        if config.mode == "gradient":  # phase 0: the call at the anchor, w_t -> w~_t
-            default = None
-            if config.lr_x is None:  # the base's step size at the anchor; its state is dropped
-                _, probe = tx.update(updates, state.base_state, params, **base_kwargs(value))
-                default = _base_step_size(probe)[0]
-            extrapolating = alig_core._extrapolation.extrapolate(
-                jnp,
-                config,
-                core_state,
-                points,
-                gradients,
-                loss=loss,
-                sq_grad_norm=sq_grad_norm,
-                default_lr_x=default,
-            )
-            call = alig_core._extrapolation.select_call(jnp, state.phase > 0, call, extrapolating)
-
         base_state = jax.tree.map(
             lambda old, new: _keep_unless_stepped(call.base_stepped, old, new),
             state.base_state,
-            new_base_state,
+            base.new_state,
             is_leaf=is_missing,
         )
-        targets = down(call.params)
+        targets = [t.astype(p.dtype) for t, p in zip(call.params, leaves, strict=True)]
         new_state = ExtrapolationState(
-            anchor=treedef.unflatten(down(call.state.anchor)),
+            anchor=treedef.unflatten(
+                [a.astype(p.dtype) for a, p in zip(call.state.anchor, leaves, strict=True)]
+            ),
             phase=call.state.phase.astype(jnp.int32),
             iteration=call.state.iteration.astype(jnp.int32),
             skipped=call.state.skipped.astype(jnp.int32),
+            after_skip=jnp.logical_and(
+                call.skipped, jnp.logical_or(state.phase > 0, state.after_skip)
+            ),
             key=state.key,
+            config_code=state.config_code,
             base_state=base_state,
         )
         deltas = [_delta(t, p) for t, p in zip(targets, leaves, strict=True)]
         return treedef.unflatten(deltas), new_state
 
+    def _check_state(state: ExtrapolationState) -> None:
+        marker = getattr(state, "config_code", None)
+        saved = () if marker is None else jnp.shape(marker)
+        if saved != (code + 1,):
+            made_by = _describe_code(saved[0] - 1) if len(saved) == 1 else "an unknown wrapper"
+            raise ValueError(
+                f"This ExtrapolationState was made by extrapolation({made_by}), and this "
+                f"wrapper has {_describe_code(code)}: resuming would change the run. Build "
+                "the wrapper with the checkpoint's mode and linearized to resume from it."
+            )
+
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def extrapolation_anchor(state: Any, params: optax.Params) -> optax.Params:
+def anchor_params(state: Any, params: optax.Params) -> optax.Params:
     """The anchor ``w_t``: the params to evaluate and save while they may hold ``w~_t``.
 
-    The stored anchor where the state is in phase 1, ``params`` themselves in phase 0
-    (``alig_core._extrapolation.current_anchor``, leaf by leaf, with ``jnp.where``: it runs under ``jit``).
+    The stored anchor where the state is in phase 1 or just after a skipped iteration
+    (then bit for bit), ``params`` themselves otherwise; leaf by leaf with ``jnp.where``,
+    so it runs under ``jit``.
 
     Args:
       state: the :class:`ExtrapolationState` of :func:`extrapolation`, or a tree holding
@@ -462,26 +429,38 @@ def extrapolation_anchor(state: Any, params: optax.Params) -> optax.Params:
     Returns:
       A tree like ``params``.
 
+    Raises:
+      ValueError: ``state`` holds no :class:`ExtrapolationState`, or several.
+
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from alig_jax import extrapolation, extrapolation_anchor
+      >>> from alig_jax import anchor_params, extrapolation
       >>> tx = extrapolation(optax.sgd(0.1), lr_x=0.5)
       >>> params = jnp.array([1.0])
       >>> state = tx.init(params)
       >>> updates, state = tx.update(params, state, params)  # the gradient of w**2/2 is w
       >>> params = optax.apply_updates(params, updates)  # w~ = 1 - 0.5 * 1
-      >>> params.tolist(), extrapolation_anchor(state, params).tolist()
+      >>> params.tolist(), anchor_params(state, params).tolist()
       ([0.5], [1.0])
     """
     found = _find(state, ExtrapolationState)
     if len(found) != 1:
         raise ValueError(
-            f"extrapolation_anchor needs the state of alig_jax.extrapolation, and the state "
+            f"anchor_params needs the state of alig_jax.extrapolation, and the state "
             f"given holds {len(found)} ExtrapolationState(s) (type {type(state).__name__}). "
             "Pass the state that tx.init / tx.update returned (with flax.nnx: "
             "nnx.as_pure(optimizer.opt_state))."
         )
     s = found[0]
-    return jax.tree.map(
-        lambda a, p: alig_core._extrapolation.current_anchor(jnp, s.phase, a, p), s.anchor, params
+    stored = jnp.logical_or(s.phase > 0, s.after_skip)
+    return jax.tree.map(lambda a, p: jnp.where(stored, a, p), s.anchor, params)
+
+
+def extrapolation_anchor(state: Any, params: optax.Params) -> optax.Params:
+    """Deprecated name of :func:`anchor_params` (warns ``DeprecationWarning``)."""
+    warnings.warn(
+        "alig_jax.extrapolation_anchor is deprecated: use alig_jax.anchor_params(state, params).",
+        DeprecationWarning,
+        stacklevel=2,
     )
+    return anchor_params(state, params)

@@ -29,7 +29,7 @@ from alig_jax._leaves import (
     sum_of_squares,
 )
 
-__all__ = ["AliGState", "alig", "project_onto_ball", "scale_by_alig"]
+__all__ = ["AliGState", "AliGTransformation", "alig", "project_onto_ball", "scale_by_alig"]
 
 _VALUE_HELP = (
     "Pass the loss of the minibatch whose gradients you pass as a keyword argument: "
@@ -63,6 +63,121 @@ class AliGState(NamedTuple):
     adjusted). Shapes are static under ``jit``, so ``update`` refuses a state restored
     from a checkpoint of the other convention even when traced (the buffers of the two
     conventions hold different quantities)."""
+
+
+class GivenNorm:
+    """``S`` handed to ALI-G by :func:`alig_jax.extrapolation`, and ALI-G's answer (private).
+
+    The wrapper computes the squared norm of the gradients once and passes this object to
+    its base's ``update`` as the extra argument :data:`GIVEN_NORM` (only where the base is
+    ALI-G). An ALI-G update that receives the very gradient arrays the wrapper passed
+    (``is``: no transformation changed them on the way, e.g. under ``optax.chain`` or
+    ``optax.inject_hyperparams``) steps with ``sq_grad_norm`` instead of computing it
+    again; an ALI-G update that :meth:`sees` the wrapper's gradients appends to
+    :attr:`answers` its step size for an evaluation (the hyperparameters it runs with,
+    schedules evaluated) and the gamma it took.
+
+    Args:
+      grads: the flattened gradient leaves the wrapper passes (``None`` kept).
+      sq_grad_norm: their squared global norm (0-d).
+    """
+
+    def __init__(self, grads: list[Any], sq_grad_norm: jax.Array) -> None:
+        self.grads = grads
+        self.sq_grad_norm = sq_grad_norm
+        self.answers: list[tuple[Any, jax.Array]] = []
+        """``(step_size_at(loss, S) -> gamma, gamma taken)``, one per ALI-G update."""
+
+    def takes(self, grads: list[Any]) -> bool:
+        """Whether ``grads`` are the very arrays :attr:`sq_grad_norm` was computed from."""
+        return len(grads) == len(self.grads) and all(
+            a is b for a, b in zip(grads, self.grads, strict=True)
+        )
+
+    def sees(self, grads: list[Any]) -> bool:
+        """Whether every array of ``grads`` is one the wrapper passed (or a part of them).
+
+        A partition (``optax.multi_transform``) gives ALI-G a part: it runs in the wrapper's
+        own trace and may answer. Not where a transformation made new gradients (a
+        clipping, ``optax.MultiSteps``' accumulation, traced inside its ``cond``).
+        """
+        passed = {id(g) for g in self.grads if g is not None}
+        return all(id(g) in passed for g in grads if g is not None)
+
+
+GIVEN_NORM = "alig_jax_given_norm"
+"""The extra argument that carries a :class:`GivenNorm` (other transformations ignore it)."""
+
+
+def _step_size(
+    config: AliGConfig, steps_taken: jax.Array, loss: Any, sq_grad_norm: Any, dtype: Any
+) -> alig_core.StepSize:
+    """ALI-G's step size for ``(loss, S)`` with ``config``, the cap at ``steps_taken``."""
+    cap = config.max_lr(steps_taken) if callable(config.max_lr) else config.max_lr
+    return alig_core.step_size(
+        jnp,
+        jnp.asarray(loss).astype(dtype),
+        jnp.asarray(sq_grad_norm).astype(dtype),
+        max_lr=cap,
+        eps=config.eps,
+        f_star=config.f_star,
+    )
+
+
+class AliGTransformation(optax.GradientTransformationExtraArgs):
+    """What :func:`alig` and :func:`scale_by_alig` return: an optax transformation.
+
+    It also tells its step size for an evaluation, moving nothing: :meth:`step_size_at`.
+    """
+
+    _config: AliGConfig
+
+    @classmethod
+    def build(cls, init: Any, update: Any, config: AliGConfig) -> AliGTransformation:
+        """The transformation of ``init`` and ``update``, stepping with ``config``."""
+        tx = cls(init, update)
+        tx._config = config
+        return tx
+
+    def step_size_at(self, state: AliGState, loss: Any, sq_grad_norm: Any) -> jax.Array:
+        r"""ALI-G's step size :math:`\gamma` for an evaluation ``(loss, S)``, moving nothing.
+
+        The step size this transformation's next ``update`` would take with the loss
+        ``loss`` and gradients of squared global norm ``sq_grad_norm`` (the cap of a
+        ``max_lr`` schedule at ``state.steps_taken``; 0 where the step would be skipped).
+        :func:`alig_jax.extrapolation` takes its default ``lr_x`` from it. Under
+        ``optax.inject_hyperparams`` the hyperparameters live in the injected state:
+        ``alig(**state.hyperparams).step_size_at(state.inner_state, loss, S)``.
+
+        Args:
+          state: this transformation's :class:`AliGState`.
+          loss: the loss (a real scalar).
+          sq_grad_norm: ``S``, the squared global norm of the gradients.
+
+        Returns:
+          ``gamma``, 0-d, in the dtype of ``state.gamma``.
+
+        Raises:
+          ValueError: ``state`` is not an :class:`AliGState`.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> tx = alig(max_lr=0.1)
+          >>> state = tx.init(jnp.zeros(2))
+          >>> round(float(tx.step_size_at(state, 1.0, 40.0)), 6)  # 1 / (40 + 1e-5)
+          0.025
+          >>> round(float(tx.step_size_at(state, 1.0, 4.0)), 6)  # the cap
+          0.1
+        """
+        if not isinstance(state, AliGState):
+            raise ValueError(
+                f"step_size_at needs this transformation's AliGState, got {type(state).__name__}. "
+                "Pass the state that tx.init / tx.update returned (under "
+                "optax.inject_hyperparams: state.inner_state, with "
+                "alig(**state.hyperparams).step_size_at)."
+            )
+        dtype = state.gamma.dtype
+        return _step_size(self._config, state.steps_taken, loss, sq_grad_norm, dtype).gamma
 
 
 _UNKNOWN = "unknown"
@@ -139,9 +254,7 @@ def _keeps_buffers(momentum: Any) -> bool:
     return not (isinstance(momentum, int | float) and momentum == 0)
 
 
-def _alig_transform(
-    config: AliGConfig, keeps_buffers: bool
-) -> optax.GradientTransformationExtraArgs:
+def _alig_transform(config: AliGConfig, keeps_buffers: bool) -> AliGTransformation:
     """The transformation of a validated configuration (:func:`alig` builds it)."""
     convention = alig_core.momentum_convention(keeps_buffers, config.adjusted_momentum)
 
@@ -169,7 +282,7 @@ def _alig_transform(
         value: Any = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AliGState]:
-        del extra_args  # optax convention: unknown extra arguments are ignored
+        given = extra_args.get(GIVEN_NORM)  # optax convention: other extra arguments ignored
         if config.max_norm is not None and params is None:
             raise ValueError(
                 f"alig(max_norm={config.max_norm}) projects the parameters after the step and "
@@ -197,12 +310,20 @@ def _alig_transform(
             missing=f"ALI-G's update needs the loss as value=, and got none. {_VALUE_HELP}",
             value_help=_VALUE_HELP,
         )
-        sq_grad_norm = sum_of_squares(present, dtype)
-        cap = config.max_lr(state.steps_taken) if callable(config.max_lr) else config.max_lr
-        size = alig_core.step_size(
-            jnp, loss, sq_grad_norm, max_lr=cap, eps=config.eps, f_star=config.f_star
-        )
+        takes_given = isinstance(given, GivenNorm) and given.takes(grads)
+        if isinstance(given, GivenNorm) and takes_given:
+            sq_grad_norm = jnp.asarray(given.sq_grad_norm).astype(dtype)
+        else:
+            sq_grad_norm = sum_of_squares(present, dtype)
+        size = _step_size(config, state.steps_taken, loss, sq_grad_norm, dtype)
         skipped = size.skipped
+        if isinstance(given, GivenNorm) and given.sees(grads):
+
+            def step_size_at(at_loss: Any, at_sq_grad_norm: Any) -> jax.Array:
+                at = at_sq_grad_norm if takes_given else sq_grad_norm  # S of what ALI-G sees
+                return _step_size(config, state.steps_taken, at_loss, at, dtype).gamma
+
+            given.answers.append((step_size_at, size.gamma))
 
         # The step as a delta: the core's update applied to a zero parameter.
         old_buffers = (
@@ -257,7 +378,7 @@ def _alig_transform(
         )
         return treedef.unflatten(deltas), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return AliGTransformation.build(init_fn, update_fn, config)
 
 
 def scale_by_alig(
@@ -266,7 +387,7 @@ def scale_by_alig(
     eps: float = 1e-5,
     f_star: float = 0.0,
     **unknown: Any,
-) -> optax.GradientTransformationExtraArgs:
+) -> AliGTransformation:
     r"""Scales the updates by ALI-G's step size: a building block, as ``optax.scale_by_polyak``.
 
     Returns :math:`\gamma_t u` for the updates :math:`u` it is given, with
@@ -290,8 +411,8 @@ def scale_by_alig(
         ``momentum=``: chain ``optax.trace`` after it, or use :func:`alig`).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the loss as
-      ``value=``.
+      An :class:`AliGTransformation` (an ``optax.GradientTransformationExtraArgs``) whose
+      ``update`` takes the loss as ``value=``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -329,7 +450,7 @@ def scale_by_alig(
         steps, new_state = descent.update(updates, state, params, **extra_args)
         return jax.tree.map(jnp.negative, steps), new_state
 
-    return optax.GradientTransformationExtraArgs(descent.init, update_fn)
+    return AliGTransformation.build(descent.init, update_fn, config)
 
 
 def alig(
@@ -341,7 +462,7 @@ def alig(
     f_star: float = 0.0,
     max_norm: float | None = None,
     **unknown: Any,
-) -> optax.GradientTransformationExtraArgs:
+) -> AliGTransformation:
     r"""ALI-G: SGD with the Polyak step size capped at ``max_lr``, as an optax transformation.
 
     .. math::
@@ -389,8 +510,9 @@ def alig(
         (``learning_rate=``: the cap is ``max_lr=``; ``nesterov=``, ``weight_decay=``).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the loss as
-      ``value=`` (required; other extra keyword arguments are ignored).
+      An :class:`AliGTransformation` (an ``optax.GradientTransformationExtraArgs``) whose
+      ``update`` takes the loss as ``value=`` (required; other extra keyword arguments are
+      ignored), and whose :meth:`~AliGTransformation.step_size_at` tells its step size.
 
     Example:
       >>> import jax, jax.numpy as jnp

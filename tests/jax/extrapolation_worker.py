@@ -26,8 +26,8 @@ import optax  # noqa: E402
 
 from alig_core import AliGConfig  # noqa: E402
 from alig_core.oracle_extrapolation import SGDNesterov  # noqa: E402
-from alig_jax import AliGState, alig, extrapolation, extrapolation_anchor  # noqa: E402
-from alig_jax._extrapolation import draw_noise  # noqa: E402
+from alig_jax import AliGState, alig, anchor_params, extrapolation  # noqa: E402
+from alig_jax._noise import draw_noise  # noqa: E402
 from extrapolation_cases import (  # noqa: E402
     CASES,
     SEED,
@@ -77,7 +77,7 @@ def base_transformation(case: ExtrapolationCase) -> optax.GradientTransformation
 
 def wrapper(case: ExtrapolationCase, **options: Any) -> optax.GradientTransformationExtraArgs:
     """``extrapolation(base)`` with the row's options (``options`` override them)."""
-    kwargs = wrapper_options(case.config, seed_name="key") | options
+    kwargs = wrapper_options(case.config) | options
     return extrapolation(base_transformation(case), **kwargs)
 
 
@@ -135,7 +135,7 @@ def run(tx, params, state, problem: Problem, start: int, stop: int, dtype: Any =
 
 
 def anchor(state, params) -> list[np.ndarray]:
-    return [np.asarray(a) for a in extrapolation_anchor(state, params)]
+    return [np.asarray(a) for a in anchor_params(state, params)]
 
 
 def alig_state(state) -> AliGState | None:

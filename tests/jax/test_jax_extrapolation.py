@@ -11,7 +11,16 @@ import numpy as np
 import optax
 import pytest
 
-from alig_jax import AliGState, alig, extrapolation, extrapolation_anchor, project_onto_ball
+import alig_core
+from alig_jax import (
+    AliGState,
+    alig,
+    anchor_params,
+    extrapolation,
+    extrapolation_anchor,
+    multi_steps,
+    project_onto_ball,
+)
 from extrapolation_cases import BASES, ITERATIONS, ExtrapolationCase, Problem, initial_params
 from worker_scripts import import_script
 
@@ -87,7 +96,7 @@ def test_zero_displacement_equals_the_base_bit_for_bit(mode: str, base: str) -> 
             bare_params = apply_leafwise(bare_params, steps)
             updates_made += 1
         assert bits(params) == bits(bare_params), f"call {k}"
-        assert bits(extrapolation_anchor(state, params)) == bits(bare_params)
+        assert bits(anchor_params(state, params)) == bits(bare_params)
         ours, _ = without_alig_skip_count(state.base_state)
         theirs, bare_skipped = without_alig_skip_count(bare_state)
         assert bits(ours) == bits(theirs), f"call {k}"
@@ -124,7 +133,7 @@ def test_skipped_iterations_leave_everything_bit_for_bit(case: ExtrapolationCase
     exact_entries, inexact_entries = 0, 0
     for k in range(case.calls):
         before_params, before = params, state
-        before_anchor = extrapolation_anchor(before, before_params)
+        before_anchor = anchor_params(before, before_params)
         loss, grads = worker.evaluate(problem, params, k, np.float64)
         updates, state = update(grads, state, params, value=loss)
         params = optax.apply_updates(params, updates)
@@ -137,6 +146,7 @@ def test_skipped_iterations_leave_everything_bit_for_bit(case: ExtrapolationCase
         assert int(state.iteration) == int(before.iteration)
         assert bits(state.base_state) == bits(before.base_state)
         assert bits(state.key) == bits(before.key)
+        assert bits(anchor_params(state, params)) == bits(before_anchor)  # exact, always
         if phase == 1:  # the stored anchor was in use
             assert bits(state.anchor) == bits(before.anchor)
         if phase == 0:
@@ -211,7 +221,7 @@ def test_projection_applies_to_the_next_iterate_not_to_the_extrapolated_point(mo
         loss, grads = worker.evaluate(problem, params, k, np.float64)
         updates, state = update(grads, state, params, value=loss)
         params = optax.apply_updates(params, updates)
-        assert norm(extrapolation_anchor(state, params)) <= max_norm * (1 + 1e-12)
+        assert norm(anchor_params(state, params)) <= max_norm * (1 + 1e-12)
         if int(state.phase) == 1 and norm(params) > max_norm * (1 + 1e-6):
             outside += 1
     assert outside >= 10  # w~ was not projected
@@ -295,7 +305,7 @@ def test_alig_is_found_under_inject_hyperparams_and_chain() -> None:
 
 def test_noise_is_drawn_from_fold_in_of_the_key_and_the_iteration() -> None:
     sigma, seed = 0.5, 3
-    tx = extrapolation(optax.sgd(0.1), mode="noise", sigma=sigma, key=seed)
+    tx = extrapolation(optax.sgd(0.1), mode="noise", sigma=sigma, seed=seed)
     params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
     state = tx.init(params)
     for t in (1, 2, 3):
@@ -308,11 +318,11 @@ def test_noise_is_drawn_from_fold_in_of_the_key_and_the_iteration() -> None:
             jax.random.normal(k, jnp.shape(x), x.dtype)
             for k, x in zip(keys, [grads["a"], grads["b"]], strict=True)
         ]
-        anchor = extrapolation_anchor(state, params)
+        anchor = anchor_params(state, params)
         np.testing.assert_allclose(params["a"] - anchor["a"], sigma * xi[0], rtol=1e-12)
         np.testing.assert_allclose(params["b"] - anchor["b"], sigma * xi[1], rtol=1e-12)
     assert int(state.iteration) == 3
-    same = extrapolation(optax.sgd(0.1), mode="noise", sigma=sigma, key=jax.random.key(seed))
+    same = extrapolation(optax.sgd(0.1), mode="noise", sigma=sigma, seed=jax.random.key(seed))
     assert bits(same.init(params).key) == bits(state.key)
 
 
@@ -341,7 +351,265 @@ def test_the_anchor_for_evaluation_is_found_inside_a_larger_state() -> None:
     state = tx.init(params)
     updates, state = tx.update(params, state, params)
     tilde = optax.apply_updates(params, updates)
-    assert extrapolation_anchor((optax.EmptyState(), state), tilde).tolist() == [1.0]
+    assert anchor_params((optax.EmptyState(), state), tilde).tolist() == [1.0]
     assert tilde.tolist() == [0.5]
     with pytest.raises(ValueError, match="holds 0 ExtrapolationState"):
-        extrapolation_anchor(optax.EmptyState(), tilde)
+        anchor_params(optax.EmptyState(), tilde)
+
+
+# ---------------------------------------------------------------- issue 22
+
+
+def test_the_default_lr_x_follows_the_hyperparameters_alig_runs_with() -> None:
+    """Under inject_hyperparams, a max_lr changed in the state is the cap of the default
+    lr_x at the next call (ALI-G's own step size, not a copy of its settings)."""
+    tx = extrapolation(optax.inject_hyperparams(alig)(max_lr=0.01))
+    params = jnp.array([1.0, -2.0, 0.5])
+    state = tx.init(params)
+    tilde, state, (_, grads) = _quadratic_step(tx, params, state)
+    np.testing.assert_allclose(tilde - params, -0.01 * grads, rtol=1e-14)  # capped
+    params, state, _ = _quadratic_step(tx, tilde, state)  # the update
+    state.base_state.hyperparams["max_lr"] = jnp.asarray(0.002)
+    tilde, state, (_, grads) = _quadratic_step(tx, params, state)
+    np.testing.assert_allclose(tilde - params, -0.002 * grads, rtol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["gradient", "past"])
+@pytest.mark.parametrize(
+    ("base", "lr_x"),
+    [
+        (lambda: alig(max_lr=0.5, momentum=0.9), None),
+        (lambda: optax.inject_hyperparams(alig)(max_lr=0.5), None),
+        (lambda: optax.chain(alig(max_lr=0.5, adjusted_momentum=True, momentum=0.9)), None),
+        (lambda: optax.chain(optax.scale_by_polyak(), optax.scale(-1.0)), 0.1),  # no ALI-G
+        (lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9), None),
+    ],
+    ids=["alig", "inject_alig", "chain_alig", "polyak", "inject_sgd"],
+)
+def test_one_squared_gradient_norm_per_update(
+    monkeypatch: Any, mode: str, base: Any, lr_x: float | None
+) -> None:
+    """The wrapper computes S once and ALI-G steps with it: one sum of squares per traced
+    update, where the old wrapper had ALI-G compute it again (and once more for the probe).
+
+    Guard: where ALI-G does not take the given S (``GivenNorm.takes`` refused), it computes
+    its own, and the count sees a second one.
+    """
+    from alig_jax import _extrapolation, _transform
+
+    calls = []
+
+    def counted(leaves: Any, dtype: Any) -> Any:
+        calls.append(len(leaves))
+        return _transform_sum_of_squares(leaves, dtype)
+
+    _transform_sum_of_squares = _transform.sum_of_squares
+    monkeypatch.setattr(_transform, "sum_of_squares", counted)
+    monkeypatch.setattr(_extrapolation, "sum_of_squares", counted)
+    tx = extrapolation(base(), mode=mode, lr_x=lr_x)
+    params = {"a": jnp.ones(3), "b": jnp.array([[1.0, 2.0]])}
+    state = tx.init(params)
+
+    def trace() -> int:
+        calls.clear()  # a new function each time: jit traces it anew
+        jax.jit(lambda *args, **kwargs: tx.update(*args, **kwargs)).lower(
+            params, state, params, value=1.0
+        )
+        return len(calls)
+
+    assert trace() == 1
+    is_alig = any(
+        isinstance(s, AliGState)
+        for s in jax.tree.leaves(state.base_state, is_leaf=lambda x: isinstance(x, AliGState))
+    )
+    if is_alig:
+        monkeypatch.setattr(_transform.GivenNorm, "takes", lambda self, grads: False)
+        assert trace() == 2
+
+
+def test_a_base_behind_a_transformation_computes_its_own_norm() -> None:
+    """ALI-G takes the wrapper's S only for the very gradients it was computed from: behind
+    a clipping it steps with the norm of what it receives, as alone."""
+    base = optax.chain(optax.clip_by_global_norm(0.5), alig(max_lr=10.0))
+    tx = extrapolation(base, mode="past", lr_x=0.0)
+    params = jnp.array([1.0, -2.0, 0.5])
+    state, bare_state = tx.init(params), base.init(params)
+    loss, grads = jax.value_and_grad(lambda w: 0.5 * jnp.sum(w**2))(params)
+    updates, state = tx.update(grads, state, params, value=loss)
+    bare_updates, bare_state = base.update(grads, bare_state, params, value=loss)
+    assert bits(optax.apply_updates(params, updates)) == bits(
+        optax.apply_updates(params, bare_updates)
+    )
+    assert bits(state.base_state) == bits(bare_state)
+
+
+def test_step_size_at_is_alig_core_step_size_and_moves_nothing() -> None:
+    schedule = optax.linear_schedule(0.5, 0.05, 4)
+    for tx in (alig(max_lr=schedule, momentum=0.9, eps=1e-3, f_star=0.1), alig()):
+        params = jnp.array([1.0, -2.0, 0.5])
+        state = tx.init(params)
+        for _ in range(3):
+            before = bits(state)
+            for loss, sq in ((1.0, 40.0), (1.0, 0.5), (jnp.nan, 1.0), (0.05, 1.0)):
+                config = tx._config
+                cap = config.max_lr(state.steps_taken) if callable(config.max_lr) else config.max_lr
+                expected = alig_core.step_size(
+                    np,
+                    np.float64(loss),
+                    np.float64(sq),
+                    max_lr=cap,
+                    eps=config.eps,
+                    f_star=config.f_star,
+                ).gamma
+                got = tx.step_size_at(state, loss, sq)
+                assert got.dtype == state.gamma.dtype
+                assert float(got) == pytest.approx(float(expected), rel=1e-15, abs=0.0)
+            assert bits(state) == before  # nothing moved
+            loss, grads = jax.value_and_grad(lambda w: jnp.sum(w**2))(params)
+            updates, state = tx.update(grads, state, params, value=loss)
+            params = optax.apply_updates(params, updates)
+            # The step it takes is the step size it told for its evaluation.
+        sq = float(jnp.sum(jax.grad(lambda w: jnp.sum(w**2))(params) ** 2))
+        told = tx.step_size_at(state, float(jnp.sum(params**2)), sq)
+        loss, grads = jax.value_and_grad(lambda w: jnp.sum(w**2))(params)
+        _, state = tx.update(grads, state, params, value=loss)
+        assert float(state.gamma) == pytest.approx(float(told), rel=1e-14)
+    injected = optax.inject_hyperparams(alig)(max_lr=0.3, eps=1e-2)
+    state = injected.init(jnp.ones(2))
+    inner = alig(**state.hyperparams).step_size_at(state.inner_state, 1.0, 0.5)
+    assert float(inner) == pytest.approx(1.0 / (0.5 + 1e-2), rel=1e-6) or float(inner) == 0.3
+    with pytest.raises(ValueError, match="needs this transformation's AliGState, got"):
+        alig().step_size_at(state, 1.0, 0.5)
+
+
+def test_the_deprecated_names_warn_and_still_work() -> None:
+    tx = extrapolation(optax.sgd(0.1), lr_x=0.5)
+    params = jnp.array([1.0])
+    state = tx.init(params)
+    updates, state = tx.update(params, state, params)
+    tilde = optax.apply_updates(params, updates)
+    with pytest.warns(DeprecationWarning, match="anchor_params"):
+        old = extrapolation_anchor(state, tilde)
+    assert bits(old) == bits(anchor_params(state, tilde)) == bits(params)
+    with pytest.warns(DeprecationWarning, match="seed="):
+        by_key = extrapolation(optax.sgd(0.1), mode="noise", sigma=0.5, key=5)
+    by_seed = extrapolation(optax.sgd(0.1), mode="noise", sigma=0.5, seed=5)
+    assert bits(by_key.init(params)) == bits(by_seed.init(params))
+    # seed=None in "noise" mode is seed 0, as in torch and Keras.
+    none = extrapolation(optax.sgd(0.1), mode="noise", sigma=0.5)
+    zero = extrapolation(optax.sgd(0.1), mode="noise", sigma=0.5, seed=0)
+    assert bits(none.init(params)) == bits(zero.init(params))
+    assert bits(none.init(params)) != bits(by_seed.init(params))
+
+
+@pytest.mark.parametrize("mode", ["gradient", "past"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_after_a_skip_the_anchor_is_the_stored_one_bit_for_bit(mode: str, dtype: Any) -> None:
+    """SPEC 7: the params return to the anchor; ``params + (a - p)`` can miss it by a
+    rounding (a = 1e-8, p near 1), so the stored anchor is authoritative: anchor_params
+    gives it bit for bit, and the next call steps from it bit for bit.
+
+    SGD's learning rate is 0 for its first step (so that "past" mode's first update keeps
+    the anchor at a and only the displacement, lr_x = 1, moves the params), then 1/8 (a
+    power of two: the step from a is one rounding, however XLA fuses it).
+    """
+    a = jnp.array([1e-8, -3e-9], dtype)
+    base = optax.sgd(lambda count: jnp.where(count >= 1, 0.125, 0.0))
+    tx = extrapolation(base, mode=mode, lr_x=1.0)
+    update = jax.jit(tx.update)
+    state = tx.init(a)
+    updates, state = update(jnp.array([-1.0, 1.0], dtype), state, a)  # w~ = a + (1, -1)
+    params = optax.apply_updates(a, updates)
+    assert int(state.phase) == 1
+    assert bits(anchor_params(state, params)) == bits(a)
+    assert np.all(np.abs(np.asarray(params)) > 0.5)
+    updates, state = update(jnp.array([jnp.nan, 0.0], dtype), state, params)  # skipped
+    params = optax.apply_updates(params, updates)
+    done = 0 if mode == "gradient" else 1  # "past": the first call was an update
+    assert (int(state.skipped), int(state.phase), int(state.iteration)) == (1, 0, done)
+    assert bits(params) != bits(a)  # the case: p + (a - p) is not a
+    assert bits(anchor_params(state, params)) == bits(a)
+    # The next call steps from a exactly: it stores a as the anchor ("gradient": at the
+    # anchor) or w_1 = a - g / 8 computed from a ("past": the update).
+    g = jnp.array([0.25, -0.5], dtype)
+    updates, state = update(g, state, params)
+    assert int(state.phase) == 1
+    if mode == "gradient":
+        expected = np.asarray(a)
+    else:
+        expected = np.asarray(a) + np.asarray(g) * np.asarray(-0.125, np.asarray(a).dtype)
+        assert int(state.iteration) == 2
+    assert bits(state.anchor) == bits(expected)
+    assert bits(anchor_params(state, optax.apply_updates(params, updates))) == bits(expected)
+
+
+@pytest.mark.parametrize("mode", ["gradient", "past"])
+def test_the_lowered_update_reduces_no_more_than_bare_alig(mode: str) -> None:
+    """In the program jit compiles, the wrapper (without the linearised loss's inner
+    products) makes as many reductions as ALI-G alone: S once (one per leaf), where the
+    old wrapper made it twice ("past") or three times ("gradient", with its probe)."""
+    params = {"a": jnp.ones(3), "b": jnp.array([[1.0, 2.0]])}
+
+    def reductions(tx: Any) -> int:
+        lowered = jax.jit(tx.update).lower(params, tx.init(params), params, value=1.0)
+        return lowered.as_text().count("stablehlo.reduce")
+
+    bare = reductions(alig(max_lr=0.5, momentum=0.9))
+    assert bare == 2  # one per leaf
+    wrapped = extrapolation(alig(max_lr=0.5, momentum=0.9), mode=mode, linearized=False)
+    assert reductions(wrapped) == bare
+
+
+def test_the_default_lr_x_of_alig_in_a_partition_is_its_step_size_on_its_part() -> None:
+    """Under multi_transform (ALI-G on some leaves, the rest frozen) ALI-G computes the norm
+    of its own part and says its step size with it: the default lr_x."""
+    labels = {"a": "alig", "b": "frozen"}
+    base = optax.multi_transform({"alig": alig(max_lr=10.0), "frozen": optax.set_to_zero()}, labels)
+    tx = extrapolation(base)
+    params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([3.0])}
+    state = tx.init(params)
+    loss, grads = jax.value_and_grad(lambda p: 0.5 * (p["a"] @ p["a"] + p["b"] @ p["b"]))(params)
+    updates, state = jax.jit(tx.update)(grads, state, params, value=loss)
+    gamma = float(loss) / (float(grads["a"] @ grads["a"]) + 1e-5)  # its part's S only
+    np.testing.assert_allclose(updates["a"], -gamma * grads["a"], rtol=1e-12)
+    np.testing.assert_allclose(updates["b"], -gamma * grads["b"], rtol=1e-12)  # lr_x moves all
+
+
+def test_lr_x_none_is_refused_where_alig_steps_on_other_gradients_than_the_wrappers() -> None:
+    """A clipping before ALI-G (unsafe anyway: optax guide) or an accumulation around it
+    hides ALI-G's step size for the wrapper's evaluation: refused, saying to pass lr_x."""
+    params = jnp.array([1.0, -2.0])
+    for base in (
+        optax.chain(optax.clip_by_global_norm(0.5), alig(max_lr=0.1)),
+        multi_steps(alig(max_lr=0.1), 2),
+    ):
+        tx = extrapolation(base)
+        state = tx.init(params)
+        for update in (tx.update, jax.jit(tx.update)):
+            with pytest.raises(ValueError, match=r"Invalid lr_x: got None.*Pass lr_x explicitly"):
+                update(params, state, params, value=1.0)
+        given = extrapolation(base, lr_x=0.1)
+        given.update(params, given.init(params), params, value=1.0)  # an explicit lr_x works
+
+
+@pytest.mark.parametrize(("mode", "lr_x"), [("past", 0.1), ("gradient", None)])
+def test_inject_hyperparams_around_extrapolation_gives_the_same_numbers(
+    mode: str, lr_x: float | None
+) -> None:
+    """optax.inject_hyperparams(extrapolation): lr_x becomes an array in the state, the
+    wrapper is rebuilt on every update; the numbers are the plain wrapper's."""
+
+    def run(tx: Any) -> list[bytes]:
+        params = jnp.array([1.0, -2.0, 0.5])
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for _ in range(6):
+            loss, grads = jax.value_and_grad(lambda w: 0.5 * jnp.sum(w**2) + 1.0)(params)
+            updates, state = update(grads, state, params, value=loss)
+            params = optax.apply_updates(params, updates)
+        return bits(params)
+
+    kwargs = {"mode": mode} if lr_x is None else {"mode": mode, "lr_x": lr_x}
+    plain = run(extrapolation(alig(max_lr=0.5, momentum=0.9), **kwargs))
+    injected = optax.inject_hyperparams(extrapolation)(alig(max_lr=0.5, momentum=0.9), **kwargs)
+    assert run(injected) == plain

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -18,10 +19,46 @@ from extrapolation_cases import invalid_options_for
 SGD = optax.sgd(0.1, momentum=0.9, nesterov=True)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), invalid_options_for("jax"))
+def invalid_options() -> list[Any]:
+    """The shared table's rows for a wrapper whose ``seed=`` is torch's (an int >= 0, no
+    upper bound: ``jax.random.key`` takes any), less the options only torch has.
+
+    (The table's rows marked for "jax" are those of the old ``key=``, whose ``None`` was
+    refused in "noise" mode and whose negative ints were taken.)
+    """
+    torch_only = {"alternate", "anchor_gradient"}
+    return [p for p in invalid_options_for("torch") if not torch_only & set(p.values[0])]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), invalid_options())
 def test_invalid_options_are_refused_at_construction(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         extrapolation(alig(max_lr=0.1), **kwargs)
+
+
+def test_a_negative_seed_is_refused_as_in_torch_and_keras() -> None:
+    with pytest.raises(ValueError, match=r"Invalid seed: got -2.*an int >= 0.*seed=0"):
+        extrapolation(SGD, mode="noise", sigma=0.1, seed=-2)
+    with (
+        pytest.raises(ValueError, match=r"Invalid seed: got -2"),
+        pytest.warns(DeprecationWarning, match="pass seed="),
+    ):
+        extrapolation(SGD, mode="noise", sigma=0.1, key=-2)
+
+
+def test_a_jax_key_is_taken_in_noise_mode_only() -> None:
+    extrapolation(SGD, mode="noise", sigma=0.1, seed=jax.random.key(0))
+    extrapolation(SGD, mode="noise", sigma=0.1, seed=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"(?s)Invalid seed: got .* with mode='past'.*seed=None"):
+        extrapolation(SGD, mode="past", lr_x=0.1, seed=jax.random.key(0))
+
+
+def test_seed_and_the_deprecated_key_together_are_refused() -> None:
+    with (
+        pytest.raises(ValueError, match=r"both seed=1 and key=2.*seed= only"),
+        pytest.warns(DeprecationWarning, match="pass seed="),
+    ):
+        extrapolation(SGD, mode="noise", sigma=0.1, seed=1, key=2)
 
 
 @pytest.mark.parametrize("base", [optax.sgd, 0.1, None, "alig"])
@@ -40,7 +77,7 @@ def test_lr_x_none_is_refused_where_the_base_keeps_no_step_size(mode: str) -> No
     injected = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
     extrapolation(injected, mode=mode).init(jnp.ones(3))
     # Noise mode takes no lr_x: nothing to read.
-    extrapolation(SGD, mode="noise", sigma=0.1, key=0).init(jnp.ones(3))
+    extrapolation(SGD, mode="noise", sigma=0.1, seed=0).init(jnp.ones(3))
 
 
 def test_lr_x_none_is_refused_where_two_alig_states_would_each_give_one() -> None:
@@ -82,6 +119,42 @@ def test_params_that_cannot_be_displaced_are_refused_at_init(params: Any, match:
 def test_a_noise_wrapper_refuses_a_state_without_its_key() -> None:
     params = jnp.ones(3)
     state = extrapolation(SGD, lr_x=0.1).init(params)  # a "gradient"-mode state: key None
-    tx = extrapolation(SGD, mode="noise", sigma=0.1, key=0)
+    tx = extrapolation(SGD, mode="noise", sigma=0.1, seed=0)
     with pytest.raises(ValueError, match=r"holds no noise key.*mode='noise'"):
-        tx.update(params, state, params)
+        tx.update(params, state._replace(config_code=tx.init(params).config_code), params)
+
+
+@pytest.mark.parametrize(
+    ("saved", "ours", "match"),
+    [
+        (
+            {"mode": "past"},
+            {},
+            r"mode='past', linearized=True\), and this wrapper has "
+            r"mode='gradient', linearized=True",
+        ),
+        (
+            {"linearized": False},
+            {},
+            r"mode='gradient', linearized=False\), and this wrapper "
+            r"has mode='gradient', linearized=True",
+        ),
+        (
+            {},
+            {"mode": "noise", "sigma": 0.1},
+            r"linearized=True\), and this wrapper has "
+            r"mode='noise'",
+        ),
+    ],
+)
+def test_a_state_of_another_mode_or_linearized_is_refused_even_under_jit(
+    saved: dict[str, Any], ours: dict[str, Any], match: str
+) -> None:
+    """A checkpoint restored into another wrapper: refused with both settings named."""
+    params = jnp.ones(3)
+    state = extrapolation(alig(max_lr=0.1), **({"lr_x": 0.1} | saved)).init(params)
+    tx = extrapolation(alig(max_lr=0.1), **({"lr_x": 0.1} | ours if "sigma" not in ours else ours))
+    for update in (tx.update, jax.jit(tx.update)):
+        with pytest.raises(ValueError, match=match + ".*checkpoint's mode and linearized"):
+            update(params, state, params, value=1.0)
+    tx.update(params, tx.init(params), params, value=1.0)  # its own state is taken
