@@ -7,7 +7,7 @@ What it shows:
     takes ALI-G's step from the anchor ``w`` with the gradient at ``w~``; ``--mode past``
     uses the previous update's gradient instead (one gradient per iteration);
   * the usual optax step, with the loss passed as ``value=`` (ALI-G needs it);
-  * ``extrapolation_anchor(state, params)``: between calls the params may hold ``w~``,
+  * ``anchor_params(state, params)``: between calls the params may hold ``w~``,
     so evaluate (and save) the anchor's weights;
   * the same step compiling once, whatever the phase (both are computed and selected).
 
@@ -34,7 +34,7 @@ import optax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from alig_jax import alig, extrapolation, extrapolation_anchor
+from alig_jax import alig, extrapolation, anchor_params
 
 
 def init_params(key: jax.Array) -> dict[str, jax.Array]:
@@ -102,12 +102,12 @@ def main() -> None:
         for start in range(0, len(order) - args.batch + 1, args.batch):
             rows = order[start : start + args.batch]
             params, state = train_step(params, state, x_train[rows], y_train[rows])
-        anchor = extrapolation_anchor(state, params)  # evaluate these, not params
+        anchor = anchor_params(state, params)  # evaluate these, not params
         print(
             f"epoch {epoch + 1}: train loss at the anchor {loss_fn(anchor, x_train, y_train):.4f}"
         )
 
-    anchor = extrapolation_anchor(state, params)
+    anchor = anchor_params(state, params)
     last = float(loss_fn(anchor, x_train, y_train))
     print(
         f"mode={args.mode}: final train loss {last:.4f} (from {first:.4f}), "

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alig_jax import alig, extrapolation, extrapolation_anchor
+from alig_jax import alig, extrapolation, anchor_params
 from flax_models import MLP, cross_entropy
 
 ITERATIONS = 15
@@ -43,7 +43,7 @@ def test_nnx_optimizer_trains_with_extrapolation_and_equals_plain_optax() -> Non
     def anchor_of(model: MLP, optimizer: nnx.Optimizer) -> dict:
         """The documented way to evaluate and save at the anchor with flax.nnx."""
         params = nnx.as_pure(nnx.state(model, nnx.Param))
-        return nnx.to_pure_dict(extrapolation_anchor(nnx.as_pure(optimizer.opt_state), params))
+        return nnx.to_pure_dict(anchor_params(nnx.as_pure(optimizer.opt_state), params))
 
     def loss_at(params: dict) -> float:
         evaluated = nnx.merge(graphdef, nnx.split(MLP(nnx.Rngs(1)), nnx.Param)[1])
@@ -87,7 +87,7 @@ def test_nnx_optimizer_trains_with_extrapolation_and_equals_plain_optax() -> Non
 
     for t in range(CALLS):
         params, state = optax_step(params, state, x[t], y[t])
-        expected = jax.tree.leaves(extrapolation_anchor(state, params))
+        expected = jax.tree.leaves(anchor_params(state, params))
         for a, b in zip(jax.tree.leaves(anchors[t]), expected, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     trained = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -19,18 +19,7 @@ from extrapolation_cases import invalid_options_for
 SGD = optax.sgd(0.1, momentum=0.9, nesterov=True)
 
 
-def invalid_options() -> list[Any]:
-    """The shared table's rows for a wrapper whose ``seed=`` is torch's (an int >= 0, no
-    upper bound: ``jax.random.key`` takes any), less the options only torch has.
-
-    (The table's rows marked for "jax" are those of the old ``key=``, whose ``None`` was
-    refused in "noise" mode and whose negative ints were taken.)
-    """
-    torch_only = {"alternate", "anchor_gradient"}
-    return [p for p in invalid_options_for("torch") if not torch_only & set(p.values[0])]
-
-
-@pytest.mark.parametrize(("kwargs", "match"), invalid_options())
+@pytest.mark.parametrize(("kwargs", "match"), invalid_options_for("jax"))
 def test_invalid_options_are_refused_at_construction(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         extrapolation(alig(max_lr=0.1), **kwargs)

@@ -181,18 +181,18 @@ def find_case(name: str) -> ExtrapolationCase:
 
 
 SEED = 11
-"""The seed (optax: the key) of the noise of every wrapper the suites build."""
+"""The seed of the noise of every wrapper the suites build."""
 
 
-def wrapper_options(config: ExtrapolationConfig, *, seed_name: str = "seed") -> dict[str, Any]:
-    """``config`` as the keyword arguments of an adapter's wrapper; the noise seed
-    (:data:`SEED` in "noise" mode, else ``None``) under ``seed_name`` (optax: ``"key"``)."""
+def wrapper_options(config: ExtrapolationConfig) -> dict[str, Any]:
+    """``config`` as the keyword arguments of an adapter's wrapper, with the noise's
+    ``seed`` (:data:`SEED` in "noise" mode, else ``None``)."""
     return {
         "mode": config.mode,
         "lr_x": config.lr_x,
         "sigma": config.sigma,
         "linearized": config.linearized,
-        seed_name: SEED if config.mode == "noise" else None,
+        "seed": SEED if config.mode == "noise" else None,
     }
 
 
@@ -213,31 +213,25 @@ INVALID_OPTIONS: tuple[tuple[dict[str, Any], str, frozenset[str]], ...] = (
     ({"mode": "noise", "sigma": 0.1, "seed": 1.5}, r"Invalid {seed}: got 1\.5", _ALL),
     ({"mode": "noise", "sigma": 0.1, "seed": True}, "Invalid {seed}: got True", _ALL),
     ({"mode": "noise", "sigma": 0.1, "seed": "seed"}, "Invalid {seed}: got 'seed'", _ALL),
-    # jax.random.key takes any int; torch's generator any int >= 0; Keras' [0, 2**31).
-    ({"mode": "noise", "sigma": 0.1, "seed": -2}, "Invalid seed: got -2", {"torch", "keras"}),
+    # every seed is an int >= 0 (optax also takes a JAX key); Keras' below 2**31.
+    ({"mode": "noise", "sigma": 0.1, "seed": -2}, "Invalid seed: got -2", _ALL),
     ({"mode": "noise", "sigma": 0.1, "seed": 2**31}, r"Invalid seed.*\[0, 2\*\*31\)", {"keras"}),
-    ({"mode": "noise", "sigma": 0.1, "seed": None}, "Invalid key: got None.*key=0", {"jax"}),
-    ({"mode": "noise", "sigma": 0.1, "seed": "seed"}, "int seed", {"jax"}),
     ({"alternate": "no"}, "Invalid alternate", {"torch"}),
     ({"anchor_gradient": "global"}, "Invalid anchor_gradient: got 'global'", {"torch"}),
 )
 """(options, the error's pattern, the adapters it applies to): what every wrapper refuses
-at construction, with a message that says the fix. ``seed`` is the noise's seed (optax:
-``key``, which "noise" mode requires: a row in "noise" mode without one gets ``key=0``)."""
+at construction, with a message that says the fix. ``seed`` is the noise's seed, the same
+name in every adapter."""
 
 
 def invalid_options_for(framework: str) -> list[Any]:
     """The rows of :data:`INVALID_OPTIONS` that apply to ``framework``, as ``pytest.param``
     (``kwargs``, ``match``) in that adapter's words."""
-    seed_name = "key" if framework == "jax" else "seed"
     rows = []
     for i, (options, match, frameworks) in enumerate(INVALID_OPTIONS):
         if framework not in frameworks:
             continue
-        kwargs = {seed_name if k == "seed" else k: v for k, v in options.items()}
-        if framework == "jax" and kwargs.get("mode") == "noise":
-            kwargs.setdefault("key", 0)
-        rows.append(pytest.param(kwargs, match.format(seed=seed_name), id=f"{i}-{kwargs}"))
+        rows.append(pytest.param(options, match.format(seed="seed"), id=f"{i}-{options}"))
     return rows
 
 
