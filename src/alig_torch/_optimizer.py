@@ -83,20 +83,26 @@ _NAMES = LossNames(
 _NOT_GIVEN: Any = object()
 
 
-class _SumsOnce:
-    """The sum of squares of a step's path, computed once per list of tensors (by identity).
+class _Sums:
+    """The sum of squares of a step's path; with ``once``, computed once per list of tensors.
 
-    ``S`` is taken once per step even where it is asked twice: by the extrapolation wrapper
-    (this rank's, for its skip rule), then in the ranks' agreement on the same gradients.
+    ``S`` is taken once per call of the extrapolation wrapper even where it is asked twice:
+    this rank's (for the core's skip rule), then in the ranks' agreement on the same
+    gradients (the same tensors, by identity). AliG's own step asks once and keeps nothing
+    (a compiled step would guard on the tensors' ids).
     """
 
     __slots__ = ("accumulate", "device", "done", "path")
 
-    def __init__(self, path: StepPath, accumulate: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, path: StepPath, accumulate: torch.dtype, device: torch.device, *, once: bool
+    ) -> None:
         self.path, self.accumulate, self.device = path, accumulate, device
-        self.done: dict[tuple[int, ...], Any] = {}
+        self.done: dict[tuple[int, ...], Any] | None = {} if once else None
 
     def __call__(self, tensors: list[torch.Tensor]) -> Any:
+        if self.done is None:
+            return self.path.sum_of_squares(tensors, self.accumulate, self.device)
         key = tuple(map(id, tensors))
         if key not in self.done:
             self.done[key] = self.path.sum_of_squares(tensors, self.accumulate, self.device)
@@ -113,7 +119,7 @@ class _Evaluation(NamedTuple):
     sq_grad_norm: Any
     groups: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]
     path: StepPath
-    sums: _SumsOnce
+    sums: _Sums
     norms: Norms
     device: torch.device
     accumulate: torch.dtype
@@ -623,7 +629,7 @@ class AliG(Optimizer):
                 raise
             ranks.fail_together(error)
         path = select_path(all_params, foreach=self._use_foreach(all_params), path=self._step_path)
-        sums = _SumsOnce(path, accumulate, device)
+        sums = _Sums(path, accumulate, device, once=not agree)
         norms = Norms(ranks, all_params, partitioned, self._fingerprint, self.partitioned is True)
         evaluation = _Evaluation(
             path.number(loss_t, device, accumulate),
