@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -36,7 +37,6 @@ from alig_core._extrapolation_config import validate_seed
 from alig_core._scalars import python_scalars
 from alig_torch import _distributed
 from alig_torch._accumulation import Accumulation
-from alig_torch._functional import select_path
 from alig_torch._loss import LossIntake, LossNames, loss_as_tensor
 from alig_torch._norms import accumulation_dtype
 from alig_torch._optimizer import AliG
@@ -83,10 +83,29 @@ def _finite(value: Any) -> bool:
     return math.isfinite(value)
 
 
+def _sum_of_squares(grads: list[torch.Tensor], host: bool) -> Any:
+    """``S`` for a base that takes no loss, where it decides the skip only.
+
+    The gradients' norms (one foreach kernel, in float32 or float64 as AliG accumulates),
+    squared and added in float64: a float on the host.
+    """
+    if not grads:
+        return 0.0 if host else torch.zeros((), dtype=torch.float64)
+    wide = any(g.dtype == torch.float64 for g in grads)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64 if wide else torch.float32)
+    if host:
+        return sum(float(n) ** 2 for n in norms)
+    device = grads[0].device
+    return torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
+
+
 def _copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """``target.copy_(source)`` where they are not the same tensor: one foreach kernel."""
-    pairs = [(t, s) for t, s in zip(targets, sources, strict=True) if t is not s]
-    if pairs:
+    same = list(map(operator.is_, targets, sources))
+    if not any(same):
+        torch._foreach_copy_(list(targets), list(sources))
+    elif not all(same):
+        pairs = [(t, s) for t, s, x in zip(targets, sources, same, strict=True) if not x]
         torch._foreach_copy_([t for t, _ in pairs], [s for _, s in pairs])
 
 
@@ -111,15 +130,25 @@ class _Lists(ArrayLists):
     def add_scaled(
         self, xs: Sequence[Any], ys: Sequence[Any | None], scale: Any
     ) -> tuple[Any, ...]:
-        out = list(xs)
         index = [i for i, y in enumerate(ys) if y is not None]
-        if not index:
-            return tuple(out)
+        whole = len(index) == len(ys)
+        ys_: list[Any] = list(ys) if whole else [ys[i] for i in index]
+        if not ys_:
+            return tuple(xs)
+        xs_ = list(xs) if whole else [xs[i] for i in index]
         if isinstance(scale, torch.Tensor):  # a schedule's tensor: promoted as the core's
-            moved = [xs[i] + scale * ys[i] for i in index]  # type: ignore[operator]
-        else:  # x + (scale * y), as the core writes it (no fused multiply-add)
-            scaled = torch._foreach_mul([ys[i] for i in index], scale)
-            moved = list(torch._foreach_add([xs[i] for i in index], scaled))
+            moved = [x + scale * y for x, y in zip(xs_, ys_, strict=True)]
+        else:  # x + (scale * y) as the core writes it (no fused multiply-add), in place
+            dtype, device = ys_[0].dtype, ys_[0].device
+            if all(y.dtype == dtype and y.device == device for y in ys_):
+                # the scalar rounded to the tensors' dtype, as torch rounds a Python scalar
+                # (the same bits); a 0-d tensor takes the fast foreach path
+                scale = torch.full((), scale, dtype=dtype, device=device)
+            moved = torch._foreach_mul(ys_, scale)
+            torch._foreach_add_(moved, xs_)
+        if whole:
+            return tuple(moved)
+        out = list(xs)
         for i, tensor in zip(index, moved, strict=True):
             out[i] = tensor
         return tuple(out)
@@ -183,12 +212,7 @@ class _ForeignBase:
         if skipped:
             return anchor, 0.0
         _copy_into(self.params, anchor)  # the base steps from w_t
-        guard = self.wrapper._guard
-        guard.stepping = True
-        try:
-            self.wrapper.base_optimizer.step()
-        finally:
-            guard.stepping = False
+        self.wrapper._step_base()
         wrapper = self.wrapper
         past_default = wrapper._config.mode == "past" and wrapper._config.lr_x is None
         return self.params, wrapper._group_lr() if past_default else 0.0
@@ -390,7 +414,8 @@ class Extrapolation(Optimizer):
             self.state[p]["anchor"] = p.detach().clone()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_guard", "_own_intake")}
+        dropped = ("_guard", "_own_intake", "_cached")
+        return {k: v for k, v in self.__dict__.items() if k not in dropped}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -630,6 +655,23 @@ class Extrapolation(Optimizer):
         self._call(intake.resolve(closure, closure_loss, None, _NAMES, required=self._is_alig))
         return first
 
+    def _step_base(self) -> None:
+        """Runs the base's ``step`` body, past torch's step hooks and profiler label.
+
+        The guard is one of those hooks; the wrapper's own ``step`` has the others
+        (register step hooks on the wrapper).
+        """
+        base = self.base_optimizer
+        body = getattr(type(base).step, "__wrapped__", None)
+        if getattr(type(base).step, "hooked", False) and body is not None:
+            body(base)
+            return
+        self._guard.stepping = True
+        try:
+            base.step()
+        finally:
+            self._guard.stepping = False
+
     def _intake(self) -> LossIntake:
         """AliG's intake around AliG (one count of the backward passes), else the wrapper's."""
         if self._is_alig:
@@ -657,12 +699,27 @@ class Extrapolation(Optimizer):
             )
         return self.param_groups[0]["lr"]
 
+    def _tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+        """The parameters, their stored anchors, and whether all are on the CPU.
+
+        Cached while the param groups hold the same tensors.
+        """
+        params = self._params()
+        cached = self.__dict__.get("_cached")
+        if cached is not None:
+            known = cached[0]
+            if len(known) == len(params) and all(map(operator.is_, known, params)):
+                return cached  # type: ignore[no-any-return]
+        if not params:
+            raise ValueError("Extrapolation has no parameters: its param groups are empty.")
+        anchors = [self.state[p]["anchor"] for p in params]
+        self._cached = (params, anchors, all(p.device.type == "cpu" for p in params))
+        return self._cached
+
     @torch.no_grad()
     def _call(self, loss: Any) -> bool:
         """One call of the core on this evaluation; returns whether it skipped."""
-        params = self._params()
-        if not params:
-            raise ValueError("Extrapolation has no parameters: its param groups are empty.")
+        params, anchors, on_cpu = self._tensors()
         grads: list[torch.Tensor | None] = []
         for p in params:
             grad = p.grad
@@ -679,23 +736,18 @@ class Extrapolation(Optimizer):
             host, loss_n, sq = evaluation.path.on_host, evaluation.loss, evaluation.sq_grad_norm
         else:
             base = _ForeignBase(self, params)
-            dtype, device = accumulation_dtype(params), params[0].device
-            path = select_path(params, foreach=True)
-            host = path.on_host
-            sq = path.number(
-                path.sum_of_squares([g for g in grads if g is not None], dtype, device),
-                device,
-                dtype,
-            )
+            host = on_cpu
+            sq = _sum_of_squares([g for g in grads if g is not None], host)
             loss_n = None
             if loss is not None:
-                loss_t = loss_as_tensor(
+                device, dtype = params[0].device, accumulation_dtype(params)
+                loss_n = loss_as_tensor(
                     loss, device, dtype, who="Extrapolation", loss_help=_LOSS_HELP
                 )
-                loss_n = path.number(loss_t, device, dtype)
+                loss_n = float(loss_n) if host else loss_n
         anchor_pass = self.anchor_pass
         state = ExtrapolationState(
-            anchor=tuple(self.state[p]["anchor"] for p in params),
+            anchor=tuple(anchors),
             phase=self._phase,
             iteration=self._iteration,
             skipped=self._skipped,
@@ -714,7 +766,7 @@ class Extrapolation(Optimizer):
                 host, lambda flag, correction: self._agree(flag, correction, base, anchor_pass)
             ),
         )
-        return self._apply(params, call)
+        return self._apply(params, anchors, call)
 
     def _agree(self, flag: Any, correction: Any, base: Any, anchor_pass: bool) -> bool:
         """The skip flag on the host; under torch.distributed, the ranks' (one collective).
@@ -751,9 +803,11 @@ class Extrapolation(Optimizer):
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
         return bool(value[0] > 0)
 
-    def _apply(self, params: list[torch.Tensor], call: ExtrapolationCall) -> bool:
+    def _apply(
+        self, params: list[torch.Tensor], anchors: list[torch.Tensor], call: ExtrapolationCall
+    ) -> bool:
         """Stores the call's state and writes its parameters; returns whether it skipped."""
-        _copy_into([self.state[p]["anchor"] for p in params], call.state.anchor)
+        _copy_into(anchors, call.state.anchor)
         _copy_into(params, call.params)
         self._phase = int(call.state.phase)
         self._iteration = int(call.state.iteration)
