@@ -52,8 +52,7 @@ def count_gradient_norms(
         """The gradients, or views of their memory (e.g. detached)."""
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         return bool(tensors) and all(
-            any(t.data_ptr() == g.data_ptr() and t.shape == g.shape for g in grads)
-            for t in tensors
+            any(t.data_ptr() == g.data_ptr() and t.shape == g.shape for g in grads) for t in tensors
         )
 
     for name, path in list(STEP_PATHS.items()):
