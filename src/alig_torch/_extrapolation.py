@@ -34,6 +34,7 @@ from alig_torch._accumulation import Accumulation
 from alig_torch._extrapolation_glue import (
     ANCHOR_GRADIENTS,
     HOST,
+    NAMES,
     WRAPPED,
     AliGBase,
     ForeachLists,
@@ -44,32 +45,14 @@ from alig_torch._extrapolation_glue import (
     check_options,
     check_param,
     copy_into,
-    sum_of_squares,
+    foreign_evaluation,
+    gradients,
 )
-from alig_torch._loss import LossIntake, LossNames, loss_as_tensor
+from alig_torch._loss import LossIntake
 from alig_torch._norms import accumulation_dtype
 from alig_torch._optimizer import AliG
 
 __all__ = ["ANCHOR_GRADIENTS", "Extrapolation"]
-
-_LOSS_HELP = (
-    "Hand the loss over as for any torch optimizer: opt.step(closure) with a closure that "
-    "zeroes the gradients, computes the loss, calls loss.backward() and returns the loss, "
-    "or opt.step(loss=loss) after loss.backward() (one evaluation per call: calls alternate "
-    "between the anchor and the extrapolated point in mode='gradient'). With a GradScaler "
-    "(which refuses closures): scaler.unscale_(opt); scaler.step(opt, loss=loss) with the "
-    "unscaled loss."
-)
-
-_NAMES = LossNames(
-    step="Extrapolation.step",
-    who="Extrapolation",
-    no_loss=(
-        "Extrapolation around AliG got no loss: ALI-G computes its step size (and its default "
-        f"lr_x) from the loss at every evaluation. {_LOSS_HELP}"
-    ),
-    loss_help=_LOSS_HELP,
-)
 
 
 class Extrapolation(Optimizer):
@@ -321,7 +304,7 @@ class Extrapolation(Optimizer):
           ...     opt.add_loss(loss)
           >>> _ = opt.step()
         """
-        self._intake().add(loss, _NAMES)
+        self._intake().add(loss, NAMES)
 
     # ------------------------------------------------------------------ state_dict
 
@@ -393,8 +376,8 @@ class Extrapolation(Optimizer):
                 "only for evaluation and saving. Step after the with-block."
             )
         intake = self._intake()
-        closure, closure_loss, loss = intake.evaluate(closure, loss, _NAMES)
-        used = intake.resolve(closure, closure_loss, loss, _NAMES, required=self._is_alig)
+        closure, closure_loss, loss = intake.evaluate(closure, loss, NAMES)
+        used = intake.resolve(closure, closure_loss, loss, NAMES, required=self._is_alig)
         first = closure_loss if closure_loss is not None else used
         if not self.anchor_pass:
             self._call(used)
@@ -403,8 +386,8 @@ class Extrapolation(Optimizer):
         self.base_optimizer.zero_grad()  # g(w_t) must not add into g(w~_t)
         if closure is None or self.alternate or skipped:
             return first
-        closure, closure_loss, _ = intake.evaluate(closure, None, _NAMES)
-        self._call(intake.resolve(closure, closure_loss, None, _NAMES, required=self._is_alig))
+        closure, closure_loss, _ = intake.evaluate(closure, None, NAMES)
+        self._call(intake.resolve(closure, closure_loss, None, NAMES, required=self._is_alig))
         return first
 
     def _intake(self) -> LossIntake:
@@ -444,15 +427,7 @@ class Extrapolation(Optimizer):
     def _call(self, loss: Any) -> bool:
         """One call of the core on this evaluation; returns whether it skipped."""
         params, anchors, on_cpu = self._tensors()
-        grads: list[torch.Tensor | None] = []
-        for p in params:
-            grad = p.grad
-            if grad is not None and grad.is_sparse:
-                raise ValueError(
-                    f"Extrapolation does not support sparse gradients (a parameter of shape "
-                    f"{tuple(p.shape)} has one). Use a dense embedding (sparse=False)."
-                )
-            grads.append(grad)
+        grads = gradients(params)
         base: AliGBase | ForeignBase
         if self._is_alig:  # AliG's checks, path and S (one norm), not yet agreed
             evaluation = self.base_optimizer._evaluation(loss, agree=False)  # type: ignore[attr-defined]
@@ -462,15 +437,7 @@ class Extrapolation(Optimizer):
             config = self._config
             past_default = config.mode == "past" and config.lr_x is None
             base = ForeignBase(self.base_optimizer, self._guard, params, past_default)
-            host = on_cpu
-            sq = sum_of_squares([g for g in grads if g is not None], host)
-            loss_n = None
-            if loss is not None:
-                device, dtype = params[0].device, accumulation_dtype(params)
-                loss_n = loss_as_tensor(
-                    loss, device, dtype, who="Extrapolation", loss_help=_LOSS_HELP
-                )
-                loss_n = float(loss_n) if host else loss_n
+            host, loss_n, sq = on_cpu, *foreign_evaluation(params, grads, loss, on_cpu)
         local_anchor = self.anchor_pass and self.anchor_gradient == "local"
         state = ExtrapolationState(
             anchor=tuple(anchors),

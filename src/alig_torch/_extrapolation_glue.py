@@ -24,10 +24,14 @@ from alig_core._config import describe_value
 from alig_core._extrapolation import ArrayLists
 from alig_core._scalars import python_scalars
 from alig_torch import _distributed
+from alig_torch._loss import LossNames, loss_as_tensor
+from alig_torch._norms import accumulation_dtype
 
 __all__ = [
     "ANCHOR_GRADIENTS",
     "HOST",
+    "LOSS_HELP",
+    "NAMES",
     "WRAPPED",
     "AliGBase",
     "ForeachLists",
@@ -37,11 +41,34 @@ __all__ = [
     "check_options",
     "check_param",
     "copy_into",
+    "foreign_evaluation",
+    "gradients",
     "sum_of_squares",
 ]
 
 ANCHOR_GRADIENTS: tuple[str, ...] = ("all_reduced", "local")
 """Under data parallelism, which gradient at the anchor places ``w~`` in ``"gradient"`` mode."""
+
+
+LOSS_HELP = (
+    "Hand the loss over as for any torch optimizer: opt.step(closure) with a closure that "
+    "zeroes the gradients, computes the loss, calls loss.backward() and returns the loss, "
+    "or opt.step(loss=loss) after loss.backward() (one evaluation per call: calls alternate "
+    "between the anchor and the extrapolated point in mode='gradient'). With a GradScaler "
+    "(which refuses closures): scaler.unscale_(opt); scaler.step(opt, loss=loss) with the "
+    "unscaled loss."
+)
+
+NAMES = LossNames(
+    step="Extrapolation.step",
+    who="Extrapolation",
+    no_loss=(
+        "Extrapolation around AliG got no loss: ALI-G computes its step size (and its default "
+        f"lr_x) from the loss at every evaluation. {LOSS_HELP}"
+    ),
+    loss_help=LOSS_HELP,
+)
+"""How the wrapper's loss intake (AliG's, around AliG) names it in its errors."""
 
 
 class _HostScalars(type(python_scalars)):  # type: ignore[misc]
@@ -76,6 +103,33 @@ def sum_of_squares(grads: list[torch.Tensor], host: bool) -> Any:
         return sum(float(n) ** 2 for n in norms)
     device = grads[0].device
     return torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
+
+
+def gradients(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each parameter's ``.grad`` (``None`` where it has none); a sparse one is refused."""
+    grads = [p.grad for p in params]
+    for p, grad in zip(params, grads, strict=True):
+        if grad is not None and grad.is_sparse:
+            raise ValueError(
+                f"Extrapolation does not support sparse gradients (a parameter of shape "
+                f"{tuple(p.shape)} has one). Use a dense embedding (sparse=False)."
+            )
+    return grads
+
+
+def foreign_evaluation(
+    params: list[torch.Tensor], grads: list[torch.Tensor | None], loss: Any, host: bool
+) -> tuple[Any, Any]:
+    """``(loss, S)`` of a call around a base that takes no loss.
+
+    The loss checked (or ``None``) and :func:`sum_of_squares`: Python floats on the host.
+    """
+    sq = sum_of_squares([g for g in grads if g is not None], host)
+    if loss is None:
+        return None, sq
+    device, dtype = params[0].device, accumulation_dtype(params)
+    loss_t = loss_as_tensor(loss, device, dtype, who="Extrapolation", loss_help=LOSS_HELP)
+    return (float(loss_t) if host else loss_t), sq
 
 
 def copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:

@@ -13,6 +13,7 @@ import torch
 import alig_core
 from alig_torch import AliG, Extrapolation
 from alig_torch import _extrapolation as extrapolation_module
+from alig_torch import _extrapolation_glue as glue_module
 from alig_torch import _optimizer as optimizer_module
 from alig_torch._functional import STEP_PATHS
 
@@ -62,15 +63,18 @@ def count_gradient_norms(
             return _kernel(tensors, *args)
 
         monkeypatch.setitem(STEP_PATHS, name, path._replace(sum_of_squares=counting))
-    foreign = getattr(extrapolation_module, "sum_of_squares", None)  # a base with no loss
+    for module, name in (
+        (glue_module, "sum_of_squares"),
+        (extrapolation_module, "_sum_of_squares"),
+    ):
+        foreign = getattr(module, name, None)  # S for a base that takes no loss
+        if foreign is not None:
 
-    def counting_foreign(tensors: Any, *args: Any) -> Any:
-        calls[0] += is_gradients(list(tensors))
-        assert foreign is not None
-        return foreign(tensors, *args)
+            def counting_foreign(tensors: Any, *args: Any, _kernel: Any = foreign) -> Any:
+                calls[0] += is_gradients(list(tensors))
+                return _kernel(tensors, *args)
 
-    if foreign is not None:
-        monkeypatch.setattr(extrapolation_module, "sum_of_squares", counting_foreign)
+            monkeypatch.setattr(module, name, counting_foreign)
     return lambda: calls[0]
 
 
@@ -179,7 +183,7 @@ def test_the_wrapper_takes_the_default_lr_x_from_step_size_at(
 
 def _names(message: str) -> str:
     """The message with the optimizer's name and its own how-to (each its own) left out."""
-    for help_text in (optimizer_module._LOSS_HELP, extrapolation_module._LOSS_HELP):
+    for help_text in (optimizer_module._LOSS_HELP, glue_module.LOSS_HELP):
         message = message.replace(help_text, "HELP")
     return message.replace("Extrapolation.step", "STEP").replace("AliG.step", "STEP")
 
