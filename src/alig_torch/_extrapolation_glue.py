@@ -11,6 +11,7 @@ refuses the base's ``step()`` called past the wrapper.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import weakref
@@ -81,6 +82,15 @@ class _HostScalars(type(python_scalars)):  # type: ignore[misc]
 
 HOST = _HostScalars()
 """The core's ``xp`` where the loss and ``S`` are Python floats (every tensor on the CPU)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _scalar(value: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``float.fromhex(value)`` as a 0-d tensor, kept (read only).
+
+    A constant ``lr_x`` makes none per call; keyed by the bits, so -0.0 is not 0.0.
+    """
+    return torch.full((), float.fromhex(value), dtype=dtype, device=device)
 
 
 def _finite(value: Any) -> bool:
@@ -180,7 +190,7 @@ class ForeachLists(ArrayLists):
             if all(y.dtype == dtype and y.device == device for y in ys_):
                 # the scalar rounded to the tensors' dtype, as torch rounds a Python scalar
                 # (the same bits); a 0-d tensor takes the fast foreach path
-                scale = torch.full((), scale, dtype=dtype, device=device)
+                scale = _scalar(float(scale).hex(), dtype, device)
             moved = torch._foreach_mul(ys_, scale)
             torch._foreach_add_(moved, xs_)
         if whole:

@@ -629,7 +629,7 @@ class AliG(Optimizer):
                 raise
             ranks.fail_together(error)
         path = select_path(all_params, foreach=self._use_foreach(all_params), path=self._step_path)
-        sums = _Sums(path, accumulate, device, once=not agree)
+        sums = _Sums(path, accumulate, device, once=not agree and ranks is not None)
         norms = Norms(ranks, all_params, partitioned, self._fingerprint, self.partitioned is True)
         evaluation = _Evaluation(
             path.number(loss_t, device, accumulate),
