@@ -269,7 +269,15 @@ class ForeignBase:
                 f"disagree on 'lr' ({sorted(values)}): the displacement takes one. Pass "
                 "lr_x=... (a number or a schedule) to the Extrapolation."
             )
-        return groups[0]["lr"]
+        lr = groups[0]["lr"]
+        if isinstance(lr, int | float) and not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(
+                f"lr_x=None takes the base optimizer's step size, and its param groups have "
+                f"'lr' = {lr!r} at this call (set by an LR scheduler or by hand): the "
+                "displacement needs a finite lr >= 0 (below 0 it would point uphill). Nothing "
+                "was changed. Keep the groups' lr >= 0, or pass lr_x=... to the Extrapolation."
+            )
+        return lr
 
     def run(self, anchor: Sequence[Any], loss: Any, sq_grad_norm: Any, skipped: Any) -> Any:
         if skipped:

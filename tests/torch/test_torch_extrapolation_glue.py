@@ -261,3 +261,31 @@ def test_add_loss_on_the_wrapper_is_aliGs() -> None:
     with pytest.raises(ValueError, match="Extrapolation around AliG got no loss"):
         opt.step()
     assert opt.iteration == 1
+
+
+# ---------------------------------------------------------------- a base's cap at step time
+
+
+@pytest.mark.parametrize("base", ["alig", "sgd"])
+@pytest.mark.parametrize("lr", [-0.1, float("nan")])
+def test_an_invalid_cap_or_lr_at_step_time_raises_before_anything_moves(
+    base: str, lr: float
+) -> None:
+    """A group lr driven below 0 (a scheduler, a hand): AliG's own refusal around AliG; the
+    default lr_x of a foreign base refuses it too (the displacement would point uphill)."""
+    model = make_model()
+    inner: torch.optim.Optimizer = (
+        AliG(model.parameters(), max_lr=0.5, momentum=0.9)
+        if base == "alig"
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    )
+    opt = Extrapolation(inner)
+    inner.param_groups[0]["lr"] = lr
+    opt.zero_grad()
+    loss = backward(model)
+    before = values(model)
+    match = "at this step" if base == "alig" else "needs a finite lr >= 0"
+    with pytest.raises(ValueError, match=match):
+        opt.step(loss=loss)
+    assert all(torch.equal(a, b) for a, b in zip(values(model), before, strict=True))
+    assert (opt.iteration, opt.iterations_skipped, opt.is_extrapolated) == (0, 0, False)
