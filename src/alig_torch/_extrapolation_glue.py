@@ -103,14 +103,15 @@ def sum_of_squares(grads: list[torch.Tensor], host: bool) -> Any:
     """``S`` for a base that takes no loss, where it decides the skip only.
 
     The gradients' norms (one foreach kernel, in float32 or float64 as AliG accumulates),
-    squared and added in float64: a float on the host.
+    then their ``hypot`` squared (float64): a float on the host, not finite where an entry
+    is not (or where it overflows).
     """
     if not grads:
         return 0.0 if host else torch.zeros((), dtype=torch.float64)
     wide = any(g.dtype == torch.float64 for g in grads)
     norms = torch._foreach_norm(grads, 2, dtype=torch.float64 if wide else torch.float32)
-    if host:
-        return sum(float(n) ** 2 for n in norms)
+    if host:  # inf where any entry is (hypot(inf, nan) = inf), nan where one is nan
+        return math.hypot(*map(float, norms)) ** 2
     device = grads[0].device
     return torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
 
@@ -262,7 +263,7 @@ class ForeignBase:
 
     def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
         groups = self.optimizer.param_groups
-        values = {repr(group.get("lr")) for group in groups}
+        values = {repr(group.get("lr")) for group in groups} if len(groups) > 1 else {""}
         if len(values) != 1 or "lr" not in groups[0]:
             raise ValueError(
                 f"lr_x=None takes the base optimizer's step size, and its param groups "
