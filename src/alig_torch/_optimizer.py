@@ -535,7 +535,11 @@ class AliG(Optimizer):
         intake = self._intake
         closure, closure_loss, loss = intake.evaluate(closure, loss, _NAMES)
         try:
-            check_stepped_by_deepspeed(self)  # DeepSpeed's loss comes through its integration
+            try:
+                check_stepped_by_deepspeed(self)  # DeepSpeed's loss comes through its integration
+            except ValueError:
+                intake.forget()  # as resolve() does on every refusal
+                raise
             used = intake.resolve(closure, closure_loss, loss, _NAMES, required=True)
         except ValueError as error:
             self._fail(error)
