@@ -169,12 +169,14 @@ class Accumulation:
         return max(counts.values()), (distinct if distinct else None)
 
 
-def count_mismatch_message(given: int, how: str, most: int, distinct: int | None) -> str | None:
+def count_mismatch_message(
+    given: int, how: str, most: int, distinct: int | None, step: str = "AliG.step"
+) -> str | None:
     """The error for ``given`` losses handed over (``how``), or ``None`` if they can match.
 
     At least ``most`` backward passes contributed to the gradient (that many reached one
     parameter) and at most ``distinct`` did (when known): the losses handed over must be
-    one per backward pass.
+    one per backward pass. ``step`` names the method handed them.
     """
     if most == 0:
         return None
@@ -196,12 +198,11 @@ def count_mismatch_message(given: int, how: str, most: int, distinct: int | None
     if given < most:
         got = "one loss" if given == 1 else f"{given} losses"
         return (
-            f"AliG.step() got {got} ({how}), but {why} {ways}{zeroed}"
-            f"In a trainer: {INTEGRATIONS_HELP}"
+            f"{step}() got {got} ({how}), but {why} {ways}{zeroed}In a trainer: {INTEGRATIONS_HELP}"
         )
     if distinct is not None and given > distinct:
         return (
-            f"AliG.step() got {given} losses ({how}), but only {distinct} backward passes "
+            f"{step}() got {given} losses ({how}), but only {distinct} backward passes "
             "reached this optimizer's parameters since its last step or zero_grad(): each "
             "loss must be that of one backward pass. Was a loss added twice (e.g. by an "
             "integration such as AliGCallback and by hand)? Add each backpropagated loss "

@@ -12,18 +12,19 @@ from :mod:`alig_core`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch.optim.optimizer import Optimizer
 
 import alig_core
 from alig_core import AliGConfig
-from alig_core._config import validate_max_lr
+from alig_core._config import describe_value, validate_max_lr
+from alig_core._scalars import python_scalars
 from alig_torch import _distributed
-from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation, count_mismatch_message
+from alig_torch._accumulation import INTEGRATIONS_HELP, Accumulation
 from alig_torch._deepspeed_guard import check_stepped_by_deepspeed
-from alig_torch._functional import alig, project, select_path
+from alig_torch._functional import StepPath, alig, project, select_path
 from alig_torch._groups import (
     CONVENTION_KEY,
     FRESH_STATE_HELP,
@@ -36,7 +37,7 @@ from alig_torch._groups import (
     check_step_caps,
     stored_cap,
 )
-from alig_torch._loss import loss_as_tensor, summed_losses
+from alig_torch._loss import LossIntake, LossNames, loss_as_tensor
 from alig_torch._norms import Norms, accumulation_dtype
 from alig_torch._records import RecordProperty, stored_shape, write_records
 
@@ -71,7 +72,59 @@ _LOSS_HELP = (
 )
 
 
+_NAMES = LossNames(
+    step="AliG.step",
+    who="ALI-G",
+    no_loss=f"AliG.step() got no loss. {_LOSS_HELP}",
+    loss_help=_LOSS_HELP,
+)
+"""How AliG's loss intake names it in its errors."""
+
 _NOT_GIVEN: Any = object()
+
+
+class _Sums:
+    """The sum of squares of a step's path; with ``once``, computed once per list of tensors.
+
+    ``S`` is taken once per call of the extrapolation wrapper even where it is asked twice:
+    this rank's (for the core's skip rule), then in the ranks' agreement on the same
+    gradients (the same tensors, by identity). AliG's own step asks once and keeps nothing
+    (a compiled step would guard on the tensors' ids).
+    """
+
+    __slots__ = ("accumulate", "device", "done", "path")
+
+    def __init__(
+        self, path: StepPath, accumulate: torch.dtype, device: torch.device, *, once: bool
+    ) -> None:
+        self.path, self.accumulate, self.device = path, accumulate, device
+        self.done: dict[tuple[int, ...], Any] | None = {} if once else None
+
+    def __call__(self, tensors: list[torch.Tensor]) -> Any:
+        if self.done is None:
+            return self.path.sum_of_squares(tensors, self.accumulate, self.device)
+        key = tuple(map(id, tensors))
+        if key not in self.done:
+            self.done[key] = self.path.sum_of_squares(tensors, self.accumulate, self.device)
+        return self.done[key]
+
+
+class _Evaluation(NamedTuple):
+    """One step's inputs: this rank's checked tensors and ``(loss, S)``.
+
+    ``(loss, S)`` are those the ranks agreed on, or this rank's until :meth:`AliG._agreed`.
+    """
+
+    loss: Any
+    sq_grad_norm: Any
+    groups: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]
+    path: StepPath
+    sums: _Sums
+    norms: Norms
+    device: torch.device
+    accumulate: torch.dtype
+
+
 """The default of ``AliG(lr=...)``: not given (``None`` is a value of the cap: no cap)."""
 
 
@@ -289,6 +342,7 @@ class AliG(Optimizer):
         # An instance attribute, not a property: wrappers that subclass AliG's class and
         # forward attribute reads (Lightning's LightningOptimizer) reach the optimizer's own.
         self._accumulation = Accumulation(self)  # the losses added, the backward passes seen
+        self._intake = LossIntake(self._accumulation, self._loss_device_and_dtype)
         super().__init__(params_or_groups, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -306,9 +360,9 @@ class AliG(Optimizer):
             if "lr" in param_group:
                 raise ValueError(
                     f"Param group {len(self.param_groups)} sets both 'max_lr' = "
-                    f"{alig_core._config.describe_value(param_group['max_lr'])} and 'lr' = "
-                    f"{alig_core._config.describe_value(param_group['lr'])}; they are the same thing "
-                    "(the cap on the step size): set only one."
+                    f"{describe_value(param_group['max_lr'])} and 'lr' = "
+                    f"{describe_value(param_group['lr'])}; they are the same thing (the cap on "
+                    "the step size): set only one."
                 )
             param_group = dict(param_group)
             max_lr = param_group.pop("max_lr")
@@ -423,6 +477,7 @@ class AliG(Optimizer):
             group.setdefault("foreach", None)
         if "_accumulation" not in self.__dict__:  # a copy or unpickled: not the original's
             self._accumulation = Accumulation(self)
+        self._intake = LossIntake(self._accumulation, self._loss_device_and_dtype)
         self._accumulation.watch([p for group in self.param_groups for p in group["params"]])
 
     def __repr__(self) -> str:
@@ -477,64 +532,19 @@ class AliG(Optimizer):
           The closure's return value when it gave one, else the loss the step used
           (``loss=`` as given, or the sum of a list or of the added losses).
         """
-        if closure is not None and not callable(closure):
-            # step(loss): a loss handed over positionally (a tensor, a number or a list)
-            if loss is not None:
-                raise ValueError(
-                    f"AliG.step() got a loss positionally ({alig_core._config.describe_value(closure)}) "
-                    f"and loss= as well; give it once. {_LOSS_HELP}"
-                )
-            closure, loss = None, closure
-        closure_loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                closure_loss = closure()
-        pending = self._accumulation
+        intake = self._intake
+        closure, closure_loss, loss = intake.evaluate(closure, loss, _NAMES)
         try:
-            check_stepped_by_deepspeed(self)  # DeepSpeed's loss comes through its integration
-            used, given, how = self._loss_of_step(closure, closure_loss, loss, pending)
-            message = count_mismatch_message(given, how, *pending.backward_passes())
-            if message is not None:
-                raise ValueError(message)
+            try:
+                check_stepped_by_deepspeed(self)  # DeepSpeed's loss comes through its integration
+            except ValueError:
+                intake.forget()  # as resolve() does on every refusal
+                raise
+            used = intake.resolve(closure, closure_loss, loss, _NAMES, required=True)
         except ValueError as error:
             self._fail(error)
-        finally:
-            pending.forget()
         self._step(used)
         return closure_loss if closure_loss is not None else used
-
-    def _loss_of_step(
-        self, closure: Any, closure_loss: Any, loss: Any, pending: Accumulation
-    ) -> tuple[Any, int, str]:
-        """The loss the step uses, how many backward passes' losses it sums, and whence."""
-        if pending.added:
-            if loss is not None:
-                added = "1 loss" if pending.added == 1 else f"{pending.added} losses"
-                raise ValueError(
-                    f"AliG.step() got loss= and also {added} added with add_loss() since the "
-                    "last step; hand the loss over one way: either add "
-                    "the loss of every backward pass with add_loss() and call step(), or pass "
-                    "them all as step(loss=...)."
-                )
-            return pending.total, pending.added, "added with add_loss()"
-        if loss is not None:
-            if closure_loss is not None:
-                raise ValueError(
-                    "AliG.step() got both a closure and loss=, and the closure returned a loss; "
-                    f"give one. {_LOSS_HELP}"
-                )
-            if isinstance(loss, list | tuple):
-                device, dtype = self._loss_device_and_dtype()
-                total = summed_losses(
-                    loss, device, dtype, who="ALI-G", step_name="AliG.step", loss_help=_LOSS_HELP
-                )
-                return total, len(loss), "as a list, loss=[...]"
-            return loss, 1, "loss="
-        if closure_loss is not None:
-            return closure_loss, 1, "the closure's"
-        if closure is not None:
-            raise ValueError(f"The closure passed to AliG.step() returned None. {_LOSS_HELP}")
-        raise ValueError(f"AliG.step() got no loss. {_LOSS_HELP}")
 
     def add_loss(self, loss: Any) -> None:
         """Adds the loss of one backward pass to the loss of the next step.
@@ -559,10 +569,7 @@ class AliG(Optimizer):
           ...     opt.add_loss(loss)
           >>> _ = opt.step()
         """
-        device, dtype = self._loss_device_and_dtype()
-        self._accumulation.add(
-            loss_as_tensor(loss, device, dtype, who="ALI-G", loss_help=_LOSS_HELP)
-        )
+        self._intake.add(loss, _NAMES)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradients (as ``torch.optim``) and forgets the added losses with them."""
@@ -592,6 +599,17 @@ class AliG(Optimizer):
 
     @torch.no_grad()
     def _step(self, loss: Any) -> None:
+        """One step: the ranks agree on ``(loss, S)`` (:meth:`_evaluation`), then it is taken."""
+        self._step_with(self._evaluation(loss, agree=True))
+
+    def _evaluation(self, loss: Any, *, agree: bool) -> _Evaluation:
+        """This rank's checks, the groups' tensors, the path, and the step's ``(loss, S)``.
+
+        ``agree``: under torch.distributed, the ranks agree on them now (the collective of
+        the step); else ``S`` is this rank's alone, to be agreed by :meth:`_agreed` (the
+        extrapolation wrapper, which agrees on the loss it linearises). ``S`` is computed
+        once either way.
+        """
         all_params = [p for group in self.param_groups for p in group["params"]]
         process_group = _distributed.active_group(self.process_group)
         if not all_params and process_group is None:
@@ -615,29 +633,63 @@ class AliG(Optimizer):
                 raise
             ranks.fail_together(error)
         path = select_path(all_params, foreach=self._use_foreach(all_params), path=self._step_path)
-
-        def sum_of_squares(tensors: list[torch.Tensor]) -> Any:
-            return path.sum_of_squares(tensors, accumulate, device)
-
+        sums = _Sums(path, accumulate, device, once=not agree and ranks is not None)
         norms = Norms(ranks, all_params, partitioned, self._fingerprint, self.partitioned is True)
-        loss_n, sq_grad_norm = norms.agree(
+        evaluation = _Evaluation(
             path.number(loss_t, device, accumulate),
-            [p for _, params, _ in groups for p in params],
-            [g for _, _, grads in groups for g in grads],
-            sum_of_squares,
+            None,
+            groups,
+            path,
+            sums,
+            norms,
+            device,
             accumulate,
         )
-        loss_n = path.number(loss_n, device, accumulate)
-        sq_grad_norm = path.number(sq_grad_norm, device, accumulate)
-        record_dtype = norms.record_dtype(accumulate)
+        if agree or ranks is None:
+            return self._agreed(evaluation, evaluation.loss)
+        return evaluation._replace(sq_grad_norm=sums([g for _, _, gs in groups for g in gs]))
+
+    def _agreed(self, evaluation: _Evaluation, loss: Any) -> _Evaluation:
+        """``evaluation`` with ``(loss, S)`` as the ranks agree on them.
+
+        One collective under torch.distributed; a single process: ``loss`` and this rank's
+        ``S``, as they are.
+        """
+        path, device, accumulate = evaluation.path, evaluation.device, evaluation.accumulate
+        groups = evaluation.groups
+        loss_n, sq_grad_norm = evaluation.norms.agree(
+            path.number(loss, device, accumulate),
+            [p for _, params, _ in groups for p in params],
+            [g for _, _, grads in groups for g in grads],
+            evaluation.sums,
+            accumulate,
+        )
+        return evaluation._replace(
+            loss=path.number(loss_n, device, accumulate),
+            sq_grad_norm=path.number(sq_grad_norm, device, accumulate),
+        )
+
+    def _step_with(self, evaluation: _Evaluation) -> Any:
+        """Takes the step of ``(evaluation.loss, evaluation.sq_grad_norm)`` as given.
+
+        No norm is computed and no collective made (but the projection's); returns the first
+        group's gamma.
+
+        The extrapolation wrapper's entry point: it hands the linearised loss and the ``S``
+        of its one norm (``alig_core._extrapolation``).
+        """
+        path, device, sums = evaluation.path, evaluation.device, evaluation.sums
+        norms = evaluation.norms
+        record_dtype = norms.record_dtype(evaluation.accumulate)
         skipped: Any = None
-        for group, params, grads in groups:
+        gamma: Any = None
+        for group, params, grads in evaluation.groups:
             size = alig(
                 params,
                 grads,
                 self._buffers(group, params),
-                loss=loss_n,
-                sq_grad_norm=sq_grad_norm,
+                loss=evaluation.loss,
+                sq_grad_norm=evaluation.sq_grad_norm,
                 max_lr=group["lr"],
                 momentum=group["momentum"],
                 adjusted_momentum=group["adjusted_momentum"],
@@ -646,11 +698,72 @@ class AliG(Optimizer):
                 path=path.name,
             )
             skipped = size.skipped
+            gamma = size.gamma if gamma is None else gamma
             write_records(group, size, path, device, record_dtype)
         if self.max_norm is None or (path.on_host and skipped):
-            return  # a host step knows it was skipped: no norm to take
-        sq_param_norm = path.number(norms.of_params(sum_of_squares, accumulate), device, accumulate)
+            return gamma  # a host step knows it was skipped: no norm to take
+        all_params = norms.all_params
+        sq_param_norm = path.number(
+            norms.of_params(sums, evaluation.accumulate), device, evaluation.accumulate
+        )
         project(all_params, sq_param_norm, max_norm=self.max_norm, skipped=skipped, path=path)
+        return gamma
+
+    def step_size_at(self, loss: Any, sq_grad_norm: Any, *, group: int | None = None) -> Any:
+        r"""ALI-G's step size ``gamma`` for a loss and a squared gradient norm, moving nothing.
+
+        :math:`\gamma = \min(\max((l - f_\star) / (S + \epsilon), 0), \eta)` with the
+        param group's ``lr`` (the cap), ``eps`` and ``f_star``, as a step would take it
+        (:func:`alig_core.step_size`; 0 where ``loss`` or ``S`` is not finite). Neither
+        the parameters nor the records move. :class:`~alig_torch.Extrapolation` takes it
+        as its default ``lr_x`` at the anchor, so that an option that changes ALI-G's step
+        size changes the displacement with it.
+
+        Args:
+          loss: the loss ``l``, a float or a 0-d tensor.
+          sq_grad_norm: ``S``, a float or a 0-d tensor.
+          group: the index of the param group whose settings to use; ``None``: every group
+            must take the same step size (the same ``lr``, ``eps`` and ``f_star``).
+
+        Returns:
+          ``gamma``: a Python float where ``loss`` and ``S`` are Python numbers, else a
+          0-d tensor.
+
+        Raises:
+          ValueError: ``group=None`` and the groups' settings differ, or a cap below 0.
+
+        Example:
+          >>> opt = AliG(torch.nn.Linear(2, 1).parameters(), max_lr=0.1)
+          >>> opt.step_size_at(1.0, 4.0)  # min((1 - 0) / (4 + 1e-5), 0.1)
+          0.1
+          >>> round(opt.step_size_at(0.2, 4.0), 6)
+          0.05
+        """
+        if group is None:
+            settings = {
+                (repr(g["lr"]), repr(g["eps"]), repr(g["f_star"])) for g in self.param_groups
+            }
+            if len(settings) != 1:
+                raise ValueError(
+                    "AliG.step_size_at(group=None) needs one step size, and the param groups "
+                    f"differ in lr, eps or f_star ({sorted(settings)}). Pass group=<index> for "
+                    "one group's (or, for Extrapolation's default lr_x, pass lr_x=...)."
+                )
+            group = 0
+        chosen = self.param_groups[group]
+        check_step_caps([chosen])
+        on_host = not isinstance(loss, torch.Tensor) and not isinstance(sq_grad_norm, torch.Tensor)
+        if on_host:
+            xp: Any = python_scalars
+            values = [float(chosen[k]) for k in ("lr", "eps", "f_star")]
+            loss, sq_grad_norm = float(loss), float(sq_grad_norm)
+        else:
+            xp = torch
+            like = loss if isinstance(loss, torch.Tensor) else sq_grad_norm
+            loss, sq_grad_norm = (torch.as_tensor(v).to(like) for v in (loss, sq_grad_norm))
+            values = [chosen[k] for k in ("lr", "eps", "f_star")]
+        cap, eps, f_star = values
+        return alig_core.step_size(xp, loss, sq_grad_norm, max_lr=cap, eps=eps, f_star=f_star).gamma
 
     def _fingerprint(self, dtensors: int) -> float:
         """The settings that decide a step, as one number: see :func:`_distributed.fingerprint`."""

@@ -58,6 +58,32 @@ def make_base(kind: str, params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, **SGD_KWARGS)
 
 
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all_gather")
+"""The torch.distributed calls a step could make (DDP's own gradient all-reduce is not one:
+its reducer runs in C++)."""
+
+
+@contextlib.contextmanager
+def counting_collectives(counter: list[int]) -> Any:
+    """Counts the calls of :data:`COLLECTIVES` made from Python while active."""
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def counted(function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counter[0] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    for name, function in originals.items():
+        setattr(dist, name, counted(function))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
+
+
 def flat(params: Any) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
@@ -77,8 +103,10 @@ def train(model: torch.nn.Module, rank: int, world: int, name: str) -> dict[str,
     )
     x, y = make_data()
     anchors, points = [], []
+    evaluations, collectives = [0], [0]
 
     def evaluate(t: int) -> torch.Tensor:
+        evaluations[0] += 1
         kind = "anchor" if opt.anchor_pass else "update"
         xs, ys = share(x, y, t, rank, world)
         local = config["anchor_gradient"] == "local" and kind == "anchor" and world > 1
@@ -93,16 +121,19 @@ def train(model: torch.nn.Module, rank: int, world: int, name: str) -> dict[str,
         return loss.detach()
 
     for t in range(CALLS):
-        if config["form"] == "same_batch":
-            opt.step(lambda t=t: evaluate(t))
-        else:
-            opt.step(loss=evaluate(t))
+        with counting_collectives(collectives):
+            if config["form"] == "same_batch":
+                opt.step(lambda t=t: evaluate(t))
+            else:
+                opt.step(loss=evaluate(t))
         anchors.append(flat(opt.anchor_params()))
     return {
         "params": flat(module.parameters()),
         "anchors": anchors,
         "points": points,
         "counters": (opt.iteration, opt.iterations_skipped),
+        "evaluations": evaluations[0],
+        "collectives": collectives[0],
     }
 
 

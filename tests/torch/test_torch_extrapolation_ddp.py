@@ -169,3 +169,15 @@ def test_the_local_anchor_gradient_equals_its_one_process_simulation(
     # and local differs from all-reduced
     all_reduced = ddp[name.replace("local", "all_reduced")][0]["params"]
     assert relative(ranks[0]["params"], all_reduced) > 1e-6
+
+
+@pytest.mark.parametrize("name", ["alig-all_reduced", "alig-local", "sgd-all_reduced", "sgd-local"])
+def test_one_collective_per_evaluation(ddp: dict[str, Any], name: str) -> None:
+    """Each evaluation handed to the wrapper makes one collective, the update around ALI-G
+    included (AliG's agreement on the linearised loss and S, not a second one of its own);
+    in one process, none."""
+    for rank in ddp[name]:
+        assert rank["evaluations"] >= 12  # one per call, two where a closure runs twice
+        assert rank["collectives"] == rank["evaluations"]
+    worker = import_script(WORKER)
+    assert worker.train(worker.make_model(), rank=0, world=1, name=name)["collectives"] == 0
