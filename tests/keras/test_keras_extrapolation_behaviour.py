@@ -66,7 +66,7 @@ def test_invalid_options_are_refused_with_the_fix(kwargs: dict[str, Any], match:
             lambda: keras.optimizers.SGD(0.1, loss_scale_factor=8.0),
             "loss_scale_factor=8.0.*scaled gradients",
         ),
-        (lambda: keras.optimizers.SGD(0.1, use_ema=True), "use_ema=True.*anchor_weights"),
+        (lambda: keras.optimizers.SGD(0.1, use_ema=True), "use_ema=True.*anchor_params"),
     ],
 )
 def test_invalid_bases_are_refused(make: Any, match: str) -> None:
