@@ -89,7 +89,7 @@ def dense(grads: list[Any]) -> list[Any]:
 
 
 def keep_if(skipped: Any, old: Any, new: Any) -> Any:
-    """``old`` if the step is skipped (a 0-d bool), else ``new`` (``alig_core._math.keep_if_skipped``).
+    """``old`` if the step is skipped (a 0-d bool), else ``new`` (as ``keep_if_skipped``).
 
     TensorFlow: :func:`alig_tf._tensorflow.select`, the whole-tensor select.
     """
@@ -170,7 +170,5 @@ def standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any)
     import torch
 
     generator = torch.Generator(device=like.device)
-    generator.manual_seed(
-        alig_core._extrapolation.noise_generator_seed(int(seed), int(iteration))
-    )
+    generator.manual_seed(alig_core._extrapolation.noise_generator_seed(int(seed), int(iteration)))
     return torch.randn(size, generator=generator, dtype=getattr(torch, dtype), device=like.device)

@@ -456,7 +456,7 @@ class AliG(LossTakingOptimizer):
         return alig_core._math.Records(*(_backend.value(v) for v in self._record_variables()))
 
     def _record_variables(self) -> tuple[Any, ...]:
-        """The optimizer variables that hold the records, in :class:`alig_core._math.Records` order."""
+        """The optimizer variables that hold the records, in ``alig_core._math.Records`` order."""
         return (self.gamma, self.gamma_hat, self.capped, self.steps_taken, self.steps_skipped)
 
     def _assign_record(self, record: Any, new: Any) -> None:
