@@ -1,13 +1,11 @@
 """Extrapolation around any Keras 3 optimizer: storage and glue around the core's procedure.
 
-:func:`alig_core._extrapolation.extrapolation_step` decides everything (the phase, the
-default ``lr_x``, the linearised loss, the skip, the next point); this module receives the
-loss (as :class:`~alig_tf.AliG` does), computes the one squared gradient norm of the call,
-runs the base optimizer's own ``apply`` from the anchor (:class:`_KerasBase`), draws the
-noise and assigns what the core returns to optimizer variables. The phase is a variable,
-so the core computes both phases of ``"gradient"`` mode and selects one: one traced step
-serves every call under ``tf.function``, XLA and ``jax.jit``. The guide:
-``docs/guides/keras.md``, "Extrapolation"; the rules: ``docs/extrapolation.md``.
+:func:`alig_core._extrapolation.extrapolation_step` decides everything; this module takes
+the loss in (as :class:`~alig_tf.AliG`), computes the call's one squared gradient norm,
+runs the base's own ``apply`` from the anchor (:class:`_KerasBase`) and assigns what the
+core returns. The phase is a variable: the core computes both phases and selects one, so
+one trace serves every call (``tf.function``, XLA, ``jax.jit``). The guide:
+``docs/guides/keras.md``, "Extrapolation".
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from alig_tf import _backend
 from alig_tf._base import LossTakingOptimizer, loss_in
 from alig_tf._optimizer import AliG
 
-__all__ = ["EvaluateAtAnchor", "Extrapolation"]
+__all__ = ["Extrapolation"]
 
 _LOSS_HELP = (
     "Extrapolation around AliG needs the loss of every evaluation (ALI-G's step size and its "
@@ -45,18 +43,13 @@ _LOSS_HELP = (
 )
 
 _REFUSED_BASE_OPTIONS: dict[str, str] = {
-    "gradient_accumulation_steps": (
-        "the base would step only on every k-th call, and the wrapper alternates on every "
-        "call; accumulate in your loop and call the wrapper once per accumulated gradient"
-    ),
-    "loss_scale_factor": (
-        "the wrapper would displace along the scaled gradients; train without loss scaling "
-        "(mixed_bfloat16 needs none)"
-    ),
-    "use_ema": (
-        "the base would average (and may overwrite the weights with) iterates the wrapper "
-        "does not know of; average the anchors yourself, e.g. from anchor_params()"
-    ),
+    "gradient_accumulation_steps": "the base would step only on every k-th call, and the "
+    "wrapper alternates on every call; accumulate in your loop and call the wrapper once "
+    "per accumulated gradient",
+    "loss_scale_factor": "the wrapper would displace along the scaled gradients; train "
+    "without loss scaling (mixed_bfloat16 needs none)",
+    "use_ema": "the base would average (and may overwrite the weights with) iterates the "
+    "wrapper does not know of; average the anchors yourself, e.g. from anchor_params()",
 }
 """Options of the base optimizer that would break the wrapper, and why (refused)."""
 
@@ -69,17 +62,13 @@ def _config_code(mode: str, linearized: bool) -> int:
     return 2 * EXTRAPOLATION_MODES.index(mode) + int(linearized)
 
 
-def _describe_code(code: int) -> str:
+def _describe_code(code: int) -> str:  # _config_code's inverse, for the refusal on load
     mode = EXTRAPOLATION_MODES[code // 2] if 0 <= code // 2 < len(EXTRAPOLATION_MODES) else "?"
     return f"mode={mode!r}, linearized={bool(code % 2)}"
 
 
 def _snapshot(variable: Any) -> Any:
-    """The value a variable holds now, as a tensor that later assignments do not change.
-
-    torch updates a variable's tensor in place (copied); TensorFlow reads it at this point;
-    JAX has values (the scoped one inside ``stateless_apply`` too).
-    """
+    """The value a variable holds now, unchanged by later assignments (torch: in place)."""
     return ops.copy(_backend.value(variable))
 
 
@@ -91,21 +80,18 @@ class _KerasLists(ArrayLists):
 
 
 class _KerasBase:
-    """The base optimizer as the core sees it (``ExtrapolationBase``), for one call.
+    """The base as the core sees it (``ExtrapolationBase``), for one call.
 
-    :meth:`run` writes the anchor into the variables, runs the base's own ``apply`` (an
-    AliG on the given loss and ``S``: one norm per call) and keeps the base's variables
-    before and after, for the wrapper to keep the old ones where the core says so.
+    :meth:`run` writes the anchor, runs the base's ``apply`` (AliG: on the given loss and
+    ``S``) and holds the base's variables before and after, to keep the old ones.
     """
 
     def __init__(
         self, base: Any, grads: list[Any], variables: list[Any], dtype: str, assign: Any
     ) -> None:
         self.base, self.grads, self.variables, self.dtype = base, grads, variables, dtype
-        self.assign = assign  # the wrapper's (Keras' optimizer assign)
-        self.takes_loss = isinstance(base, AliG)
-        # The learning rate (AliG: the cap) this call's step uses, read before it moves
-        # anything (a schedule of the base's step count).
+        self.assign, self.takes_loss = assign, isinstance(base, AliG)
+        # This call's learning rate (AliG: cap), read before run moves the base's step count.
         self.learning_rate = _snapshot(base.learning_rate)
         self.old: list[Any] = []
         self.new: list[Any] = []
@@ -148,10 +134,9 @@ class Extrapolation(LossTakingOptimizer):
     step size (its ``learning_rate``; AliG's gamma). A non-finite loss or gradient skips
     the iteration: weights back at the anchor, the base's state kept bit for bit.
 
-    Between calls the weights may hold :math:`\tilde w_t`: evaluate and save at the
-    anchor inside :meth:`at_anchor` (or with :class:`EvaluateAtAnchor`). Everything else
-    (the call form, checkpoints, pitfalls, what each option means): the Keras guide,
-    section "Extrapolation", and ``docs/extrapolation.md``.
+    Between calls the weights may hold :math:`\tilde w_t`: evaluate and save inside
+    :meth:`at_anchor` (or with :class:`~alig_tf.EvaluateAtAnchor`). The call form, checkpoints and
+    pitfalls: the Keras guide, "Extrapolation".
 
     Args:
       base_optimizer: the optimizer to wrap (any ``keras.optimizers.Optimizer``; its
@@ -165,8 +150,7 @@ class Extrapolation(LossTakingOptimizer):
       name: the optimizer's name.
 
     Raises:
-      ValueError: an invalid option, or a base that cannot be wrapped (the message says
-        why and what to pass).
+      ValueError: an invalid option, or a base that cannot be wrapped.
 
     Example:
       >>> import numpy as np, keras
@@ -207,11 +191,9 @@ class Extrapolation(LossTakingOptimizer):
         self.base_optimizer = base_optimizer
         self.mode, self.lr_x, self.sigma = config.mode, lr_x, sigma
         self.linearized, self.seed = config.linearized, seed
+        schedule = self._float_schedule if callable(lr_x) else lr_x
         self._core_config = ExtrapolationConfig(
-            mode=config.mode,
-            lr_x=self._float_schedule if callable(lr_x) else lr_x,
-            sigma=sigma,
-            linearized=config.linearized,
+            mode=config.mode, lr_x=schedule, sigma=sigma, linearized=config.linearized
         )
         self._in_anchor_context = False
 
@@ -230,19 +212,18 @@ class Extrapolation(LossTakingOptimizer):
         variables = list(variables)
         dtype = self._check_variables(variables, "optimizer.build(model.trainable_variables)")
         base = self.base_optimizer
-        if base.built:
-            ours = [base._var_key(v) for v in variables]
-            theirs = [base._var_key(v) for v in base._trainable_variables]
-            if ours != theirs:
-                raise ValueError(
-                    f"The base optimizer {base.name!r} was built on other variables "
-                    f"({len(theirs)} of them) than the {len(ours)} this Extrapolation is "
-                    "built on. Wrap a fresh base optimizer, or one built on exactly these "
-                    "variables, in this order (model.trainable_variables)."
-                )
-        else:
+        if not base.built:
             with keras.name_scope(base.name, caller=base):
                 base.build(variables)
+        elif [base._var_key(v) for v in variables] != [
+            base._var_key(v) for v in base._trainable_variables
+        ]:
+            raise ValueError(
+                f"The base optimizer {base.name!r} was built on other variables "
+                f"({len(base._trainable_variables)} of them) than the {len(variables)} this "
+                "Extrapolation is built on. Wrap a fresh base optimizer, or one built on "
+                "exactly these variables, in this order (model.trainable_variables)."
+            )
         super().build(variables)
         self._dtype = dtype
 
@@ -264,21 +245,9 @@ class Extrapolation(LossTakingOptimizer):
         return self._variables[:] + self.base_optimizer.variables
 
     def load_own_variables(self, store: Any) -> None:
-        """Loads the variables; refuses those of another ``mode`` or ``linearized``.
-
-        The anchor means something else in each mode (and the base's loss differs with the
-        correction on or off): resuming with another would silently change the run.
-        """
-        if self.built and len(store.keys()) == len(self.variables):
-            saved = int(ops.convert_to_numpy(store[str(len(self._variables) - 1)]))
-            ours = _config_code(self.mode, self.linearized)
-            if saved != ours:
-                raise ValueError(
-                    f"These optimizer variables were saved by an Extrapolation with "
-                    f"{_describe_code(saved)}, and this one has {_describe_code(ours)}: "
-                    "resuming would change the run. Compile the model with an Extrapolation "
-                    "of the checkpoint's settings to resume."
-                )
+        """Loads the variables; refuses those of another ``mode`` or ``linearized``."""
+        ours, why = _config_code(self.mode, self.linearized), "resuming would change the run"
+        self._refuse_other_settings(store, len(self._variables) - 1, ours, _describe_code, why)
         super().load_own_variables(store)
 
     # ------------------------------------------------------------------ what it reports
@@ -292,27 +261,26 @@ class Extrapolation(LossTakingOptimizer):
     def learning_rate(self, learning_rate: Any) -> None:
         self.base_optimizer.learning_rate = learning_rate
 
+    def _read(self, name: str) -> int:
+        return int(ops.convert_to_numpy(getattr(self, name).value)) if self.built else 0
+
     @property
     def is_extrapolated(self) -> bool:
         """Whether the weights hold the extrapolated point ``w~_t`` (the core's phase 1)."""
-        return self.built and bool(ops.convert_to_numpy(self.phase.value))
+        return bool(self._read("phase"))
 
     @property
     def iteration(self) -> int:
         """Iterations completed (base steps taken through the wrapper)."""
-        return int(ops.convert_to_numpy(self.iteration_count.value)) if self.built else 0
+        return self._read("iteration_count")
 
     @property
     def iterations_skipped(self) -> int:
         """Iterations skipped (a non-finite loss or gradient at either point)."""
-        return int(ops.convert_to_numpy(self.skipped_count.value)) if self.built else 0
+        return self._read("skipped_count")
 
     def anchor_params(self) -> list[Any]:
-        """The anchor ``w_t``, one tensor per variable the optimizer was built on.
-
-        The stored anchor in phase 1, the variables' values in phase 0: the weights to
-        evaluate and save.
-        """
+        """The anchor ``w_t`` (the weights to evaluate and save), one tensor per variable."""
         if not self.built:
             raise ValueError(
                 "Extrapolation.anchor_params() before the optimizer is built: the weights "
@@ -338,13 +306,9 @@ class Extrapolation(LossTakingOptimizer):
     def at_anchor(self) -> Iterator[None]:
         """Puts the anchor ``w_t`` into the weights for the block, then everything back.
 
-        For evaluation, prediction and saving between calls. Inside the block the state
-        is in phase 0, so that a ``.keras`` file saved there is a consistent checkpoint:
-        it resumes from the anchor, with the iteration in flight started again (its
-        extrapolation redone, in ``"gradient"`` mode on the next batch; ``d = 0`` for its
-        first call in ``"past"`` and ``"noise"`` modes). Save outside the block to resume
-        exactly. Training inside the block raises; where the weights hold the anchor,
-        nothing moves.
+        For evaluation, prediction and saving: the state is in phase 0 in the block, so a
+        ``.keras`` file saved there resumes from the anchor, the iteration in flight
+        started again (save outside the block to resume exactly). Training in it raises.
         """
         if self._in_anchor_context:
             raise RuntimeError("Extrapolation.at_anchor() is already active; do not nest it.")
@@ -368,11 +332,10 @@ class Extrapolation(LossTakingOptimizer):
             self._in_anchor_context = False
 
     def noise(self, iteration: Any) -> list[Any]:
-        """``xi_t`` of iteration ``iteration``: one standard normal tensor per variable.
+        """``xi_t`` of iteration ``iteration``, one standard normal tensor per variable.
 
-        In the step's dtype, a function of the seed and ``iteration`` only (so a resumed
-        run draws the same). The update of iteration ``t`` places
-        ``w~_{t+1} = w_{t+1} + sigma * noise(t + 1)``.
+        In the step's dtype, a function of the seed and ``iteration`` only (a resumed run
+        draws the same): the update of iteration ``t`` adds ``sigma * noise(t + 1)``.
         """
         if not self.built:
             raise ValueError("Extrapolation.noise() needs the optimizer built (its variables).")
@@ -397,12 +360,10 @@ class Extrapolation(LossTakingOptimizer):
 
         Args:
           grads: the gradients at the point the variables hold (``None``: no gradient).
-          trainable_variables: the variables (those the optimizer was built on, or some of
-            them; the others count as without a gradient). Builds the optimizer on the first
-            call.
-          loss: the (unscaled) loss of these gradients; ``model.fit`` hands it over through
-            :meth:`scale_loss` on TensorFlow and torch. AliG as the base needs it; for
-            another base it joins the skip rule.
+          trainable_variables: the variables (those it was built on, or some of them: the
+            others count as without a gradient). Builds the optimizer on the first call.
+          loss: the (unscaled) loss of these gradients (``model.fit`` hands it over on
+            TensorFlow and torch). AliG as the base needs it; it joins the skip rule.
         """
         if self._in_anchor_context:
             raise RuntimeError(
@@ -410,39 +371,15 @@ class Extrapolation(LossTakingOptimizer):
                 "only for evaluation and saving. Train after the with-block."
             )
         with self._loss_of_this_call(loss):
-            if len(grads) == 0:  # Keras' own no-op
+            full = self._gradients_of_built_variables(grads, trainable_variables)
+            if full is None:  # Keras' own no-op
                 return
-            if trainable_variables is None:
-                if not self.built:
-                    raise ValueError(
-                        "Extrapolation.apply() without variables before it is built: pass "
-                        "apply(grads, model.trainable_variables, ...) on the first call."
-                    )
-                trainable_variables = self._trainable_variables
-            trainable_variables = list(trainable_variables)
-            if len(grads) != len(trainable_variables):
-                raise ValueError(
-                    f"Extrapolation.apply() got {len(grads)} gradients for "
-                    f"{len(trainable_variables)} variables; pass one gradient per variable."
-                )
-            if not self.built:
-                with keras.name_scope(self.name, caller=self):
-                    self.build(trainable_variables)
-            self._check_variables_are_known(trainable_variables)
-            if all(g is None for g in grads):
-                raise ValueError(
-                    "No gradient reached Extrapolation for any variable (every gradient is "
-                    "None). Check that the loss depends on the trainable variables."
-                )
             if _backend.multi_replica_context() is not None:
                 raise NotImplementedError(
                     "alig_tf.Extrapolation under tf.distribute with more than one replica is "
                     "not supported yet. Train on one replica, or use the base optimizer "
                     "without extrapolation."
                 )
-            full: list[Any] = [None] * len(self._trainable_variables)
-            for g, v in zip(grads, trainable_variables, strict=True):
-                full[self._get_variable_index(v)] = g
             loss_value = self._pending_losses.take()
             if loss_value is None and isinstance(self.base_optimizer, AliG):
                 raise ValueError(_LOSS_HELP)
@@ -453,11 +390,9 @@ class Extrapolation(LossTakingOptimizer):
     def _step(self, grads: list[Any], loss: Any) -> None:
         """One call of the core's procedure; its result assigned, the base's state kept or not."""
         dtype, variables = self._dtype, self._trainable_variables
-        # Sparse gradients (an Embedding's) made dense, their repeated indices summed.
-        present = _backend.dense([g for g in grads if g is not None])
+        present = _backend.dense([g for g in grads if g is not None])  # sparse: made dense
         dense = iter(present)
         grads = [None if g is None else next(dense) for g in grads]
-        gradients = tuple(None if g is None else ops.cast(g, dtype) for g in grads)
         state = ExtrapolationState(
             anchor=tuple(ops.cast(_snapshot(a), dtype) for a in self.anchors),
             phase=_snapshot(self.phase),
@@ -470,23 +405,17 @@ class Extrapolation(LossTakingOptimizer):
             self._core_config,
             state,
             tuple(ops.cast(_snapshot(v), dtype) for v in variables),
-            gradients,
+            tuple(None if g is None else ops.cast(g, dtype) for g in grads),
             loss=None if loss is None else loss_in(loss, dtype),
             sq_grad_norm=_backend.sum_of_squares(present, dtype),  # the call's one norm
             base=base,
             noise=self.noise if self.mode == "noise" else None,
             lists=_KerasLists(ops),
         )
-        for v, p in zip(variables, call.params, strict=True):
-            self.assign(v, ops.cast(p, v.dtype))
-        for a, x in zip(self.anchors, call.state.anchor, strict=True):
-            self.assign(a, ops.cast(x, a.dtype))
-        for counter, value in (
-            (self.phase, call.state.phase),
-            (self.iteration_count, call.state.iteration),
-            (self.skipped_count, call.state.skipped),
-        ):
-            self.assign(counter, ops.cast(value, counter.dtype))
+        targets = [*variables, *self.anchors, self.phase, self.iteration_count, self.skipped_count]
+        values = [*call.params, *call.state.anchor, *call.state[1:]]
+        for target, value in zip(targets, values, strict=True):
+            self.assign(target, ops.cast(value, target.dtype))
         for v, old, new in zip(self.base_optimizer.variables, base.old, base.new, strict=True):
             self.assign(v, _backend.keep_if(call.base_stepped, new, old))
 
@@ -498,13 +427,11 @@ class Extrapolation(LossTakingOptimizer):
     def get_config(self) -> dict[str, Any]:
         """The constructor's arguments (the base optimizer and a schedule serialized)."""
         lr_x = self.lr_x
-        if callable(lr_x):
-            lr_x = keras.saving.serialize_keras_object(lr_x)
         return {
             "name": self.name,
             "base_optimizer": keras.saving.serialize_keras_object(self.base_optimizer),
             "mode": self.mode,
-            "lr_x": lr_x,
+            "lr_x": keras.saving.serialize_keras_object(lr_x) if callable(lr_x) else lr_x,
             "sigma": self.sigma,
             "linearized": self.linearized,
             "seed": self.seed if self.mode == "noise" else None,
@@ -524,81 +451,30 @@ class Extrapolation(LossTakingOptimizer):
 
 def _check_base(base: Any) -> None:
     """Raises a ``ValueError`` for a base optimizer the wrapper cannot wrap, with the fix."""
-    refusal = None
     if not isinstance(base, keras.optimizers.Optimizer):
         refusal = (
             f"got {alig_core._config.describe_value(base)}; expected a "
             "keras.optimizers.Optimizer (e.g. keras.optimizers.SGD(0.1, momentum=0.9, "
-            "nesterov=True) or alig_tf.AliG(max_lr=0.1)). Build the optimizer first, then "
-            "wrap it."
+            "nesterov=True) or alig_tf.AliG(max_lr=0.1)). Build it first, then wrap it."
         )
     elif isinstance(base, Extrapolation):
-        refusal = (
-            "got an Extrapolation; expected the optimizer it wraps. Extrapolation does not "
-            "nest: wrap the base optimizer once."
-        )
+        refusal = "got an Extrapolation; Extrapolation does not nest: wrap the base once."
     elif isinstance(base, keras.optimizers.LossScaleOptimizer):
         refusal = (
             "got a LossScaleOptimizer; the wrapper would displace along scaled gradients and "
             "the loss would not reach the inner optimizer. Wrap the inner optimizer, and "
             "train without loss scaling (mixed_bfloat16 needs none)."
         )
-    for option, why in _REFUSED_BASE_OPTIONS.items():
-        value = getattr(base, option, None)
-        if refusal is None and value:
-            refusal = (
-                f"it has {option}={value!r}, and Extrapolation does not support that: {why}. "
-                f"Build the base optimizer without {option}."
-            )
-    if refusal is not None:
+    else:
+        options = [(o, getattr(base, o, None), why) for o, why in _REFUSED_BASE_OPTIONS.items()]
+        refusal = next(
+            (
+                f"it has {o}={v!r}, and Extrapolation does not support that: {why}. Build the "
+                f"base optimizer without {o}."
+                for o, v, why in options
+                if v
+            ),
+            "",
+        )
+    if refusal:
         raise ValueError(f"Invalid base_optimizer: {refusal}")
-
-
-class EvaluateAtAnchor(keras.callbacks.Callback):
-    """Evaluates and predicts at the anchor ``w_t`` of an :class:`Extrapolation` optimizer.
-
-    Between calls the weights may hold the extrapolated point ``w~_t``; with this callback
-    the validation of ``model.fit`` (and ``model.evaluate`` or ``model.predict`` given the
-    callback) runs inside :meth:`Extrapolation.at_anchor`, and training carries on from
-    where it was.
-
-    Example:
-      >>> import numpy as np, keras
-      >>> from alig_tf import EvaluateAtAnchor, Extrapolation
-      >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-      >>> model.compile(optimizer=Extrapolation(keras.optimizers.SGD(0.1)), loss="mse")
-      >>> x, y = np.ones((8, 2)), np.zeros((8, 1))
-      >>> history = model.fit(x, y, batch_size=8, validation_data=(x, y), verbose=0,
-      ...                     callbacks=[EvaluateAtAnchor()])
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._context: Any = None
-
-    def _enter(self) -> None:
-        optimizer = getattr(self.model, "optimizer", None)
-        if not isinstance(optimizer, Extrapolation):
-            raise ValueError(
-                "EvaluateAtAnchor needs a model compiled with alig_tf.Extrapolation; this "
-                f"model's optimizer is {type(optimizer).__name__}."
-            )
-        if optimizer.built and self._context is None:
-            self._context = optimizer.at_anchor()
-            self._context.__enter__()
-
-    def _exit(self) -> None:
-        if self._context is not None:
-            context, self._context = self._context, None
-            context.__exit__(None, None, None)
-
-    def on_test_begin(self, logs: Any = None) -> None:
-        """Puts the anchor in."""
-        self._enter()
-
-    def on_test_end(self, logs: Any = None) -> None:
-        """Puts the weights back."""
-        self._exit()
-
-    on_predict_begin = on_test_begin
-    on_predict_end = on_test_end

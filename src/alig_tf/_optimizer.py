@@ -295,17 +295,13 @@ class AliG(LossTakingOptimizer):
         trajectory (a ``.keras`` file rebuilds the saved optimizer, so this guards
         ``load_weights`` into a model compiled with another AliG).
         """
-        if self.built and len(store.keys()) == len(self.variables):
-            saved = int(ops.convert_to_numpy(store[str(len(self.variables) - 1)]))
-            ours = self._convention_code()
-            if saved != ours:
-                raise ValueError(
-                    f"These optimizer variables were saved by an AliG with "
-                    f"{alig_core.describe_momentum_convention(saved)}, and this AliG has "
-                    f"{alig_core.describe_momentum_convention(ours)}: their momentum buffers "
-                    "hold different quantities. "
-                    "Compile the model with an AliG of the checkpoint's settings to resume."
-                )
+        self._refuse_other_settings(
+            store,
+            len(self.variables) - 1,
+            self._convention_code(),
+            alig_core.describe_momentum_convention,
+            "their momentum buffers hold different quantities",
+        )
         super().load_own_variables(store)
 
     # ------------------------------------------------------------------ the loss
@@ -485,11 +481,11 @@ class AliG(LossTakingOptimizer):
           float32, before the optimizer is built).
 
         Example:
-          >>> opt = AliG(max_lr=0.1, eps=0.0)
-          >>> float(opt.step_size_at(2.0, 40.0))  # (2 - 0) / (40 + 0), under the cap
-          0.05
-          >>> float(opt.step_size_at(2.0, 4.0))  # 0.5, capped at max_lr
-          0.1
+          >>> opt = AliG(max_lr=0.5, eps=0.0, f_star=0.0)
+          >>> float(opt.step_size_at(1.0, 4.0))  # (1 - 0) / (4 + 0), under the cap
+          0.25
+          >>> float(opt.step_size_at(4.0, 4.0))  # 1.0, capped at max_lr
+          0.5
         """
         return self._step_size(as_loss(loss), sq_grad_norm, self.learning_rate).gamma
 
