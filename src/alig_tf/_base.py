@@ -155,12 +155,13 @@ class LossTakingOptimizer(keras.optimizers.Optimizer):
         return full
 
     def _refuse_other_settings(
-        self, store: Any, index: int, ours: int, describe: Any, why: str
+        self, store: Any, index: int, ours: int, describe: Any, why: str, this: str = ""
     ) -> None:
         """Raises where the variables in ``store`` were saved with other settings.
 
         ``store[str(index)]`` holds the saved settings as one int (``ours`` is this
-        optimizer's); ``describe`` names an int's settings, ``why`` says what would change.
+        optimizer's); ``describe`` names an int's settings, ``why`` says what would change,
+        ``this`` names this optimizer in the message (its class by default).
         """
         if not (self.built and len(store.keys()) == len(self.variables)):
             return
@@ -169,8 +170,8 @@ class LossTakingOptimizer(keras.optimizers.Optimizer):
             who = type(self).__name__
             raise ValueError(
                 f"These optimizer variables were saved by an {who} with {describe(saved)}, "
-                f"and this one has {describe(ours)}: {why}. Compile the model with an {who} "
-                "of the checkpoint's settings to resume."
+                f"and this {this or who} has {describe(ours)}: {why}. Compile the model with "
+                f"an {who} of the checkpoint's settings to resume."
             )
 
     @contextlib.contextmanager

@@ -247,7 +247,8 @@ class Extrapolation(LossTakingOptimizer):
     def load_own_variables(self, store: Any) -> None:
         """Loads the variables; refuses those of another ``mode`` or ``linearized``."""
         ours, why = _config_code(self.mode, self.linearized), "resuming would change the run"
-        self._refuse_other_settings(store, len(self._variables) - 1, ours, _describe_code, why)
+        index = len(self._variables) - 1
+        self._refuse_other_settings(store, index, ours, _describe_code, why, this="one")
         super().load_own_variables(store)
 
     # ------------------------------------------------------------------ what it reports
