@@ -39,7 +39,9 @@ _LOSS_HELP = (
     "default lr_x come from it). model.fit hands it over by itself on the TensorFlow and "
     "torch backends; on the JAX backend, add alig_tf.AliGTrainStep to your model's classes; "
     "in a custom loop call optimizer.apply(grads, variables, loss=loss) (or "
-    "stateless_apply(..., loss=loss) on JAX)."
+    "stateless_apply(..., loss=loss) on JAX). Under a mixed_float16 policy, compile() wraps "
+    "the optimizer in keras.optimizers.LossScaleOptimizer, which passes no loss on: train "
+    "with mixed_bfloat16 (no loss scaling) instead."
 )
 
 _REFUSED_BASE_OPTIONS: dict[str, str] = {

@@ -390,3 +390,35 @@ def test_one_squared_gradient_norm_per_call(
         opt.apply(tensors(grads), vs, loss=loss)
         assert calls == [sum(g is not None for g in grads)], (batch, calls)
     assert opt.iteration == (2 if mode == "gradient" else 4)
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize("base_name", ["sgd", "alig"])
+def test_mixed_float16_trains_around_sgd_and_says_what_to_do_around_alig(
+    base_name: str, floatx
+) -> None:
+    """Keras wraps the wrapper in its LossScaleOptimizer, which unscales the gradients (SGD
+    trains) and passes no loss on (AliG needs one: the error names mixed_bfloat16)."""
+    floatx("float32")
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        base = keras.optimizers.SGD(0.01, momentum=0.9) if base_name == "sgd" else AliG(0.1)
+        model = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(1, kernel_initializer="zeros")]
+        )
+        model.compile(optimizer=Extrapolation(base, "past"), loss="mse")
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        x, y = np.full((16, 4), 0.5), np.full((16, 1), 0.5)
+        if base_name == "alig":
+            with pytest.raises(ValueError, match=r"mixed_float16.*mixed_bfloat16"):
+                model.fit(x, y, batch_size=8, verbose=0)
+            return
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+        opt = model.optimizer.inner_optimizer
+        assert (opt.iteration, opt.iterations_skipped) == (6, 0)
+        assert history.history["loss"][-1] < history.history["loss"][0]
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
