@@ -13,7 +13,8 @@ Interpolation", ICML 2020, arXiv:1906.05661.
 """
 
 from alig_core import __version__ as __version__  # the alig distribution's (its metadata)
-from alig_tf._extrapolation import EvaluateAtAnchor, Extrapolation
+from alig_tf._callbacks import EvaluateAtAnchor
+from alig_tf._extrapolation import Extrapolation
 from alig_tf._loss_scale import LossScaleOptimizer
 from alig_tf._optimizer import AliG, project_onto_ball
 from alig_tf._train_step import AliGTrainStep

@@ -6,6 +6,9 @@ imported only when the backend is TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -18,8 +21,10 @@ __all__ = [
     "keep_if",
     "multi_replica_context",
     "name",
+    "no_grad",
     "replica_key",
     "run_updates",
+    "standard_normal",
     "sum_of_squares",
     "value",
 ]
@@ -28,6 +33,18 @@ __all__ = [
 def name() -> str:
     """The Keras backend: ``"tensorflow"``, ``"jax"`` or ``"torch"``."""
     return keras.backend.backend()
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """torch: no autograd graph through an optimizer's arithmetic (as Keras' own steps)."""
+    if name() != "torch":
+        yield
+        return
+    import torch
+
+    with torch.no_grad():
+        yield
 
 
 def value(variable: Any) -> Any:
@@ -72,7 +89,7 @@ def dense(grads: list[Any]) -> list[Any]:
 
 
 def keep_if(skipped: Any, old: Any, new: Any) -> Any:
-    """``old`` if the step is skipped (a 0-d bool), else ``new`` (``alig_core._math.keep_if_skipped``).
+    """``old`` if the step is skipped (a 0-d bool), else ``new`` (as ``keep_if_skipped``).
 
     TensorFlow: :func:`alig_tf._tensorflow.select`, the whole-tensor select.
     """
@@ -114,3 +131,44 @@ def run_updates(updates: list[tuple[Any, Any, tuple[Any, ...]]], replica_context
     from alig_tf import _tensorflow
 
     _tensorflow.run_updates(updates, replica_context.strategy)
+
+
+def standard_normal(seed: Any, iteration: Any, size: int, dtype: str, like: Any) -> Any:
+    """``size`` standard normal numbers of ``dtype``, a function of ``(seed, iteration)`` only.
+
+    TensorFlow: Philox bits of the seed pair ``(seed, iteration)`` and the Box-Muller
+    transform on 53-bit uniforms (``tf.random.stateless_normal`` draws other numbers under
+    XLA than without, for the same seed, while its bits agree); JAX: ``jax.random.normal``
+    of ``fold_in(PRNGKey(seed), iteration)``; torch: a generator on ``like``'s device
+    seeded with ``noise_generator_seed(seed, iteration)`` (read on the host: torch steps
+    eagerly). Both arguments may be tensors (optimizer variables).
+    """
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        pair = tf.stack([tf.cast(seed, tf.int32), tf.cast(iteration, tf.int32)])
+        half = (size + 1) // 2
+        bits = tf.random.stateless_uniform(
+            (4, half), seed=pair, minval=None, maxval=None, dtype=tf.uint32, alg="philox"
+        )
+
+        def unit(high: Any, low: Any) -> Any:  # 53 random bits, in (0, 1]
+            high = tf.cast(tf.bitwise.right_shift(high, 5), tf.float64)
+            low = tf.cast(tf.bitwise.right_shift(low, 6), tf.float64)
+            return (high * 2.0**26 + low + 1.0) / 2.0**53
+
+        radius = tf.sqrt(-2.0 * tf.math.log(unit(bits[0], bits[1])))
+        angle = (2.0 * math.pi) * unit(bits[2], bits[3])
+        normal = tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)
+        return tf.cast(normal[:size], dtype)
+    if backend == "jax":
+        import jax
+
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), iteration)
+        return jax.random.normal(key, (size,), dtype=dtype)
+    import torch
+
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(alig_core._extrapolation.noise_generator_seed(int(seed), int(iteration)))
+    return torch.randn(size, generator=generator, dtype=getattr(torch, dtype), device=like.device)

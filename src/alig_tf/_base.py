@@ -115,6 +115,65 @@ class LossTakingOptimizer(keras.optimizers.Optimizer):
                 )
         return alig_core._math.accumulation_dtype(*(v.dtype for v in variables))
 
+    def _gradients_of_built_variables(
+        self, grads: list[Any], trainable_variables: list[Any] | None
+    ) -> list[Any] | None:
+        """Checks one call's arguments; one gradient per built variable (``None``: none).
+
+        Builds the optimizer on its first call. Returns ``None`` for no gradient at all
+        (Keras' no-op on ``[]``); raises a ``ValueError`` for variables missing before the
+        build, a count that differs, or every gradient ``None``.
+        """
+        who = f"{type(self).__name__}.apply()"
+        if len(grads) == 0:
+            return None
+        if trainable_variables is None and not self.built:
+            raise ValueError(
+                f"{who} without variables before it is built: pass "
+                "apply(grads, model.trainable_variables, ...) on the first call."
+            )
+        given = list(
+            self._trainable_variables if trainable_variables is None else trainable_variables
+        )
+        if len(grads) != len(given):
+            raise ValueError(
+                f"{who} got {len(grads)} gradients for {len(given)} variables; pass one "
+                "gradient per variable."
+            )
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(given)
+        self._check_variables_are_known(given)
+        if all(g is None for g in grads):
+            raise ValueError(
+                f"No gradient reached {type(self).__name__} for any variable (every gradient "
+                "is None). Check that the loss depends on the trainable variables."
+            )
+        full: list[Any] = [None] * len(self._trainable_variables)
+        for g, v in zip(grads, given, strict=True):
+            full[self._get_variable_index(v)] = g
+        return full
+
+    def _refuse_other_settings(
+        self, store: Any, index: int, ours: int, describe: Any, why: str, this: str = ""
+    ) -> None:
+        """Raises where the variables in ``store`` were saved with other settings.
+
+        ``store[str(index)]`` holds the saved settings as one int (``ours`` is this
+        optimizer's); ``describe`` names an int's settings, ``why`` says what would change,
+        ``this`` names this optimizer in the message (its class by default).
+        """
+        if not (self.built and len(store.keys()) == len(self.variables)):
+            return
+        saved = int(ops.convert_to_numpy(store[str(index)]))
+        if saved != ours:
+            who = type(self).__name__
+            raise ValueError(
+                f"These optimizer variables were saved by an {who} with {describe(saved)}, "
+                f"and this {this or who} has {describe(ours)}: {why}. Compile the model with "
+                f"an {who} of the checkpoint's settings to resume."
+            )
+
     @contextlib.contextmanager
     def _loss_of_this_call(self, loss: Any) -> Iterator[None]:
         """Holds ``loss`` (if given) for the block; no loss is left pending after it."""

@@ -22,7 +22,7 @@ import alig_core
 from alig_core import AliGConfig
 from alig_core._math import momentum_buffer_update, momentum_coefficients
 from alig_tf import _backend
-from alig_tf._base import LossTakingOptimizer, loss_in
+from alig_tf._base import LossTakingOptimizer, as_loss, loss_in
 
 __all__ = ["AliG", "project_onto_ball"]
 
@@ -244,6 +244,8 @@ class AliG(LossTakingOptimizer):
         self.eps = config.eps
         self.f_star = config.f_star
         self.max_norm = config.max_norm
+        self._given_sq_grad_norm: Any = None  # S handed over by _apply_with_sq_grad_norm
+        self._taken_gamma: Any = None  # the gamma of the step that S was handed to
 
     # ------------------------------------------------------------------ variables
 
@@ -293,17 +295,13 @@ class AliG(LossTakingOptimizer):
         trajectory (a ``.keras`` file rebuilds the saved optimizer, so this guards
         ``load_weights`` into a model compiled with another AliG).
         """
-        if self.built and len(store.keys()) == len(self.variables):
-            saved = int(ops.convert_to_numpy(store[str(len(self.variables) - 1)]))
-            ours = self._convention_code()
-            if saved != ours:
-                raise ValueError(
-                    f"These optimizer variables were saved by an AliG with "
-                    f"{alig_core.describe_momentum_convention(saved)}, and this AliG has "
-                    f"{alig_core.describe_momentum_convention(ours)}: their momentum buffers "
-                    "hold different quantities. "
-                    "Compile the model with an AliG of the checkpoint's settings to resume."
-                )
+        self._refuse_other_settings(
+            store,
+            len(self.variables) - 1,
+            self._convention_code(),
+            alig_core.describe_momentum_convention,
+            "their momentum buffers hold different quantities",
+        )
         super().load_own_variables(store)
 
     # ------------------------------------------------------------------ the loss
@@ -364,14 +362,12 @@ class AliG(LossTakingOptimizer):
             grads, loss = _tensorflow.all_reduce_sum(
                 self, replicas, grads, trainable_variables, loss
             )
-        size = alig_core.step_size(
-            ops,
-            loss,
-            _backend.sum_of_squares(grads, dtype),
-            max_lr=self._cap(learning_rate, dtype),
-            eps=self.eps,
-            f_star=self.f_star,
-        )
+        sq_grad_norm = self._given_sq_grad_norm  # the extrapolation wrapper's, if any
+        if sq_grad_norm is None:
+            sq_grad_norm = _backend.sum_of_squares(grads, dtype)
+        size = self._step_size(loss, sq_grad_norm, learning_rate)
+        if self._given_sq_grad_norm is not None:
+            self._taken_gamma = size.gamma  # handed back to the wrapper
         step = _Step(
             size,
             momentum_coefficients(
@@ -456,7 +452,7 @@ class AliG(LossTakingOptimizer):
         return alig_core._math.Records(*(_backend.value(v) for v in self._record_variables()))
 
     def _record_variables(self) -> tuple[Any, ...]:
-        """The optimizer variables that hold the records, in :class:`alig_core._math.Records` order."""
+        """The optimizer variables that hold the records, in ``alig_core._math.Records`` order."""
         return (self.gamma, self.gamma_hat, self.capped, self.steps_taken, self.steps_skipped)
 
     def _assign_record(self, record: Any, new: Any) -> None:
@@ -465,6 +461,66 @@ class AliG(LossTakingOptimizer):
     def _scale_variable(self, variable: Any, scale: Any, dtype: str) -> None:
         value = ops.cast(_backend.value(variable), dtype)
         self.assign(variable, ops.cast(value * scale, variable.dtype))
+
+    def step_size_at(self, loss: Any, sq_grad_norm: Any) -> Any:
+        """ALI-G's step size ``gamma`` for an evaluation ``(l, S)``, moving nothing.
+
+        The step size this optimizer's next step would take from the loss ``l`` and the
+        squared global gradient norm ``S`` (:func:`alig_core.step_size`, with this
+        optimizer's cap at the current step: a ``max_lr`` schedule at ``steps_taken``, a
+        learning rate set by a callback; and its ``eps`` and ``f_star``). 0 where the step
+        would be skipped (a non-finite loss or ``S``). No variable or record moves.
+
+        Args:
+          loss: the (unscaled) loss, a number or a 0-d tensor.
+          sq_grad_norm: ``S``, the sum of the squared gradient entries, a number or a 0-d
+            tensor.
+
+        Returns:
+          ``gamma``, a 0-d tensor of the accumulation dtype (``floatx``'s, at least
+          float32, before the optimizer is built).
+
+        Example:
+          >>> opt = AliG(max_lr=0.5, eps=0.0, f_star=0.0)
+          >>> float(opt.step_size_at(1.0, 4.0))  # (1 - 0) / (4 + 0), under the cap
+          0.25
+          >>> float(opt.step_size_at(4.0, 4.0))  # 1.0, capped at max_lr
+          0.5
+        """
+        return self._step_size(as_loss(loss), sq_grad_norm, self.learning_rate).gamma
+
+    def _step_size(self, loss: Any, sq_grad_norm: Any, learning_rate: Any) -> alig_core.StepSize:
+        """The step size from ``(l, S)`` with the cap from ``learning_rate`` (Keras' current)."""
+        dtype = (
+            self._accumulation_dtype
+            if self.built
+            else alig_core._math.accumulation_dtype(keras.config.floatx())
+        )
+        return alig_core.step_size(
+            ops,
+            loss_in(loss, dtype),
+            loss_in(float(sq_grad_norm) if isinstance(sq_grad_norm, int) else sq_grad_norm, dtype),
+            max_lr=self._cap(learning_rate, dtype),
+            eps=self.eps,
+            f_star=self.f_star,
+        )
+
+    def _apply_with_sq_grad_norm(
+        self, grads: list[Any], trainable_variables: list[Any], loss: Any, sq_grad_norm: Any
+    ) -> Any:
+        """One step on the given loss and ``S`` (the extrapolation wrapper's: one norm a call).
+
+        ``S`` must be the squared global norm of ``grads`` in the accumulation dtype; the
+        step takes it as it is, instead of computing it again. Returns the step's ``gamma``
+        (0 where it was skipped).
+        """
+        self._given_sq_grad_norm = sq_grad_norm
+        try:
+            self.apply(grads, trainable_variables, loss=loss)
+            return self._taken_gamma
+        finally:
+            self._given_sq_grad_norm = None
+            self._taken_gamma = None
 
     def _get_current_learning_rate(self) -> Any:
         """A ``max_lr`` schedule is evaluated at ``steps_taken`` (skipped steps don't count).

@@ -202,7 +202,7 @@ class KerasRun(RunBase):
         return [numpy(v) for v in self.variables]
 
     def anchor(self) -> list[np.ndarray]:
-        return [numpy(a) for a in self.opt.anchor_weights()]
+        return [numpy(a) for a in self.opt.anchor_params()]
 
     def evaluate_and_apply(self, batch: int) -> None:
         point = self.params()
@@ -255,7 +255,7 @@ class KerasRun(RunBase):
 
     def snapshot(self) -> dict[str, list[bytes]]:
         return {
-            "anchor": bits(self.opt.anchor_weights()),
+            "anchor": bits(self.opt.anchor_params()),
             "stored": bits(self.opt.anchors),
             "base": bits(self.base.variables),  # buffers, counters, records
         }
@@ -342,7 +342,7 @@ def state(model: keras.Model) -> dict[str, np.ndarray]:
     """The weights, the anchor and every optimizer variable, as named arrays."""
     opt = model.optimizer
     out = {f"weight_{i}": numpy(v) for i, v in enumerate(model.trainable_variables)}
-    out |= {f"anchor_{i}": numpy(a) for i, a in enumerate(opt.anchor_weights())}
+    out |= {f"anchor_{i}": numpy(a) for i, a in enumerate(opt.anchor_params())}
     out |= {f"opt_{i}": numpy(v) for i, v in enumerate(opt.variables)}
     return out
 

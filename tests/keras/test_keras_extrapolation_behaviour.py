@@ -66,7 +66,7 @@ def test_invalid_options_are_refused_with_the_fix(kwargs: dict[str, Any], match:
             lambda: keras.optimizers.SGD(0.1, loss_scale_factor=8.0),
             "loss_scale_factor=8.0.*scaled gradients",
         ),
-        (lambda: keras.optimizers.SGD(0.1, use_ema=True), "use_ema=True.*anchor_weights"),
+        (lambda: keras.optimizers.SGD(0.1, use_ema=True), "use_ema=True.*anchor_params"),
     ],
 )
 def test_invalid_bases_are_refused(make: Any, match: str) -> None:
@@ -282,3 +282,143 @@ def test_the_noise_is_standard_normal_and_a_function_of_the_seed_and_the_iterati
     for other in (opts[0].noise(6), opts[2].noise(5)):
         flat = np.concatenate([HARNESS.numpy(x).ravel() for x in other])
         assert abs(np.corrcoef(flat, xi)[0, 1]) < 0.05
+
+
+# ---------------------------------------------------------------- the base's step size, the norm
+
+
+def test_anchor_weights_is_a_deprecated_alias_of_anchor_params() -> None:
+    vs = variables()
+    opt = Extrapolation(keras.optimizers.SGD(0.05), lr_x=0.1)
+    loss, grads = Problem(events=False).evaluate(values(vs), 0)
+    opt.apply(tensors(grads), vs, loss=loss)  # the weights now hold w~, the anchor is stored
+    assert opt.is_extrapolated
+    with pytest.warns(DeprecationWarning, match=r"anchor_weights\(\) is deprecated.*anchor_params"):
+        old = [HARNESS.numpy(a).tobytes() for a in opt.anchor_weights()]
+    new = [HARNESS.numpy(a) for a in opt.anchor_params()]
+    assert old == [a.tobytes() for a in new]
+    assert [a.tobytes() for a in new] == [p.tobytes() for p in initial_params()]
+
+
+@pytest.mark.parametrize(
+    ("loss", "sq_grad_norm"), [(2.0, 40.0), (3.0, 0.5), (0.0, 1.0), (-1.0, 2.0), (np.nan, 1.0)]
+)
+def test_alig_step_size_at_is_its_gamma_and_moves_nothing(loss: float, sq_grad_norm: float) -> None:
+    """AliG.step_size_at: alig_core.step_size's gamma with its own cap, eps and f_star."""
+    import alig_core
+
+    opt = AliG(max_lr=0.8, momentum=0.9, eps=1e-3, f_star=0.25)
+    vs = variables()
+    opt.build(vs)
+    before = [HARNESS.numpy(v).tobytes() for v in [*opt.variables, *vs]]
+    gamma = opt.step_size_at(loss, keras.ops.convert_to_tensor(sq_grad_norm))
+    expected = alig_core.step_size(
+        np, np.float64(loss), np.float64(sq_grad_norm), max_lr=0.8, eps=1e-3, f_star=0.25
+    ).gamma
+    assert keras.backend.standardize_dtype(gamma.dtype) == "float64"
+    assert float(HARNESS.numpy(gamma)) == float(expected)
+    assert [HARNESS.numpy(v).tobytes() for v in [*opt.variables, *vs]] == before
+
+
+def test_alig_step_size_at_follows_a_max_lr_schedule_at_steps_taken() -> None:
+    schedule = keras.optimizers.schedules.InverseTimeDecay(0.5, decay_steps=1, decay_rate=1.0)
+    opt = AliG(max_lr=schedule)
+    vs = variables()
+    problem = Problem(events=False)
+    for batch in range(3):
+        loss, grads = problem.evaluate(values(vs), batch)
+        opt.apply(tensors(grads), vs, loss=loss)
+    steps = int(HARNESS.numpy(opt.steps_taken))
+    assert steps == 3
+    cap = float(HARNESS.numpy(opt.step_size_at(1e6, 1.0)))  # the cap binds
+    assert cap == pytest.approx(0.5 / (1 + steps), rel=1e-6)
+
+
+def test_the_default_lr_x_at_the_anchor_is_alig_step_size_at_with_a_scheduled_cap() -> None:
+    """ "gradient" mode, lr_x=None: w~ = w - gamma * g with the cap of this call's step count
+    (before the base's step, which the call at the anchor discards, moves it)."""
+    schedule = keras.optimizers.schedules.InverseTimeDecay(0.5, decay_steps=1, decay_rate=1.0)
+    base = AliG(max_lr=schedule)
+    opt = Extrapolation(base)
+    vs = variables()
+    problem = Problem(events=False)
+    for batch in range(4):  # two iterations: the base has taken 2 steps, the cap is 0.5 / 3
+        loss, grads = problem.evaluate(values(vs), batch)
+        opt.apply(tensors(grads), vs, loss=loss)
+    assert (opt.iteration, opt.is_extrapolated) == (2, False)
+    before = values(vs)
+    loss, grads = problem.evaluate(before, 4)
+    loss = loss + 1e3  # the cap binds
+    expected_gamma = float(
+        HARNESS.numpy(
+            base.step_size_at(loss, sum(float(np.sum(g * g)) for g in grads if g is not None))
+        )
+    )
+    assert expected_gamma == pytest.approx(0.5 / 3, rel=1e-6)
+    opt.apply(tensors(grads), vs, loss=loss)
+    assert opt.is_extrapolated
+    moved = [b - a for a, b in zip(before, values(vs), strict=True)]
+    assert max_relative_deviation(moved, [-expected_gamma * g for g in grads]) <= 1e-12
+    assert int(HARNESS.numpy(base.steps_taken)) == 2  # the call at the anchor moved nothing
+
+
+@pytest.mark.parametrize("mode", ["gradient", "past", "noise"])
+@pytest.mark.parametrize("base_name", ["alig", "sgd"])
+def test_one_squared_gradient_norm_per_call(
+    mode: str, base_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wrapper computes S once per call and hands it to AliG, which does not compute it
+    again (the sum of squares is the one function every norm of alig_tf goes through)."""
+    from alig_tf import _backend
+
+    calls = []
+    sum_of_squares = _backend.sum_of_squares
+
+    def counted(tensors: list[Any], dtype: str) -> Any:
+        calls.append(len(tensors))
+        return sum_of_squares(tensors, dtype)
+
+    monkeypatch.setattr(_backend, "sum_of_squares", counted)
+    base = AliG(max_lr=0.5, momentum=0.9) if base_name == "alig" else keras.optimizers.SGD(0.1)
+    options: dict[str, Any] = {"sigma": 0.01} if mode == "noise" else {}
+    opt = Extrapolation(base, mode, **options)
+    vs = variables()
+    problem = Problem(events=False)
+    for batch in range(4):  # eagerly: every call runs the Python of the step
+        loss, grads = problem.evaluate(values(vs), batch)
+        calls.clear()
+        opt.apply(tensors(grads), vs, loss=loss)
+        assert calls == [sum(g is not None for g in grads)], (batch, calls)
+    assert opt.iteration == (2 if mode == "gradient" else 4)
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize("base_name", ["sgd", "alig"])
+def test_mixed_float16_trains_around_sgd_and_says_what_to_do_around_alig(
+    base_name: str, floatx
+) -> None:
+    """Keras wraps the wrapper in its LossScaleOptimizer, which unscales the gradients (SGD
+    trains) and passes no loss on (AliG needs one: the error names mixed_bfloat16)."""
+    floatx("float32")
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        base = keras.optimizers.SGD(0.01, momentum=0.9) if base_name == "sgd" else AliG(0.1)
+        model = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(1, kernel_initializer="zeros")]
+        )
+        model.compile(optimizer=Extrapolation(base, "past"), loss="mse")
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        x, y = np.full((16, 4), 0.5), np.full((16, 1), 0.5)
+        if base_name == "alig":
+            with pytest.raises(ValueError, match=r"mixed_float16.*mixed_bfloat16"):
+                model.fit(x, y, batch_size=8, verbose=0)
+            return
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+        opt = model.optimizer.inner_optimizer
+        assert (opt.iteration, opt.iterations_skipped) == (6, 0)
+        assert history.history["loss"][-1] < history.history["loss"][0]
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)

@@ -82,7 +82,7 @@ def check(model: keras.Model, record: Any) -> None:
         record.skipped,
     )
     assert max_relative_deviation(weights(model), record.params) <= TOL
-    anchor = [HARNESS.numpy(a) for a in opt.anchor_weights()]
+    anchor = [HARNESS.numpy(a) for a in opt.anchor_params()]
     assert max_relative_deviation(anchor, record.anchor) <= TOL
 
 
@@ -148,7 +148,7 @@ def test_model_fit_equals_a_custom_loop_driving_the_same_wrapper() -> None:
             looped.optimizer.apply(grads, looped.trainable_variables, loss=loss)
     assert fitted.optimizer.iteration == looped.optimizer.iteration == 12
     assert max_relative_deviation(weights(looped), weights(fitted)) <= TOL
-    anchors = [[HARNESS.numpy(a) for a in m.optimizer.anchor_weights()] for m in (looped, fitted)]
+    anchors = [[HARNESS.numpy(a) for a in m.optimizer.anchor_params()] for m in (looped, fitted)]
     assert max_relative_deviation(*anchors) <= TOL
 
 
@@ -186,7 +186,7 @@ class Recorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self.weights.append(weights(self.model))
-        self.anchors.append([HARNESS.numpy(a) for a in self.model.optimizer.anchor_weights()])
+        self.anchors.append([HARNESS.numpy(a) for a in self.model.optimizer.anchor_params()])
 
 
 def test_evaluate_at_anchor_validates_at_the_anchor_and_training_carries_on() -> None:
@@ -230,7 +230,7 @@ def test_at_anchor_evaluates_and_saves_the_anchor_then_puts_w_tilde_back(tmp_pat
     opt = model.optimizer
     assert opt.is_extrapolated
     held = weights(model)
-    anchor = [HARNESS.numpy(a) for a in opt.anchor_weights()]
+    anchor = [HARNESS.numpy(a) for a in opt.anchor_params()]
     assert max_relative_deviation(held, anchor) > 1e-3
     iteration = opt.iteration
     with opt.at_anchor():
