@@ -34,7 +34,7 @@ import optax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from alig_jax import alig, extrapolation, anchor_params
+from alig_jax import alig, anchor_params, extrapolation
 
 
 def init_params(key: jax.Array) -> dict[str, jax.Array]:

@@ -389,11 +389,11 @@ class _Call(NamedTuple):
                 loss = loss + correction
                 skipped = xp.logical_or(skipped, xp.logical_not(xp.isfinite(loss)))
         skipped = ops.decide(skipped)
-        if skipped is True:  # decided on the host: the base does not run
-            stepped, step_size = anchor, 0.0
-        else:
-            stepped, step_size = self.base.run(anchor, loss, self.sq_grad_norm, skipped)
-            stepped = tuple(stepped)
+        stepped: tuple[Array, ...] = anchor
+        step_size: Array | float = 0.0
+        if skipped is not True:  # (True: decided on the host; the base does not run)
+            ran, step_size = self.base.run(anchor, loss, self.sq_grad_norm, skipped)
+            stepped = tuple(ran)
         if config.mode == "gradient":
             new_params = ops.keep(skipped, anchor, stepped)
             new_anchor, phase = state.anchor, state.phase * 0

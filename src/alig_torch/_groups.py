@@ -66,8 +66,8 @@ def cap_argument(max_lr: Any, lr: Any, given: bool) -> Any:
     if max_lr is not None:
         raise ValueError(
             f"AliG got both max_lr={alig_core._config.describe_value(max_lr)} and "
-            f"lr={alig_core._config.describe_value(lr)}; they are two names of the same setting (the cap "
-            "on the step size, kept as each param group's 'lr'): pass only one of them."
+            f"lr={alig_core._config.describe_value(lr)}; they are two names of the same setting "
+            "(the cap on the step size, kept as each param group's 'lr'): pass only one of them."
         )
     return lr
 

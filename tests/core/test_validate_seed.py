@@ -1,4 +1,4 @@
-"""alig_core._extrapolation_config.validate_seed: the noise seed rule both extrapolation adapters call."""
+"""``alig_core._extrapolation_config.validate_seed``: the noise seed rule every adapter calls."""
 
 from __future__ import annotations
 

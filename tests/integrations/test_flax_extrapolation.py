@@ -8,7 +8,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alig_jax import alig, extrapolation, anchor_params
+from alig_jax import alig, anchor_params, extrapolation
 from flax_models import MLP, cross_entropy
 
 ITERATIONS = 15
