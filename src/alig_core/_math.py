@@ -2,7 +2,7 @@
 
 Design: every function that needs more than arithmetic takes the array namespace ``xp``
 as its first argument: ``numpy``, ``jax.numpy``, ``torch``, ``keras.ops`` or
-:data:`alig_core.python_scalars`. Only these members of ``xp`` are used, and all of them
+:data:`alig_core._scalars.python_scalars`. Only these members of ``xp`` are used, and all of them
 provide them with the same meaning: ``where``, ``isfinite``, ``logical_and``,
 ``logical_not`` and ``sqrt``. Everything else is Python arithmetic
 (``+ - * /`` and comparisons) on the framework's own arrays, so the same lines run
@@ -311,15 +311,16 @@ def record_step(xp: Any, records: Records, size: StepSize) -> Records:
     taken step records its own and counts one more in ``steps_taken``. The counters keep
     their dtype (``counter + 1``), so the adapter only casts the three numbers to its
     records' dtypes and writes the five back. Where a value is kept, it is the very object
-    given (with :data:`alig_core.python_scalars` too): an adapter may skip writing it.
+    given (with :data:`alig_core._scalars.python_scalars` too): an adapter may skip writing it.
 
     Args:
-      xp: the array namespace (:data:`alig_core.python_scalars` with Python numbers).
+      xp: the array namespace (:data:`alig_core._scalars.python_scalars` with Python numbers).
       records: the records before the step.
       size: the step's :class:`StepSize`.
 
     Example:
-      >>> from alig_core import python_scalars, step_size
+      >>> from alig_core import step_size
+      >>> from alig_core._scalars import python_scalars
       >>> size = step_size(python_scalars, 1.0, 4.0, max_lr=0.1, eps=0.0, f_star=0.0)
       >>> record_step(python_scalars, Records(0.0, 0.0, False, 3, 1), size)
       Records(gamma=0.1, gamma_hat=0.25, capped=True, steps_taken=4, steps_skipped=1)
