@@ -22,6 +22,7 @@ from alig_core import AliGConfig, ExtrapolationConfig, step_size
 from alig_core._extrapolation import (
     ArrayLists,
     ExtrapolationCall,
+    ExtrapolationState,
     current_anchor,
     extrapolation_step,
     initial_extrapolation_state,
@@ -491,6 +492,30 @@ class LossRecorder:
         return anchor, 0.0
 
 
+def one_call(
+    config: ExtrapolationConfig,
+    state: ExtrapolationState,
+    params: Params,
+    base: Any,
+    *,
+    loss: float = 1.0,
+    lists: ArrayLists | None = None,
+) -> ExtrapolationCall:
+    """One call with the gradient 1 per entry, ``S`` 1 and zero noise."""
+    return extrapolation_step(
+        np,
+        config,
+        state,
+        params,
+        tuple(np.ones_like(p) for p in params),
+        loss=np.float64(loss),
+        sq_grad_norm=np.float64(1.0),
+        base=base,
+        noise=lambda t: [np.zeros_like(p) for p in params],
+        lists=lists,
+    )
+
+
 def loss_handed_to_the_base(
     anchor: Sequence[np.ndarray],
     point: Sequence[np.ndarray],
@@ -589,16 +614,7 @@ def test_a_base_that_takes_no_loss_gets_no_correction() -> None:
 
     base = NoLoss()
     state = initial_extrapolation_state((np.ones(1),), np.ones((), np.int32))
-    extrapolation_step(
-        np,
-        ExtrapolationConfig(),
-        state,
-        (np.zeros(1),),
-        (np.ones(1),),
-        loss=np.float64(0.5),
-        sq_grad_norm=np.float64(1.0),
-        base=base,
-    )
+    one_call(ExtrapolationConfig(), state, (np.zeros(1),), base, loss=0.5)
     assert float(base.runs[0][0]) == 0.5
 
 
@@ -822,18 +838,7 @@ def test_past_and_noise_modes_update_on_every_call() -> None:
     for config in (ExtrapolationConfig(mode="past"), ExtrapolationConfig(mode="noise", sigma=0.1)):
         base = LossRecorder()
         state = initial_extrapolation_state((np.ones(1),), 0)
-        call = extrapolation_step(
-            np,
-            config,
-            state,
-            (np.ones(1),),
-            (np.ones(1),),
-            loss=np.float64(1.0),
-            sq_grad_norm=np.float64(1.0),
-            base=base,
-            noise=lambda t: [np.zeros(1)],
-            lists=HostLists(np),
-        )
+        call = one_call(config, state, (np.ones(1),), base, lists=HostLists(np))
         assert len(base.runs) == 1
         assert (call.state.phase, call.state.iteration) == (1, 1)
 

@@ -345,12 +345,17 @@ def test_extra_arguments_reach_the_base_and_unknown_ones_are_ignored() -> None:
     tx.update(params, state, params)  # value is optional for a base that takes no loss
 
 
-def test_the_anchor_for_evaluation_is_found_inside_a_larger_state() -> None:
+def _one_extrapolation_from_one() -> tuple[Any, jax.Array]:
+    """EXTRAP-SGD on ``w^2 / 2`` from ``w = 1``, ``lr_x`` 0.5: the state and ``w~ = 0.5``."""
     tx = extrapolation(optax.sgd(0.1), lr_x=0.5)
     params = jnp.array([1.0])
     state = tx.init(params)
-    updates, state = tx.update(params, state, params)
-    tilde = optax.apply_updates(params, updates)
+    updates, state = tx.update(params, state, params)  # the gradient of w^2 / 2 is w
+    return state, optax.apply_updates(params, updates)
+
+
+def test_the_anchor_for_evaluation_is_found_inside_a_larger_state() -> None:
+    state, tilde = _one_extrapolation_from_one()
     assert anchor_params((optax.EmptyState(), state), tilde).tolist() == [1.0]
     assert tilde.tolist() == [0.5]
     with pytest.raises(ValueError, match="holds 0 ExtrapolationState"):
@@ -483,11 +488,8 @@ def test_step_size_at_is_alig_core_step_size_and_moves_nothing() -> None:
 
 
 def test_the_deprecated_names_warn_and_still_work() -> None:
-    tx = extrapolation(optax.sgd(0.1), lr_x=0.5)
-    params = jnp.array([1.0])
-    state = tx.init(params)
-    updates, state = tx.update(params, state, params)
-    tilde = optax.apply_updates(params, updates)
+    state, tilde = _one_extrapolation_from_one()
+    params = jnp.array([1.0])  # the anchor
     with pytest.warns(DeprecationWarning, match="anchor_params"):
         old = extrapolation_anchor(state, tilde)
     assert bits(old) == bits(anchor_params(state, tilde)) == bits(params)
