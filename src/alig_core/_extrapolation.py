@@ -196,8 +196,12 @@ class ArrayLists:
     def __init__(self, xp: Any) -> None:
         self.xp = xp
 
-    def decide(self, flag: Array) -> Array:
-        """The skip flag as the adapter branches on it: the array itself (compiled code)."""
+    def decide(self, flag: Array, loss: Array | None) -> Array:
+        """The skip flag as the adapter branches on it: the array itself (compiled code).
+
+        ``loss`` is the loss the call steps on (in an update around a base that takes the
+        loss, the linearised one): an adapter whose ranks must agree on it gets it here.
+        """
         return flag
 
     def keep(self, flag: Array, old: Sequence[Array], new: Sequence[Array]) -> tuple[Array, ...]:
@@ -355,7 +359,7 @@ class _Call(NamedTuple):
     def extrapolate(self) -> ExtrapolationCall:
         """At the anchor (``"gradient"`` mode, phase 0): ``w~_t = w_t - lr_x * g(w_t)``."""
         ops, state = self.ops, self.state
-        skipped = ops.decide(self.evaluation_skipped())
+        skipped = ops.decide(self.evaluation_skipped(), self.loss)
         lr_x = self.lr_x(
             state.iteration, lambda: self.base.step_size_at(self.loss, self.sq_grad_norm)
         )
@@ -388,7 +392,7 @@ class _Call(NamedTuple):
             if correction is not None:
                 loss = loss + correction
                 skipped = xp.logical_or(skipped, xp.logical_not(xp.isfinite(loss)))
-        skipped = ops.decide(skipped)
+        skipped = ops.decide(skipped, loss)
         stepped: tuple[Array, ...] = anchor
         step_size: Array | float = 0.0
         if skipped is not True:  # (True: decided on the host; the base does not run)

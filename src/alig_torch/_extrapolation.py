@@ -455,7 +455,7 @@ class Extrapolation(Optimizer):
             sq_grad_norm=sq,
             base=base,
             noise=self.noise,
-            lists=ForeachLists(host, lambda flag, fix: agree(flag, fix, base, local_anchor)),
+            lists=ForeachLists(host, lambda flag, at: agree(flag, at, base, local_anchor)),
         )
         return self._apply(params, anchors, call)
 

@@ -158,22 +158,22 @@ class ForeachLists(ArrayLists):
 
     :meth:`decide` reads the skip flag on the host (one synchronisation per call on an
     accelerator), agreed over the ranks under torch.distributed (``agree``), so the core
-    branches instead of selecting with ``where``. :meth:`inner_with_difference` keeps its
-    result: under torch.distributed the ranks agree on the linearised loss.
+    branches instead of selecting with ``where``. The core hands :meth:`decide` the loss it
+    steps on (linearised in an update): under torch.distributed the ranks agree on it.
 
     Args:
       host: the numbers are Python floats (every tensor on the CPU).
-      agree: ``(flag, correction) -> bool``, the flag as every rank takes it.
+      agree: ``(flag, loss) -> bool``, the flag as every rank takes it (``loss``: the
+        loss the core steps on, linearised in an update).
     """
 
     def __init__(self, host: bool, agree: Callable[[Any, Any], bool]) -> None:
         super().__init__(torch)
         self.host = host
         self.agree = agree
-        self.correction: Any = None
 
-    def decide(self, flag: Any) -> bool:
-        return self.agree(flag, self.correction)
+    def decide(self, flag: Any, loss: Any) -> bool:
+        return self.agree(flag, loss)
 
     def add_scaled(
         self, xs: Sequence[Any], ys: Sequence[Any | None], scale: Any
@@ -216,7 +216,6 @@ class ForeachLists(ArrayLists):
         else:
             terms = [torch.sum(g * d) for g, d in zip(gs, diffs, strict=True)]
             total = sum(terms[1:], terms[0])
-        self.correction = total
         return total
 
 
@@ -331,7 +330,7 @@ class AliGBase:
         return self.params, self.optimizer._step_with(evaluation)
 
 
-def agree(flag: Any, correction: Any, base: AliGBase | ForeignBase, local_anchor: bool) -> bool:
+def agree(flag: Any, loss: Any, base: AliGBase | ForeignBase, local_anchor: bool) -> bool:
     """The skip flag on the host; under torch.distributed, every rank's (one collective).
 
     Around AliG (but at a ``"local"`` anchor pass), the ranks agree on ALI-G's ``(loss,
@@ -346,9 +345,6 @@ def agree(flag: Any, correction: Any, base: AliGBase | ForeignBase, local_anchor
         evaluation = base.evaluation
         if evaluation.norms.ranks is None:
             return bool(flag)
-        loss = evaluation.loss
-        if correction is not None:  # the loss the core linearised: the same sum
-            loss = loss + correction
         base.evaluation, base.agreed = base.optimizer._agreed(evaluation, loss), True
         agreed = base.evaluation
         return bool(flag) or not (_finite(agreed.loss) and _finite(agreed.sq_grad_norm))

@@ -176,7 +176,7 @@ class BaseCall:
 class HostLists(ArrayLists):
     """An eager adapter's list operations: the skip flag decided on the host (torch's way)."""
 
-    def decide(self, flag: Any) -> Any:
+    def decide(self, flag: Any, loss: Any) -> Any:
         return bool(flag)
 
 
