@@ -289,3 +289,28 @@ def test_an_invalid_cap_or_lr_at_step_time_raises_before_anything_moves(
         opt.step(loss=loss)
     assert all(torch.equal(a, b) for a, b in zip(values(model), before, strict=True))
     assert (opt.iteration, opt.iterations_skipped, opt.is_extrapolated) == (0, 0, False)
+
+
+@pytest.mark.parametrize("base_kind", ["alig", "sgd"])
+def test_step_hooks_run_on_the_wrapper_and_not_on_the_base(base_kind: str) -> None:
+    """A documented departure (docs/framework-contracts.md): the base's step body runs
+    past torch's step hooks; hooks, schedulers and GradScaler belong on the wrapper."""
+    model = make_model()
+    base: torch.optim.Optimizer
+    if base_kind == "alig":
+        base = AliG(model.parameters(), max_lr=0.1)
+    else:
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = Extrapolation(base, mode="past")
+    fired: list[str] = []
+    opt.register_step_pre_hook(lambda *_: fired.append("wrapper pre"))
+    opt.register_step_post_hook(lambda *_: fired.append("wrapper post"))
+    base.register_step_post_hook(lambda *_: fired.append("base post"))
+    for seed in (1, 2):
+        opt.zero_grad()
+        loss = backward(model, seed)
+        opt.step(loss=loss)
+    assert opt.iteration == 2
+    assert fired == ["wrapper pre", "wrapper post"] * 2
+    with pytest.raises(RuntimeError, match="step\\(\\) was called directly"):
+        base.step()
